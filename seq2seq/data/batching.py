@@ -1,0 +1,200 @@
+"""Token-budget batches of similar-length pairs, padded tensors and masks, and sharding for distributed training.
+
+Layout of a batch (PAD = 0 where padded):
+  src     = x + EOS          the source ends with EOS so the encoder sees where the sentence stops
+  tgt_in  = BOS + y          decoder input (teacher forcing)
+  tgt_out = y + EOS          what the decoder must predict at each position
+so each side of an example takes its length + 1 positions, which is what the token budget counts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, fields
+
+import datasets
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Sampler
+
+from seq2seq.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
+
+
+@dataclass
+class Batch:
+    """Padded tensors of B examples; masks are True on real tokens; `indices` are row numbers in the split."""
+
+    src: torch.Tensor
+    src_mask: torch.Tensor
+    tgt_in: torch.Tensor
+    tgt_out: torch.Tensor
+    tgt_mask: torch.Tensor
+    indices: torch.Tensor
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
+        return Batch(**{f.name: getattr(self, f.name).to(device, non_blocking=non_blocking) for f in fields(self)})
+
+    @property
+    def size(self) -> int:
+        return self.src.size(0)
+
+    @property
+    def num_src_tokens(self) -> int:
+        """Real source tokens, EOS included."""
+        return int(self.src_mask.sum())
+
+    @property
+    def num_tgt_tokens(self) -> int:
+        """Real target tokens the loss is computed on (y + EOS)."""
+        return int(self.tgt_mask.sum())
+
+
+def collate(examples: list[dict]) -> Batch:
+    """Pad examples with "src_ids", "tgt_ids" (optional: source-only input gives tgt_in = BOS) and "index"."""
+    src = [np.asarray(example["src_ids"], dtype=np.int64) for example in examples]
+    tgt = [np.asarray(example.get("tgt_ids", ()), dtype=np.int64) for example in examples]
+    src_lengths = np.fromiter((len(ids) + 1 for ids in src), dtype=np.int64, count=len(src))
+    tgt_lengths = np.fromiter((len(ids) + 1 for ids in tgt), dtype=np.int64, count=len(tgt))
+    size = len(examples)
+    src_ids = np.full((size, src_lengths.max(initial=1)), PAD_ID, dtype=np.int64)
+    tgt_in = np.full((size, tgt_lengths.max(initial=1)), PAD_ID, dtype=np.int64)
+    tgt_out = np.full_like(tgt_in, PAD_ID)
+    for row, (x, y) in enumerate(zip(src, tgt)):
+        src_ids[row, : len(x)] = x
+        src_ids[row, len(x)] = EOS_ID
+        tgt_in[row, 0] = BOS_ID
+        tgt_in[row, 1 : len(y) + 1] = y
+        tgt_out[row, : len(y)] = y
+        tgt_out[row, len(y)] = EOS_ID
+    indices = np.fromiter((example.get("index", row) for row, example in enumerate(examples)), np.int64, size)
+    return Batch(
+        src=torch.from_numpy(src_ids),
+        src_mask=torch.from_numpy(np.arange(src_ids.shape[1]) < src_lengths[:, None]),
+        tgt_in=torch.from_numpy(tgt_in),
+        tgt_out=torch.from_numpy(tgt_out),
+        tgt_mask=torch.from_numpy(np.arange(tgt_in.shape[1]) < tgt_lengths[:, None]),
+        indices=torch.from_numpy(indices),
+    )
+
+
+class TokenBatchSampler(Sampler[list[int]]):
+    """Batches of row indices whose padded size B * (max_len + 1) stays within `max_tokens` on both sides.
+
+    Rows are sorted by (source length, target length), ties broken at random per epoch, and cut greedily, so
+    a batch holds sentences of similar length and little padding. A single pair longer than `max_tokens`
+    cannot be split and forms a batch of its own (the only case where the budget is exceeded).
+    With `shuffle`, the batch order is reshuffled every epoch (call `set_epoch`); without it batches come
+    shortest first. For distributed training every rank cuts the same batches (same seed), takes every
+    `world_size`-th one, and the list is first extended by wrapping around to a multiple of `world_size`,
+    so every rank gets the same number of batches (a few batches are seen twice per epoch) and DDP never
+    waits on a rank that has run out.
+    """
+
+    def __init__(
+        self,
+        src_lengths: Sequence[int],
+        tgt_lengths: Sequence[int],
+        max_tokens: int,
+        shuffle: bool,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        if len(src_lengths) != len(tgt_lengths):
+            raise ValueError(f"{len(src_lengths)} source lengths but {len(tgt_lengths)} target lengths.")
+        if max_tokens < 1:
+            raise ValueError(f"max_tokens must be positive, got {max_tokens}.")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, world_size={world_size}).")
+        self.src_sizes = np.asarray(src_lengths, dtype=np.int64) + 1
+        self.tgt_sizes = np.asarray(tgt_lengths, dtype=np.int64) + 1
+        self.max_tokens = max_tokens
+        self.shuffle = shuffle
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.epoch = 0
+        self._batches: list[list[int]] | None = None
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self._batches = None
+
+    def _rank_batches(self) -> list[list[int]]:
+        if self._batches is None:
+            batches = self._cut()
+            if self.shuffle:
+                order = np.random.default_rng([self.seed, self.epoch, 1]).permutation(len(batches))
+                batches = [batches[i] for i in order]
+            if self.world_size > 1 and batches:
+                total = -(-len(batches) // self.world_size) * self.world_size
+                batches = [batches[i % len(batches)] for i in range(total)][self.rank :: self.world_size]
+            self._batches = batches
+        return self._batches
+
+    def _cut(self) -> list[list[int]]:
+        if self.shuffle:
+            tie_break = np.random.default_rng([self.seed, self.epoch, 0]).permutation(len(self.src_sizes))
+            order = np.lexsort((tie_break, self.tgt_sizes, self.src_sizes))
+        else:
+            order = np.lexsort((self.tgt_sizes, self.src_sizes))
+        batches: list[list[int]] = []
+        batch: list[int] = []
+        longest_src = longest_tgt = 0
+        src_sizes, tgt_sizes = self.src_sizes[order].tolist(), self.tgt_sizes[order].tolist()
+        for i, src_size, tgt_size in zip(order.tolist(), src_sizes, tgt_sizes):
+            longest_src, longest_tgt = max(longest_src, src_size), max(longest_tgt, tgt_size)
+            if batch and (len(batch) + 1) * max(longest_src, longest_tgt) > self.max_tokens:
+                batches.append(batch)
+                batch, longest_src, longest_tgt = [], src_size, tgt_size
+            batch.append(i)
+        if batch:
+            batches.append(batch)
+        return batches
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for batch in self._rank_batches():
+            yield list(batch)
+
+    def __len__(self) -> int:
+        return len(self._rank_batches())
+
+
+class _Examples(torch.utils.data.Dataset):
+    """The id columns of a split as numpy views, so fetching a batch costs no Arrow or Python-list conversion."""
+
+    def __init__(self, dataset: datasets.Dataset) -> None:
+        table = dataset.with_format("arrow")[:]
+        self.src_ids, self.src_lengths = _ragged(table.column("src_ids"))
+        self.tgt_ids, self.tgt_lengths = _ragged(table.column("tgt_ids"))
+        names = table.column_names
+        self.index = table.column("index").to_numpy() if "index" in names else np.arange(len(self.src_ids))
+
+    def __len__(self) -> int:
+        return len(self.src_ids)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"src_ids": self.src_ids[i], "tgt_ids": self.tgt_ids[i], "index": int(self.index[i])}
+
+    def __getitems__(self, indices: list[int]) -> list[dict]:
+        return [self[i] for i in indices]
+
+
+def _ragged(column) -> tuple[list[np.ndarray], np.ndarray]:
+    """A list<int> Arrow column -> per-row numpy views of one flat array, and the row lengths."""
+    array = column.combine_chunks()
+    offsets = array.offsets.to_numpy()
+    values = array.values.to_numpy()
+    return [values[start:end] for start, end in zip(offsets[:-1].tolist(), offsets[1:].tolist())], np.diff(offsets)
+
+
+def make_loader(
+    dataset: datasets.Dataset, max_tokens: int, shuffle: bool, seed: int = 0, rank: int = 0, world_size: int = 1
+) -> DataLoader:
+    """Batches of a tokenized split (columns src_ids, tgt_ids, index). Call `loader.batch_sampler.set_epoch(e)`
+    before each epoch to get a new shuffle."""
+    examples = _Examples(dataset)
+    sampler = TokenBatchSampler(
+        examples.src_lengths, examples.tgt_lengths, max_tokens, shuffle, seed, rank=rank, world_size=world_size
+    )
+    return DataLoader(examples, batch_sampler=sampler, collate_fn=collate, num_workers=0)

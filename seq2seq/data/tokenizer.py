@@ -1,0 +1,170 @@
+"""SentencePiece subword models: trained on the training split only, cached by a hash of their data and settings.
+
+The corpus is NFKC-normalised by cleaning, so SentencePiece runs with its `identity` normalisation rule and
+`Tokenizer.encode` applies the same `normalize_text` to whatever it is given (typed input at translate time
+included). Hence `decode(encode(text)) == normalize_text(text)` for any text: characters never seen in
+training come back through byte fallback instead of becoming <unk>.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import random
+import tempfile
+import unicodedata
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import sentencepiece as spm
+
+if TYPE_CHECKING:
+    import datasets
+
+PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
+SPECIAL_IDS = {"pad_id": PAD_ID, "unk_id": UNK_ID, "bos_id": BOS_ID, "eos_id": EOS_ID}
+NORMALIZATION = "NFKC"
+TOKENIZER_FORMAT = 1  # bump when the training recipe changes, so cached models are not reused
+
+
+def normalize_text(text: str, form: str | None = NORMALIZATION) -> str:
+    """Unicode normalisation plus whitespace cleanup (strip, runs of any whitespace -> one space).
+
+    The one normalisation shared by corpus cleaning and `Tokenizer.encode`, so training data and translate-time
+    input look alike (full-width ASCII, ideographic spaces and compatibility characters folded the same way).
+    """
+    if form:
+        text = unicodedata.normalize(form, text)
+    return " ".join(text.split())
+
+
+class Tokenizer:
+    """A SentencePiece model with the project's special ids: PAD=0, UNK=1, BOS=2, EOS=3."""
+
+    def __init__(self, proto: bytes) -> None:
+        processor = spm.SentencePieceProcessor(model_proto=proto)
+        found = {name: getattr(processor, name)() for name in SPECIAL_IDS}
+        if found != SPECIAL_IDS:
+            raise ValueError(f"SentencePiece model has special ids {found}; seq2seq needs {SPECIAL_IDS}.")
+        self._proto = proto
+        self._processor = processor
+
+    @classmethod
+    def from_proto(cls, proto: bytes) -> Tokenizer:
+        """Rebuild from serialized model bytes (as stored in checkpoints and the cache)."""
+        return cls(proto)
+
+    @property
+    def proto(self) -> bytes:
+        return self._proto
+
+    @property
+    def vocab_size(self) -> int:
+        return self._processor.get_piece_size()
+
+    def encode(self, text: str) -> list[int]:
+        """Normalised text -> piece ids, without BOS/EOS."""
+        return self._processor.encode(normalize_text(text))
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """`encode` over many texts at once (SentencePiece runs the batch in its own threads)."""
+        return self._processor.encode([normalize_text(text) for text in texts])
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Ids -> text; PAD/BOS/EOS are skipped, UNK (rare with byte fallback) renders as " ⁇ "."""
+        return self._processor.decode([int(i) for i in ids if int(i) not in (PAD_ID, BOS_ID, EOS_ID)])
+
+    def pieces(self, ids: Iterable[int]) -> list[str]:
+        """Ids -> piece strings, one per id (e.g. for attention plot labels); specials show as <s>, </s>, <pad>."""
+        return [self._processor.id_to_piece(int(i)) for i in ids]
+
+
+def build_tokenizers(train: datasets.Dataset, tok_cfg: Any, cache_dir: Path) -> tuple[Tokenizer, Tokenizer]:
+    """Source and target tokenizers trained on `train` ("src"/"tgt" columns), cached in `cache_dir`/tokenizers.
+
+    With `tok_cfg.joint` one model (of `src_vocab_size`) is trained on both sides and returned twice.
+    """
+    folder = Path(cache_dir) / "tokenizers"
+    columns = train.with_format("arrow")[:]
+    src, tgt = columns.column("src").to_pylist(), columns.column("tgt").to_pylist()
+    if tok_cfg.joint:
+        joint = _cached_model(src + tgt, tok_cfg, int(tok_cfg.src_vocab_size), folder)
+        return joint, joint
+    return (
+        _cached_model(src, tok_cfg, int(tok_cfg.src_vocab_size), folder),
+        _cached_model(tgt, tok_cfg, int(tok_cfg.tgt_vocab_size), folder),
+    )
+
+
+def _cached_model(sentences: list[str], tok_cfg: Any, vocab_size: int, folder: Path) -> Tokenizer:
+    """Load the model for exactly these sentences and settings, or train it and store it atomically."""
+    settings = _trainer_settings(tok_cfg, vocab_size)
+    digest = hashlib.sha256(json.dumps({"format": TOKENIZER_FORMAT, **settings}, sort_keys=True).encode())
+    for sentence in sentences:
+        digest.update(sentence.encode("utf-8"))
+        digest.update(b"\n")
+    path = folder / f"{digest.hexdigest()[:32]}.model"
+    if path.exists():
+        try:
+            return Tokenizer.from_proto(path.read_bytes())
+        except (OSError, RuntimeError, ValueError):
+            pass  # an unreadable cache entry is simply retrained and overwritten
+    proto = _train_sentencepiece(_sample(sentences, int(tok_cfg.max_sentences)), settings)
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(proto)
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    return Tokenizer.from_proto(proto)
+
+
+def _trainer_settings(tok_cfg: Any, vocab_size: int) -> dict[str, Any]:
+    """SentencePiece trainer arguments. The vocabulary size is a soft limit (hard_vocab_limit=False): a small
+    corpus (e.g. the Chinese side of Tatoeba) may not support as many pieces, and then gets fewer."""
+    if tok_cfg.model_type not in ("unigram", "bpe"):
+        raise ValueError(f"tokenizer.model_type must be unigram or bpe, got {tok_cfg.model_type!r}.")
+    return {
+        "model_type": str(tok_cfg.model_type),
+        "vocab_size": vocab_size,
+        "character_coverage": float(tok_cfg.character_coverage),
+        "byte_fallback": bool(tok_cfg.byte_fallback),
+        "hard_vocab_limit": False,
+        "normalization_rule_name": "identity",
+        **SPECIAL_IDS,
+    }
+
+
+def _sample(sentences: list[str], max_sentences: int) -> list[str]:
+    """At most `max_sentences` non-empty sentences, a seeded sample so the same data gives the same model."""
+    sentences = [sentence for sentence in sentences if sentence]
+    if len(sentences) > max_sentences:
+        sentences = random.Random(0).sample(sentences, max_sentences)
+    return sentences
+
+
+def _train_sentencepiece(sentences: list[str], settings: dict[str, Any]) -> bytes:
+    """Train from memory and return the serialized model."""
+    if not sentences:
+        raise ValueError("cannot train a SentencePiece model: the training split has no sentences.")
+    writer = io.BytesIO()
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(sentences),
+            model_writer=writer,
+            num_threads=os.cpu_count() or 1,
+            minloglevel=2,
+            **settings,
+        )
+    except RuntimeError as error:
+        raise ValueError(
+            f"SentencePiece training failed: {error}. With byte_fallback the vocabulary needs room for 260 "
+            "special and byte pieces plus the characters kept by character_coverage: raise tokenizer.*_vocab_size."
+        ) from error
+    return writer.getvalue()

@@ -1,0 +1,464 @@
+"""Data pipeline: corpus loading and cleaning, grouped splits, SentencePiece tokenizers, batching, caching."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+import zipfile
+from pathlib import Path
+
+import datasets
+import huggingface_hub.constants
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from seq2seq.data import prepare_data
+from seq2seq.data import corpus as corpus_module
+from seq2seq.data import tokenizer as tokenizer_module
+from seq2seq.data.batching import TokenBatchSampler, collate, make_loader
+from seq2seq.data.corpus import CorpusError, find_corpus, grouped_split, length_units, load_corpus
+from seq2seq.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Tokenizer, build_tokenizers, normalize_text
+from seq2seq.paths import CONFIG_DIR
+
+EN_WORDS = "the a cat dog sees likes big small red house tree runs eats fish book reads we you they quickly".split()
+ZH_CHARS = list(
+    "我你他她们的是在有个人这中大为上来说国年着就那和要出也得里后自以会家可下而过天去能对小多然于心学么之都好看起发当没成"
+    "只如事把还用第样道想作种开美总从无情己面最女但现前些所同日手又行意动方期它头经长儿回位分爱老因很给名法间斯知世什两次"
+    "使身者被高已亲其进此话常与活正感"
+)
+
+
+def tatoeba_cfg(**data: object):
+    """The default data + tokenizer config, with data.* overrides."""
+    cfg = OmegaConf.create(
+        {
+            "data": OmegaConf.load(CONFIG_DIR / "data" / "tatoeba_zh_en.yaml"),
+            "tokenizer": OmegaConf.load(CONFIG_DIR / "tokenizer" / "sentencepiece.yaml"),
+        }
+    )
+    for key, value in data.items():
+        OmegaConf.update(cfg, f"data.{key}", value, merge=False)
+    return cfg
+
+
+def synthetic_pairs(count: int, seed: int = 0) -> list[tuple[str, str]]:
+    """Distinct (English, Chinese) pairs of plausible lengths."""
+    rng = random.Random(seed)
+    pairs = {}
+    while len(pairs) < count:
+        n = rng.randint(2, 9)
+        en = " ".join(rng.choice(EN_WORDS) for _ in range(n)).capitalize() + "."
+        pairs.setdefault(en, "".join(rng.choice(ZH_CHARS) for _ in range(rng.randint(n, 2 * n))) + "。")
+    return list(pairs.items())
+
+
+def write_tsv(path: Path, pairs: list[tuple[str, str]]) -> Path:
+    path.write_text("".join(f"{en}\t{zh}\n" for en, zh in pairs), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch) -> Path:
+    """A fresh SEQ2SEQ_CACHE per test, so caching behaviour is observed from a clean state."""
+    folder = tmp_path / "cache"
+    monkeypatch.setenv("SEQ2SEQ_CACHE", str(folder))
+    return folder
+
+
+# ----------------------------------------------------------------------------------------------- corpus
+
+
+@pytest.mark.corpus
+def test_real_corpus_counts_and_split(corpus_path, monkeypatch):
+    monkeypatch.setenv("SEQ2SEQ_DATA_MIRROR", str(corpus_path.parents[1]))
+    splits, report = load_corpus(tatoeba_cfg().data)
+
+    assert report.source == str(corpus_path)
+    assert report.read == 29_980
+    assert report.dropped == dict(malformed=1, invalid_utf8=0, empty=0, too_long=0, bad_ratio=0, duplicate=6)
+    assert report.kept == 29_973
+    assert report.read == report.kept + sum(report.dropped.values())
+    assert report.malformed_lines == [13]
+    assert "line 13" in report.summary()
+    assert report.split_sizes == {"train": 26_973, "valid": 1_500, "test": 1_500}
+    assert {name: len(split) for name, split in splits.items()} == report.split_sizes
+
+    targets = {name: set(split["tgt"][:]) for name, split in splits.items()}
+    assert 'He said, "I\'m from Canada."' in set.union(*targets.values())  # a CSV-quoted line, unquoted
+    for side in ("src", "tgt"):
+        sets = {name: set(split[side][:]) for name, split in splits.items()}
+        assert not sets["train"] & sets["valid"] and not sets["train"] & sets["test"]
+        assert not sets["valid"] & sets["test"]
+
+
+def test_planted_flaws_are_counted_exactly(tmp_path, cache):
+    good = synthetic_pairs(40)
+    lines = [f"{en}\t{zh}".encode() for en, zh in good]
+    planted = [
+        b"no tab on this line",  # 41 malformed
+        b"one\ttwo\tthree\tfour",  # 42 malformed (4 columns)
+        b"",  # 43 malformed (blank)
+        b"Bad bytes \xff here\t" + "坏".encode(),  # 44 invalid UTF-8
+        b"Caf\xc3\t\xe5\x92\x96\xe5\x95\xa1",  # 45 invalid UTF-8 (truncated sequence)
+        "Only English\t   ".encode(),  # 46 empty
+        "\t只有中文".encode(),  # 47 empty
+        ("word " * 70 + "\t" + "字" * 60).encode(),  # 48 too long (350 characters)
+        ("this english sentence has a great many words for one chinese character\t是").encode(),  # 49 bad ratio
+        lines[0],  # 50 duplicate
+        lines[1],  # 51 duplicate
+        ("  " + good[2][0].replace(".", "．") + "\t" + good[2][1] + "  ").encode(),  # 52 duplicate after NFKC + strip
+        "Attribution kept out\t有署名\tCC-BY 2.0 (France) Attribution: tatoeba.org".encode(),  # 53 kept, 3 columns
+        '"Who? ""Tom."""\t谁？汤姆。\r'.encode(),  # 54 kept, CSV-quoted, CRLF
+    ]
+    path = tmp_path / "flawed.tsv"
+    path.write_bytes(b"\n".join(lines + planted) + b"\n")
+
+    splits, report = load_corpus(tatoeba_cfg(path=str(path), **{"split.valid_size": 5, "split.test_size": 5}).data)
+
+    assert report.read == 54
+    assert report.dropped == dict(malformed=3, invalid_utf8=2, empty=2, too_long=1, bad_ratio=1, duplicate=3)
+    assert report.malformed_lines == [41, 42, 43]
+    assert report.invalid_utf8_lines == [44, 45]
+    assert report.kept == 42 == report.read - sum(report.dropped.values())
+    assert sum(report.split_sizes.values()) == 42 and report.split_sizes["test"] == 5
+    kept = {pair for split in splits.values() for pair in zip(split["src"], split["tgt"])}
+    assert ("有署名", "Attribution kept out") in kept
+    assert ("谁?汤姆。", 'Who? "Tom."') in kept  # NFKC folds full-width punctuation; CSV quoting undone
+
+
+def test_normalization_and_length_units():
+    assert normalize_text("  ＡＢＣ１２３\u3000hello\t\tworld ") == "ABC123 hello world"
+    assert length_units("我是一个学生。") == 6
+    assert length_units("I am a student.") == 4
+    assert length_units("我有2010个tomatoes!") == 3 + 2
+
+
+@pytest.mark.parametrize("fmt", ["json", "csv", "parquet"])
+def test_local_json_csv_parquet_load_through_the_same_path(tmp_path, cache, fmt):
+    pairs = synthetic_pairs(30) + [synthetic_pairs(30)[0], ("", "空")]  # one duplicate, one empty side
+    if fmt == "json":
+        path = tmp_path / "pairs.jsonl"
+        path.write_text("".join(json.dumps({"translation": {"en": en, "zh": zh}}) + "\n" for en, zh in pairs))
+    else:
+        table = datasets.Dataset.from_dict({"en": [en for en, _ in pairs], "zh": [zh for _, zh in pairs]})
+        path = tmp_path / f"pairs.{fmt}"
+        if fmt == "csv":
+            table.to_csv(str(path), index=False)
+        else:
+            table.to_parquet(str(path))
+
+    cfg = tatoeba_cfg(format=fmt, path=str(path), **{"split.valid_size": 4, "split.test_size": 4})
+    splits, report = load_corpus(cfg.data)
+
+    assert report.read == 32 and report.kept == 30
+    assert report.dropped["duplicate"] == 1 and report.dropped["empty"] == 1
+    assert report.split_sizes == {"train": 22, "valid": 4, "test": 4}
+    kept = {pair for split in splits.values() for pair in zip(split["src"], split["tgt"])}
+    assert kept == {(zh, en) for en, zh in synthetic_pairs(30)}
+
+
+def test_missing_corpus_is_one_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("SEQ2SEQ_DATA_MIRROR", str(tmp_path / "mirror"))
+    monkeypatch.setattr(corpus_module, "data_dir", lambda: tmp_path / "data")
+    cfg = tatoeba_cfg(download_url="http://127.0.0.1:9/cmn-eng.zip")  # nothing listens on port 9: fails at once
+    with pytest.raises(CorpusError) as error:
+        find_corpus(cfg.data)
+    message = str(error.value)
+    assert str(tmp_path / "mirror" / "tatoeba-cmn-eng" / "cmn-eng.tsv") in message
+    assert str(tmp_path / "data" / "tatoeba-cmn-eng" / "cmn-eng.tsv") in message
+    assert "http://127.0.0.1:9/cmn-eng.zip" in message
+    assert "SEQ2SEQ_DATA_MIRROR" in message and "data.path" in message
+
+    with pytest.raises(CorpusError, match="data.path="):
+        find_corpus(tatoeba_cfg(path=str(tmp_path / "nope.tsv")).data)
+
+
+def test_download_extracts_the_zip_member(tmp_path, monkeypatch):
+    archive = tmp_path / "cmn-eng.zip"
+    with zipfile.ZipFile(archive, "w") as handle:
+        handle.writestr("cmn.txt", "Hi.\t嗨。\tCC-BY 2.0 (France)\n")
+    monkeypatch.delenv("SEQ2SEQ_DATA_MIRROR", raising=False)
+    monkeypatch.setattr(corpus_module, "data_dir", lambda: tmp_path / "data")
+    path = find_corpus(tatoeba_cfg(download_url=archive.as_uri()).data)
+    assert path == tmp_path / "data" / "tatoeba-cmn-eng" / "cmn-eng.tsv"
+    assert path.read_text(encoding="utf-8") == "Hi.\t嗨。\tCC-BY 2.0 (France)\n"
+
+
+def hub_cfg():
+    return OmegaConf.load(CONFIG_DIR / "data" / "opus100_zh_en.yaml")
+
+
+def test_hub_offline_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(CorpusError, match="HF_HUB_OFFLINE is set and it is not in the local"):
+        load_corpus(hub_cfg())
+
+
+def test_hub_unreachable_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")
+    for proxy in ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY"):
+        monkeypatch.delenv(proxy, raising=False)
+    with pytest.raises(CorpusError, match="hub is unreachable .*HF_HUB_OFFLINE=1"):
+        load_corpus(hub_cfg())
+
+
+def test_hub_splits_are_kept_and_validation_doubles_as_test(monkeypatch):
+    def rows(pairs):
+        return datasets.Dataset.from_dict({"translation": [{"en": en, "zh": zh} for en, zh in pairs]})
+
+    pairs = synthetic_pairs(50)
+    fake = datasets.DatasetDict({"train": rows(pairs[:40] + pairs[:2]), "validation": rows(pairs[40:])})
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(corpus_module.datasets, "load_dataset", lambda name, config: fake)
+    splits, report = load_corpus(hub_cfg())
+    assert report.read == 52 and report.dropped["duplicate"] == 2
+    assert report.split_sizes == {"train": 40, "valid": 10, "test": 10}
+    assert list(splits["test"]["tgt"]) == [en for en, _ in pairs[40:]]
+    assert any("validation split is used as test" in note for note in report.notes)
+
+
+# ------------------------------------------------------------------------------------------------ split
+
+
+def linked_pairs(count: int) -> tuple[list[str], list[str]]:
+    """Pairs where sources and targets repeat, so many groups have several members."""
+    rng = random.Random(1)
+    return [f"s{rng.randrange(count // 2)}" for _ in range(count)], [f"t{rng.randrange(count)}" for _ in range(count)]
+
+
+def test_grouped_split_is_disjoint_sized_and_seeded():
+    src, tgt = linked_pairs(2000)
+    parts = grouped_split(src, tgt, valid_size=200, test_size=150, seed=7)
+    assert sorted(sum(parts.values(), [])) == list(range(2000))
+    assert 190 <= len(parts["valid"]) <= 200 and 140 <= len(parts["test"]) <= 150
+    for side in (src, tgt):
+        owners = {}
+        for name, rows in parts.items():
+            for row in rows:
+                assert owners.setdefault(side[row], name) == name, f"{side[row]} is in {owners[side[row]]} and {name}"
+    assert grouped_split(src, tgt, 200, 150, seed=7) == parts
+    assert grouped_split(src, tgt, 200, 150, seed=8)["test"] != parts["test"]
+
+
+def test_load_corpus_split_is_deterministic(tmp_path):
+    path = write_tsv(tmp_path / "c.tsv", synthetic_pairs(300))
+    cfg = tatoeba_cfg(path=str(path), **{"split.valid_size": 30, "split.test_size": 30})
+    first, _ = load_corpus(cfg.data)
+    again, _ = load_corpus(cfg.data)
+    cfg.data.split.seed = 99
+    other, _ = load_corpus(cfg.data)
+    assert all(list(first[name]["src"]) == list(again[name]["src"]) for name in first)
+    assert list(first["test"]["src"]) != list(other["test"]["src"])
+
+
+def test_too_small_corpus_for_the_split_sizes(tmp_path):
+    path = write_tsv(tmp_path / "c.tsv", synthetic_pairs(20))
+    with pytest.raises(CorpusError, match="too few"):
+        load_corpus(tatoeba_cfg(path=str(path)).data)
+
+
+# -------------------------------------------------------------------------------------------- tokenizer
+
+
+def tokenizer_cfg(**overrides: object):
+    cfg = OmegaConf.load(CONFIG_DIR / "tokenizer" / "sentencepiece.yaml")
+    cfg.src_vocab_size, cfg.tgt_vocab_size = 700, 320
+    for key, value in overrides.items():
+        cfg[key] = value
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def train_split() -> datasets.Dataset:
+    pairs = synthetic_pairs(3000)
+    return datasets.Dataset.from_dict({"src": [zh for _, zh in pairs], "tgt": [en for en, _ in pairs]})
+
+
+@pytest.fixture(scope="module")
+def tokenizers(train_split, tmp_path_factory) -> tuple[Tokenizer, Tokenizer]:
+    return build_tokenizers(train_split, tokenizer_cfg(), tmp_path_factory.mktemp("tok"))
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "我是一个学生。",
+        "他们的家很大",
+        "The big cat quickly eats fish.",
+        "龘靐齉𠜎 and 😀🚀 never seen",  # rare CJK (one outside the BMP) and emoji: byte fallback
+        "Ｆｕｌｌ－ｗｉｄｔｈ　ｔｅｘｔ，  extra   spaces ",  # normalised first, then round trips
+        "Ünïcödé ñ ß ø",
+    ],
+)
+def test_tokenizer_round_trip(tokenizers, text):
+    for tokenizer in tokenizers:
+        ids = tokenizer.encode(text)
+        assert UNK_ID not in ids
+        assert tokenizer.decode(ids) == normalize_text(text)
+        assert tokenizer.decode([BOS_ID, *ids, EOS_ID, PAD_ID, PAD_ID]) == normalize_text(text)
+        assert len(tokenizer.pieces(ids)) == len(ids)
+
+
+def test_tokenizer_specials_and_proto(tokenizers):
+    src, tgt = tokenizers
+    assert src.pieces([PAD_ID, UNK_ID, BOS_ID, EOS_ID]) == ["<pad>", "<unk>", "<s>", "</s>"]
+    assert src.vocab_size == 700 and tgt.vocab_size == 320
+    clone = Tokenizer.from_proto(src.proto)
+    assert clone.encode("他是我的老师") == src.encode("他是我的老师")
+    assert any(piece.startswith("<0x") for piece in src.pieces(src.encode("😀")))
+
+
+def test_tokenizer_cache_reuses_models(train_split, tmp_path, monkeypatch):
+    calls = []
+    train = tokenizer_module._train_sentencepiece
+    monkeypatch.setattr(tokenizer_module, "_train_sentencepiece", lambda *a: calls.append(1) or train(*a))
+    first = build_tokenizers(train_split, tokenizer_cfg(), tmp_path)
+    models = sorted((tmp_path / "tokenizers").glob("*.model"))
+    mtimes = [path.stat().st_mtime_ns for path in models]
+    assert len(calls) == 2 and len(models) == 2
+
+    second = build_tokenizers(train_split, tokenizer_cfg(), tmp_path)
+    assert len(calls) == 2, "a second build with the same data and settings must not retrain"
+    assert [path.stat().st_mtime_ns for path in models] == mtimes
+    assert [t.proto for t in second] == [t.proto for t in first]
+
+    build_tokenizers(train_split, tokenizer_cfg(tgt_vocab_size=310), tmp_path)
+    assert len(calls) == 3  # only the target model's settings changed
+    build_tokenizers(train_split.select(range(2000)), tokenizer_cfg(), tmp_path)
+    assert len(calls) == 5  # other training data: both retrained
+
+
+def test_joint_tokenizer_and_soft_vocab_limit(train_split, tmp_path):
+    src, tgt = build_tokenizers(train_split, tokenizer_cfg(joint=True, model_type="bpe"), tmp_path)
+    assert src is tgt and src.vocab_size == 700
+    assert src.decode(src.encode("我们 like the red book")) == "我们 like the red book"
+    tiny = train_split.select(range(40))
+    small, _ = build_tokenizers(tiny, tokenizer_cfg(src_vocab_size=5000, tgt_vocab_size=5000), tmp_path)
+    assert 260 < small.vocab_size < 5000  # too little data for 5000 pieces: fewer, no failure
+
+
+# --------------------------------------------------------------------------------------------- batching
+
+
+def random_lengths(count: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return rng.integers(1, 60, count), rng.integers(1, 80, count)
+
+
+def test_sampler_budget_and_coverage():
+    src, tgt = random_lengths(3000)
+    sampler = TokenBatchSampler(src, tgt, max_tokens=1000, shuffle=True, seed=3)
+    batches = list(sampler)
+    assert len(batches) == len(sampler)
+    assert sorted(i for batch in batches for i in batch) == list(range(3000))
+    for batch in batches:
+        assert len(batch) * (src[batch].max() + 1) <= 1000 and len(batch) * (tgt[batch].max() + 1) <= 1000
+    sampler.set_epoch(1)
+    epoch1 = list(sampler)
+    assert sorted(i for batch in epoch1 for i in batch) == list(range(3000))
+    assert epoch1 != batches
+    sampler.set_epoch(0)
+    assert list(sampler) == batches
+    assert list(TokenBatchSampler(src, tgt, 1000, shuffle=True, seed=3)) == batches
+
+
+def test_sampler_sorts_without_shuffle_and_isolates_overlong_pairs():
+    src, tgt = np.array([5, 3, 400, 4, 3]), np.array([5, 3, 2, 4, 3])
+    batches = list(TokenBatchSampler(src, tgt, max_tokens=12, shuffle=False, seed=0))
+    assert batches == [[1, 4], [3, 0], [2]]  # sorted by (src, tgt); the 400-token pair alone
+
+
+@pytest.mark.parametrize("count", [3000, 37])
+def test_sampler_sharding_gives_equal_batch_counts(count):
+    src, tgt = random_lengths(count, seed=1)
+    ranks = [TokenBatchSampler(src, tgt, 700, True, seed=5, rank=rank, world_size=2) for rank in (0, 1)]
+    for epoch in (0, 1):
+        for sampler in ranks:
+            sampler.set_epoch(epoch)
+        shards = [list(sampler) for sampler in ranks]
+        assert len(shards[0]) == len(shards[1]) == len(ranks[0]) == len(ranks[1])
+        seen = [i for shard in shards for batch in shard for i in batch]
+        assert set(seen) == set(range(count))
+        whole = list(TokenBatchSampler(src, tgt, 700, True, seed=5))
+        assert len(seen) - count <= max(len(batch) for batch in whole)  # at most one wrapped batch repeats
+
+
+def test_collate_layout_and_masks():
+    examples = [
+        {"src_ids": [11, 12, 13], "tgt_ids": [21, 22], "index": 7},
+        {"src_ids": np.array([14], dtype=np.int32), "tgt_ids": [23, 24, 25, 26], "index": 3},
+    ]
+    batch = collate(examples)
+    assert batch.src.tolist() == [[11, 12, 13, EOS_ID], [14, EOS_ID, PAD_ID, PAD_ID]]
+    assert batch.tgt_in.tolist() == [[BOS_ID, 21, 22, PAD_ID, PAD_ID], [BOS_ID, 23, 24, 25, 26]]
+    assert batch.tgt_out.tolist() == [[21, 22, EOS_ID, PAD_ID, PAD_ID], [23, 24, 25, 26, EOS_ID]]
+    assert batch.src_mask.tolist() == [[True] * 4, [True, True, False, False]]
+    assert batch.tgt_mask.tolist() == [[True] * 3 + [False] * 2, [True] * 5]
+    assert batch.indices.tolist() == [7, 3]
+    assert (batch.size, batch.num_src_tokens, batch.num_tgt_tokens) == (2, 6, 8)
+    assert batch.src.dtype == torch.long and batch.src_mask.dtype == torch.bool
+    assert batch.to("cpu").tgt_out.equal(batch.tgt_out)
+
+
+def test_make_loader_yields_every_row_once_with_its_ids():
+    rng = np.random.default_rng(0)
+    rows = 5000
+    src_ids = [rng.integers(4, 300, rng.integers(1, 40)).tolist() for _ in range(rows)]
+    tgt_ids = [rng.integers(4, 300, rng.integers(1, 40)).tolist() for _ in range(rows)]
+    full = datasets.Dataset.from_dict({"src_ids": src_ids, "tgt_ids": tgt_ids, "index": list(range(rows))})
+    split = full.select(range(1000, 4000))  # a view with an indices mapping, as after a select/split
+    loader = make_loader(split, max_tokens=800, shuffle=True, seed=0)
+    seen = []
+    for batch in loader:
+        assert batch.src.numel() <= 800 and batch.tgt_in.numel() <= 800
+        for row, index in enumerate(batch.indices.tolist()):
+            length = int(batch.src_mask[row].sum()) - 1
+            assert batch.src[row, :length].tolist() == src_ids[index]
+            assert batch.tgt_out[row, : int(batch.tgt_mask[row].sum()) - 1].tolist() == tgt_ids[index]
+        seen += batch.indices.tolist()
+    assert sorted(seen) == list(range(1000, 4000))
+    first_order = seen
+    loader.batch_sampler.set_epoch(1)
+    assert [i for batch in loader for i in batch.indices.tolist()] != first_order
+
+
+# ---------------------------------------------------------------------------------------- prepare_data
+
+
+def test_prepare_data_builds_then_reuses_the_cache(tmp_path, cache, monkeypatch):
+    monkeypatch.setattr("seq2seq.data.MAX_SENTENCE_TOKENS", 12)
+    path = write_tsv(tmp_path / "c.tsv", synthetic_pairs(600))
+    cfg = tatoeba_cfg(path=str(path), **{"split.valid_size": 50, "split.test_size": 50})
+    cfg.tokenizer.src_vocab_size, cfg.tokenizer.tgt_vocab_size = 500, 350
+    logged: list[str] = []
+    first = prepare_data(cfg, log=logged.append)
+
+    assert first.cache_path.parent == cache / "datasets"
+    assert any("saved to" in line for line in logged) and any("read 600" in line for line in logged)
+    train = first.splits["train"]
+    assert set(train.column_names) == {"src", "tgt", "src_ids", "tgt_ids", "index"}
+    assert train.features["src_ids"].feature.dtype == "int32"
+    assert list(train["index"]) == list(range(len(train)))
+    for row in train.select(range(50)):
+        src_ids, tgt_ids = first.src_tokenizer.encode(row["src"]), first.tgt_tokenizer.encode(row["tgt"])
+        assert row["src_ids"] == src_ids[:12] and row["tgt_ids"] == tgt_ids[:12]
+        if len(src_ids) <= 12:
+            assert first.src_tokenizer.decode(row["src_ids"]) == row["src"]
+    assert max(len(ids) for split in first.splits.values() for ids in split["src_ids"][:]) == 12
+    assert any("truncated to 12 tokens" in note for note in first.report.notes)
+
+    monkeypatch.setattr("seq2seq.data.load_corpus", lambda *_: pytest.fail("the cached splits were rebuilt"))
+    logged.clear()
+    again = prepare_data(cfg, log=logged.append)
+    assert any("loaded from" in line for line in logged)
+    assert again.cache_path == first.cache_path and again.report == first.report
+    assert list(again.splits["valid"]["src_ids"]) == list(first.splits["valid"]["src_ids"])
+    assert again.src_tokenizer.proto == first.src_tokenizer.proto
+    assert os.listdir(cache / "datasets") == [first.cache_path.name]  # no temporary folders left behind
