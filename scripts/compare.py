@@ -1,0 +1,118 @@
+"""Side-by-side comparison of finished runs: a markdown table and BLEU by source length, overlaid.
+
+    python -m seq2seq.train -m model=rnn,bahdanau,transformer
+    python scripts/compare.py runs/tatoeba_zh_en
+
+Every `results.json` below the given folders is one run (the trainer writes it when a run ends); when a model was
+trained several times, the newest run of each data/model pair is used unless --all is given. Writes
+`comparison.md` and `bleu_by_length.png` into --out (default: the first folder given) and logs both to TensorBoard
+under `<out>/comparison`, so `tensorboard --logdir runs` shows them beside the runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from torch.utils.tensorboard import SummaryWriter  # noqa: E402
+
+COLUMNS = (
+    ("run", "{}"),
+    ("parameters", "{:,}"),
+    ("train min", "{:.1f}"),
+    ("steps", "{:,}"),
+    ("tgt tokens/s", "{:,.0f}"),
+    ("valid BLEU", "{:.1f}"),
+    ("valid chrF", "{:.1f}"),
+    ("test BLEU", "{:.1f}"),
+    ("test chrF", "{:.1f}"),
+)
+
+
+def find_runs(folders: list[Path], keep_all: bool) -> list[dict]:
+    runs = []
+    for folder in folders:
+        for path in sorted(folder.rglob("results.json")):
+            result = json.loads(path.read_text())
+            result["run_dir"] = path.parent
+            runs.append(result)
+    if not keep_all:
+        newest: dict[tuple[str, str], dict] = {}
+        for run in sorted(runs, key=lambda r: str(r["run_dir"])):
+            newest[(run["data"], run["model"])] = run
+        runs = list(newest.values())
+    order = {"rnn": 0, "bahdanau": 1, "transformer": 2}
+    return sorted(runs, key=lambda r: (r["data"], order.get(r["model"], 9), str(r["run_dir"])))
+
+
+def run_label(run: dict, keep_all: bool) -> str:
+    return f"{run['model']} ({run['run_dir'].name})" if keep_all else run["model"]
+
+
+def markdown_table(runs: list[dict], keep_all: bool) -> str:
+    header = "| " + " | ".join(name for name, _ in COLUMNS) + " |"
+    rule = "|" + "|".join("---" if i == 0 else "---:" for i in range(len(COLUMNS))) + "|"
+    lines = [header, rule]
+    for run in runs:
+        values = (
+            run_label(run, keep_all), run["parameters"], run["train_minutes"], run["steps"],
+            run["target_tokens_per_s"], run["valid_bleu"], run["valid_chrf"], run["test_bleu"], run["test_chrf"],
+        )
+        lines.append("| " + " | ".join(fmt.format(value) for (_, fmt), value in zip(COLUMNS, values)) + " |")
+    datasets = sorted({run["data"] for run in runs})
+    lines.append("")
+    lines.append(f"Data: {', '.join(datasets)}. BLEU/chrF: sacreBLEU on detokenized output; test with the best "
+                 "checkpoint (by validation BLEU) and the configured beam.")
+    return "\n".join(lines)
+
+
+def length_figure(runs: list[dict], keep_all: bool) -> plt.Figure:
+    """BLEU against source length, one line per run: the shape of Bahdanau et al. (2015), Fig. 2."""
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
+    for run in runs:
+        buckets = run["test_bleu_by_length"]
+        labels = [b["bucket"] for b in buckets]
+        ax.plot(labels, [b["bleu"] for b in buckets], marker="o", label=run_label(run, keep_all))
+    ax.set_xlabel("source length (subword tokens)")
+    ax.set_ylabel("test BLEU")
+    ax.set_title("BLEU by source sentence length")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("folders", nargs="+", type=Path, help="run folders or folders that contain runs")
+    parser.add_argument("--out", type=Path, default=None, help="where to write comparison.md and the plot")
+    parser.add_argument("--all", action="store_true", help="every run, not only the newest per model")
+    args = parser.parse_args()
+
+    runs = find_runs(args.folders, args.all)
+    if not runs:
+        sys.exit(f"compare: no results.json under {', '.join(map(str, args.folders))}; "
+                 "a run writes it when training ends.")
+    out = args.out or args.folders[0]
+    out.mkdir(parents=True, exist_ok=True)
+
+    table = markdown_table(runs, args.all)
+    (out / "comparison.md").write_text(table + "\n")
+    figure = length_figure(runs, args.all)
+    figure.savefig(out / "bleu_by_length.png")
+
+    with SummaryWriter(log_dir=str(out / "comparison")) as writer:
+        writer.add_text("comparison/table", table)
+        writer.add_figure("comparison/bleu_by_length", figure)
+    print(table)
+    print(f"\nwrote {out / 'comparison.md'} and {out / 'bleu_by_length.png'}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,109 @@
+"""Checkpoints that carry everything needed to translate or resume, written so a crash never corrupts one.
+
+A checkpoint is one `torch.save` file holding:
+  format_version, seq2seq_version   — to refuse files this code cannot read, with a clear message;
+  config                            — the whole composed Hydra config as plain containers;
+  model                             — the model's state_dict;
+  src_tokenizer, tgt_tokenizer      — the SentencePiece model protos (bytes), so a copied file still translates;
+  step, epoch, best_valid_bleu, metrics;
+  optimizer, scheduler, scaler, rng — training state for an exact resume (absent from inference-only exports).
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from seq2seq import __version__
+from seq2seq.data.tokenizer import Tokenizer
+from seq2seq.models import build_model
+from seq2seq.models.base import Seq2SeqModel
+
+FORMAT_VERSION = 1
+REQUIRED_KEYS = ("format_version", "config", "model", "src_tokenizer", "tgt_tokenizer")
+
+
+class CheckpointError(Exception):
+    """A checkpoint that is missing, damaged or written by an incompatible version."""
+
+
+def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
+    """Write atomically: a temporary file in the same folder, flushed to disk, then renamed over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"format_version": FORMAT_VERSION, "seq2seq_version": __version__, **payload}
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(payload, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read a checkpoint, turning every way it can be unusable into a CheckpointError that names the file."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(
+            f"checkpoint not found: {path}. Training writes checkpoints to "
+            "runs/<data>/<model>/<timestamp>/checkpoints/{best,last}.pt."
+        )
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a folder; pass a checkpoint file such as {path}/checkpoints/best.pt.")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=False)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, OSError) as error:
+        raise CheckpointError(
+            f"cannot read checkpoint {path}: the file is truncated or is not a seq2seq checkpoint ({error}). "
+            "Use another checkpoint (last.pt or best.pt of the run) or retrain."
+        ) from error
+    if not isinstance(payload, dict) or any(key not in payload for key in REQUIRED_KEYS):
+        raise CheckpointError(f"{path} is a PyTorch file but not a seq2seq checkpoint (expected keys {REQUIRED_KEYS}).")
+    if payload["format_version"] != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path} has checkpoint format {payload['format_version']} (written by seq2seq "
+            f"{payload.get('seq2seq_version', '?')}); this seq2seq {__version__} reads format {FORMAT_VERSION}. "
+            "Translate it with the version that wrote it, or retrain."
+        )
+    return payload
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to translate, with the tokenizers and configuration it was trained with."""
+
+    model: Seq2SeqModel
+    src_tokenizer: Tokenizer
+    tgt_tokenizer: Tokenizer
+    config: DictConfig
+    checkpoint: dict[str, Any]
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
+    """Rebuild the trained model from a checkpoint alone (no run folder or cache needed)."""
+    payload = load_checkpoint(path)
+    config = OmegaConf.create(payload["config"])
+    src_tokenizer = Tokenizer.from_proto(payload["src_tokenizer"])
+    tgt_tokenizer = Tokenizer.from_proto(payload["tgt_tokenizer"])
+    model = build_model(config.model, src_tokenizer.vocab_size, tgt_tokenizer.vocab_size)
+    try:
+        model.load_state_dict(payload["model"])
+    except RuntimeError as error:
+        raise CheckpointError(
+            f"{path}: the weights do not fit the model its config describes ({error}). "
+            "The file was probably edited or written by an incompatible version."
+        ) from error
+    model.to(device).eval()
+    return LoadedModel(model, src_tokenizer, tgt_tokenizer, config, payload)

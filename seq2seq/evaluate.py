@@ -1,0 +1,192 @@
+"""Score a checkpoint: `python -m seq2seq.evaluate` (console script `seq2seq-evaluate`).
+
+    seq2seq-evaluate --checkpoint best.pt                          # the test split it was trained with
+    seq2seq-evaluate --checkpoint best.pt --split valid --beam-size 1
+    seq2seq-evaluate --checkpoint best.pt --src test.zh --ref test.en --output hyps.en --json scores.json
+    seq2seq-evaluate --checkpoint best.pt --tsv other-cmn-eng.tsv  # manythings layout, cleaned as in training
+
+Prints sacreBLEU BLEU and chrF with their signatures, and BLEU by source length (SentencePiece tokens). The
+checkpoint carries its tokenizers and data config, so it works when copied alone; --split rebuilds the split from
+that config (same corpus, cleaning and seed give the same split), finding the corpus as training does
+(data.path, $SEQ2SEQ_DATA_MIRROR, data/, download).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from seq2seq.checkpoint import CheckpointError, LoadedModel
+from seq2seq.metrics import bleu_by_length, corpus_scores
+from seq2seq.predict import translate_sentences
+from seq2seq.translate import UsageError, add_decoding_arguments, decoding_options, load, one_line, read_file_lines
+
+if TYPE_CHECKING:
+    import datasets
+
+log = logging.getLogger("seq2seq.evaluate")
+
+LENGTH_EDGES = (10, 20, 30, 40, 50)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="seq2seq-evaluate",
+        description="Translate a test set with a checkpoint and score it with sacreBLEU (BLEU, chrF).",
+    )
+    add_decoding_arguments(parser)
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--split", choices=("test", "valid"),
+                        help="a split of the checkpoint's own corpus (default: test)")
+    source.add_argument("--src", type=Path, help="source sentences, one a line (with --ref)")
+    source.add_argument("--tsv", type=Path, help="a TSV in the training corpus layout (data.columns of the checkpoint)")
+    parser.add_argument("--ref", type=Path, help="reference translations, one a line, aligned with --src")
+    parser.add_argument("--data-path", type=Path,
+                        help="corpus file for --split, where the checkpoint's data config cannot find it")
+    parser.add_argument("--limit", type=int, default=None, help="score only the first N pairs (a quick look)")
+    parser.add_argument("--output", type=Path, help="write the hypotheses here, one a line")
+    parser.add_argument("--json", type=Path, help="write the scores here as JSON")
+    return parser
+
+
+def load_pairs(args: argparse.Namespace, loaded: LoadedModel) -> tuple[list[str], list[str], str]:
+    """Sources, references and a description of where they came from."""
+    if args.ref is not None and args.src is None:
+        raise UsageError("--ref needs --src (the source sentences it translates).")
+    if args.src is not None:
+        if args.ref is None:
+            raise UsageError("--src needs --ref (the reference translations to score against).")
+        for path in (args.src, args.ref):
+            if not path.is_file():
+                raise UsageError(f"{path} does not exist or is not a file.")
+        sources, references = list(read_file_lines(args.src)), list(read_file_lines(args.ref))
+        if len(sources) != len(references):
+            raise UsageError(
+                f"{args.src} has {len(sources)} lines but {args.ref} has {len(references)}; they must align."
+            )
+        return sources, references, f"{args.src} / {args.ref}"
+    from seq2seq.data.corpus import CorpusError
+
+    data_cfg = loaded.config.data.copy()
+    if args.data_path is not None:
+        data_cfg.path = str(args.data_path)
+    try:
+        if args.tsv is not None:
+            dataset = _load_tsv(args.tsv, data_cfg)
+            where = str(args.tsv)
+        else:
+            from seq2seq.data.corpus import load_corpus
+
+            split = args.split or "test"
+            splits, report = load_corpus(data_cfg)
+            log.info(report.summary())
+            dataset = splits[split]
+            where = f"{split} split of {data_cfg.name}"
+    except CorpusError as error:
+        hint = "" if args.tsv is not None else " (seq2seq-evaluate: --data-path FILE points --split at the corpus file)"
+        raise UsageError(f"{error}{hint}") from error
+    return list(dataset["src"]), list(dataset["tgt"]), where
+
+
+def _load_tsv(path: Path, data_cfg) -> datasets.Dataset:
+    """A manythings-layout TSV read and cleaned by the training code, without splitting it."""
+    from seq2seq.data.corpus import CleaningReport, CorpusError, _clean, _read_tsv
+
+    if not path.is_file():
+        raise CorpusError(f"--tsv {path} does not exist or is not a file.")
+    report = CleaningReport(source=str(path))
+    dataset = _clean(_read_tsv(path, list(data_cfg.columns or ()), report), data_cfg, report, "eval")
+    report.kept = len(dataset)
+    print(report.summary(), file=sys.stderr)
+    return dataset
+
+
+def evaluate(args: argparse.Namespace) -> dict:
+    if args.limit is not None and args.limit < 1:
+        raise UsageError(f"--limit must be at least 1, got {args.limit}.")
+    loaded, device = load(args)
+    options = decoding_options(args, loaded, device)
+    sources, references, where = load_pairs(args, loaded)
+    if args.limit is not None:
+        sources, references = sources[: args.limit], references[: args.limit]
+    if not sources:
+        raise UsageError(f"nothing to evaluate: {where} has no sentence pairs.")
+    target_lang = str(loaded.config.data.get("tgt_lang", "en"))
+    print(f"translating {len(sources)} sentences of {where} ...", file=sys.stderr)
+    start = time.perf_counter()
+    hypotheses, lengths = [], []
+    for translation in translate_sentences(
+        loaded.model, loaded.src_tokenizer, loaded.tgt_tokenizer, sources, **options
+    ):
+        hypotheses.append(one_line(translation.text))
+        lengths.append(translation.num_src_tokens)
+    seconds = time.perf_counter() - start
+    scores = corpus_scores(hypotheses, references, target_lang)
+    by_length = bleu_by_length(lengths, hypotheses, references, target_lang, edges=LENGTH_EDGES)
+    if args.output is not None:
+        try:
+            args.output.parent.mkdir(parents=True, exist_ok=True)
+            args.output.write_text("".join(h + "\n" for h in hypotheses), encoding="utf-8")
+        except OSError as error:
+            raise UsageError(f"cannot write --output {args.output}: {error.strerror or error}.") from error
+    result = {
+        "checkpoint": str(args.checkpoint),
+        "model": str(loaded.config.model.name),
+        "data": where,
+        "sentences": len(sources),
+        **scores,
+        "by_length": by_length,
+        "decoding": {k: v for k, v in options.items() if k != "device"} | {"device": str(device)},
+        "seconds": round(seconds, 3),
+    }
+    if args.json is not None:
+        try:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        except OSError as error:
+            raise UsageError(f"cannot write --json {args.json}: {error.strerror or error}.") from error
+    return result
+
+
+def format_report(result: dict) -> str:
+    lines = [
+        f"{result['model']} on {result['data']}: {result['sentences']} sentences, "
+        f"beam {result['decoding']['beam_size']}",
+        f"BLEU  {result['bleu']:6.2f}  {result['bleu_signature']}",
+        f"chrF  {result['chrf']:6.2f}  {result['chrf_signature']}",
+        "",
+        "BLEU by source length (SentencePiece tokens):",
+        f"  {'tokens':<8}{'count':>7}{'BLEU':>8}",
+    ]
+    lines += [f"  {row['bucket']:<8}{row['count']:>7}{row['bleu']:>8.2f}" for row in result["by_length"]]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s: %(message)s",
+                        stream=sys.stderr)
+    if not args.verbose:
+        import datasets
+
+        datasets.disable_progress_bars()
+    try:
+        result = evaluate(args)
+    except (CheckpointError, UsageError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    print(format_report(result))
+    if args.verbose:
+        print(f"{result['sentences'] / max(result['seconds'], 1e-9):.1f} sentences/s", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

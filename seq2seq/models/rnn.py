@@ -1,0 +1,174 @@
+"""Fixed-context encoder-decoder (Sutskever et al. 2014; Cho et al. 2014).
+
+The encoder reads the whole source and keeps only its top layer's final state (both directions when
+bidirectional). Bridged to the decoder's size with a Linear+tanh, that one vector ("context") is everything the
+decoder knows of the source: it initialises the decoder (one more Linear+tanh gives each decoder layer, and an
+LSTM's cell, its own start) and, as in Cho et al., it is concatenated to the decoder input and to the output
+layer at every step. There is no
+attention and no per-position memory, which is exactly what makes long sentences hard for this model.
+
+Recurrent layers run in float32 on CPU even under autocast: there the bf16 GRU/LSTM kernels are several times
+slower than fp32 ones (measured with torch 2.13), while the Linear layers around them still use bf16.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+from .base import BOS_ID, EOS_ID, PAD_ID, DecoderState, ModelOutput, Seq2SeqModel
+
+RNN_CELLS = {"gru": nn.GRU, "lstm": nn.LSTM}
+
+
+def recurrent_precision(x: torch.Tensor) -> tuple[contextlib.AbstractContextManager, torch.dtype]:
+    """Autocast context and input dtype for a recurrent layer: float32 with autocast off on CPU (see module doc),
+    untouched elsewhere (cuDNN RNNs are fast in half precision)."""
+    if x.device.type == "cpu":
+        return torch.autocast("cpu", enabled=False), torch.float32
+    return contextlib.nullcontext(), x.dtype
+
+
+class RNNEncoder(nn.Module):
+    """Embeddings + (bi)directional GRU/LSTM over packed sequences, so padding never reaches any state."""
+
+    def __init__(
+        self,
+        vocab_size: int,
+        embed_dim: int,
+        hidden_size: int,
+        num_layers: int,
+        bidirectional: bool,
+        cell: str,
+        dropout: float,
+        pad_id: int,
+    ) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab_size, embed_dim, padding_idx=pad_id)
+        self.rnn = RNN_CELLS[cell](
+            embed_dim,
+            hidden_size,
+            num_layers=num_layers,
+            bidirectional=bidirectional,
+            batch_first=True,
+            dropout=dropout if num_layers > 1 else 0.0,
+        )
+        self.dropout = nn.Dropout(dropout)
+        self.num_layers = num_layers
+        self.num_directions = 2 if bidirectional else 1
+        self.output_size = hidden_size * self.num_directions
+
+    def forward(
+        self, src: torch.Tensor, src_mask: torch.Tensor, need_outputs: bool = True
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """-> per-position outputs (B, S, dirs*H) float32 (None unless `need_outputs`) and the top layer's
+        final hidden state (B, dirs*H), both directions concatenated (the backward one has read the whole
+        sentence right to left)."""
+        lengths = src_mask.sum(dim=1).cpu()
+        if bool((lengths == 0).any()):
+            raise ValueError("a source sentence has no real tokens (src_mask all False); drop empty sentences")
+        autocast_ctx, dtype = recurrent_precision(src)
+        x = self.dropout(self.embed(src)).to(dtype)
+        packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+        with autocast_ctx:
+            packed_out, final = self.rnn(packed)
+        hidden = final[0] if isinstance(final, tuple) else final  # LSTM: (h, c); the context is built from h
+        top = hidden.view(self.num_layers, self.num_directions, src.size(0), -1)[-1]
+        top = top.transpose(0, 1).reshape(src.size(0), self.output_size)
+        outputs = None
+        if need_outputs:
+            outputs, _ = pad_packed_sequence(packed_out, batch_first=True, total_length=src.size(1))
+        return outputs, top
+
+
+class RNNSeq2Seq(Seq2SeqModel):
+    """GRU/LSTM encoder-decoder whose decoder sees the source only through one fixed context vector."""
+
+    has_attention = False
+
+    def __init__(
+        self,
+        src_vocab_size: int,
+        tgt_vocab_size: int,
+        cell: str = "gru",
+        embed_dim: int = 256,
+        hidden_size: int = 256,
+        encoder_layers: int = 2,
+        decoder_layers: int = 2,
+        bidirectional: bool = True,
+        dropout: float = 0.2,
+        tie_output: bool = False,
+        pad_id: int = PAD_ID,
+        bos_id: int = BOS_ID,
+        eos_id: int = EOS_ID,
+    ) -> None:
+        super().__init__(pad_id=pad_id, bos_id=bos_id, eos_id=eos_id)
+        self.cell = cell
+        self.decoder_layers = decoder_layers
+        self.hidden_size = hidden_size
+        self.encoder = RNNEncoder(
+            src_vocab_size, embed_dim, hidden_size, encoder_layers, bidirectional, cell, dropout, pad_id
+        )
+        self.bridge = nn.Linear(self.encoder.output_size, hidden_size)
+        states_per_layer = 2 if cell == "lstm" else 1  # LSTM needs an initial cell state too
+        self.init_state = nn.Linear(hidden_size, states_per_layer * decoder_layers * hidden_size)
+        self.tgt_embed = nn.Embedding(tgt_vocab_size, embed_dim, padding_idx=pad_id)
+        self.decoder_rnn = RNN_CELLS[cell](
+            embed_dim + hidden_size,
+            hidden_size,
+            num_layers=decoder_layers,
+            batch_first=True,
+            dropout=dropout if decoder_layers > 1 else 0.0,
+        )
+        # Readout from (decoder state, context, previous target embedding), sized embed_dim so it can be tied.
+        self.readout = nn.Linear(2 * hidden_size + embed_dim, embed_dim)
+        self.output_projection = nn.Linear(embed_dim, tgt_vocab_size)
+        if tie_output:
+            self.output_projection.weight = self.tgt_embed.weight
+        self.dropout = nn.Dropout(dropout)
+
+    def encode(self, src: torch.Tensor, src_mask: torch.Tensor) -> DecoderState:
+        """State = the context vector and the decoder's initial (B, layers, H) state(s); nothing per position."""
+        _, final = self.encoder(src, src_mask, need_outputs=False)
+        context = torch.tanh(self.bridge(final))
+        init = torch.tanh(self.init_state(context)).view(src.size(0), -1, self.decoder_layers, self.hidden_size)
+        state = {"context": context, "hidden": init[:, 0]}
+        if self.cell == "lstm":
+            state["cell"] = init[:, 1]
+        return state
+
+    def _decode(self, state: DecoderState, tokens: torch.Tensor) -> tuple[torch.Tensor, DecoderState]:
+        """Run the decoder over tokens (B, T) from `state` -> logits (B, T, V) and the state after the last one."""
+        context = state["context"]
+        embedded = self.dropout(self.tgt_embed(tokens))
+        context_seq = context.unsqueeze(1).expand(-1, tokens.size(1), -1)
+        autocast_ctx, dtype = recurrent_precision(tokens)
+        rnn_input = torch.cat([embedded.to(dtype), context_seq.to(dtype)], dim=-1)
+        h0 = state["hidden"].transpose(0, 1).to(dtype).contiguous()
+        with autocast_ctx:
+            if self.cell == "lstm":
+                c0 = state["cell"].transpose(0, 1).to(dtype).contiguous()
+                outputs, (h, c) = self.decoder_rnn(rnn_input, (h0, c0))
+            else:
+                outputs, h = self.decoder_rnn(rnn_input, h0)
+        new_state = {"context": context, "hidden": h.transpose(0, 1)}
+        if self.cell == "lstm":
+            new_state["cell"] = c.transpose(0, 1)
+        readout = torch.tanh(self.readout(torch.cat([outputs, context_seq.to(dtype), embedded.to(dtype)], dim=-1)))
+        return self.output_projection(self.dropout(readout)), new_state
+
+    def decode_step(
+        self, state: DecoderState, prev_tokens: torch.Tensor
+    ) -> tuple[torch.Tensor, None, DecoderState]:
+        logits, new_state = self._decode(state, prev_tokens.unsqueeze(1))
+        return F.log_softmax(logits[:, 0].float(), dim=-1), None, new_state
+
+    def forward(
+        self, src: torch.Tensor, src_mask: torch.Tensor, tgt_in: torch.Tensor, return_attention: bool = False
+    ) -> ModelOutput:
+        logits, _ = self._decode(self.encode(src, src_mask), tgt_in)
+        return ModelOutput(logits=logits.float())

@@ -1,0 +1,95 @@
+"""AdamW and the learning-rate schedules translation models are trained with.
+
+Weight decay is applied to weight matrices only: decaying biases, normalisation gains or embedding rows
+pulls them towards zero for no regularisation benefit (embeddings of rare tokens would simply shrink).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+from omegaconf import DictConfig
+from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
+
+SCHEDULES = ("inverse_sqrt", "cosine", "constant")
+_NO_DECAY_MODULES = (nn.Embedding, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.BatchNorm1d)
+
+
+def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Split trainable parameters into a decayed group (weight matrices) and an undecayed one.
+
+    A parameter owned by an embedding or a norm layer is never decayed, even when it is also used elsewhere
+    (a tied output projection shares the target embedding's weight).
+    """
+    no_decay_ids: set[int] = set()
+    for module in model.modules():
+        if isinstance(module, _NO_DECAY_MODULES):
+            no_decay_ids.update(id(p) for p in module.parameters(recurse=False))
+    decay, no_decay = [], []
+    for parameter in model.parameters():  # deduplicated, in a fixed order
+        if not parameter.requires_grad:
+            continue
+        if parameter.ndim < 2 or id(parameter) in no_decay_ids:
+            no_decay.append(parameter)
+        else:
+            decay.append(parameter)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def build_optimizer(model: nn.Module, optim_cfg: DictConfig, fused: bool = False) -> torch.optim.AdamW:
+    """AdamW with the configured peak learning rate; the schedule scales it step by step."""
+    kwargs = {"fused": True} if fused else {}
+    return torch.optim.AdamW(
+        parameter_groups(model, float(optim_cfg.weight_decay)),
+        lr=float(optim_cfg.lr),
+        betas=tuple(float(b) for b in optim_cfg.betas),
+        eps=float(optim_cfg.eps),
+        **kwargs,
+    )
+
+
+def lr_multiplier(
+    schedule: str, warmup_steps: int, total_steps: int | None = None, min_lr_ratio: float = 0.0
+) -> Callable[[int], float]:
+    """The factor applied to the peak learning rate after `step` optimizer updates (step 0 = the first update).
+
+    inverse_sqrt: linear warmup, then decay with 1/sqrt(step) (Vaswani et al. 2017), equal to 1 at the end of warmup.
+    cosine: linear warmup, then half a cosine down to `min_lr_ratio` at `total_steps`.
+    constant: linear warmup, then flat.
+    """
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown learning-rate schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}.")
+    if warmup_steps < 0:
+        raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}.")
+    if schedule == "cosine" and not total_steps:
+        raise ValueError("the cosine schedule needs the total number of steps (trainer.max_steps or max_epochs).")
+    warmup = max(warmup_steps, 0)
+
+    def factor(step: int) -> float:
+        update = step + 1  # LambdaLR asks for the factor of the update about to happen
+        if update <= warmup:
+            return update / warmup
+        if schedule == "constant":
+            return 1.0
+        if schedule == "inverse_sqrt":
+            return math.sqrt(max(warmup, 1) / update)
+        progress = min((update - warmup) / max(total_steps - warmup, 1), 1.0)
+        return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, optim_cfg: DictConfig, total_steps: int | None) -> LambdaLR:
+    """A LambdaLR whose state (the step count) goes into checkpoints; the formula itself comes from the config."""
+    return LambdaLR(
+        optimizer,
+        lr_multiplier(
+            str(optim_cfg.schedule), int(optim_cfg.warmup_steps), total_steps, float(optim_cfg.get("min_lr_ratio", 0.0))
+        ),
+    )

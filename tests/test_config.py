@@ -1,0 +1,168 @@
+"""The training config composes for every data and model config, and bad values fail fast and readably."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from seq2seq.paths import CONFIG_DIR, PROJECT_ROOT
+from seq2seq.train import newest_run, run_folder, validate_config
+from seq2seq.trainer import ConfigError, cpu_has_native_bf16
+
+DATA_CONFIGS = sorted(path.stem for path in (CONFIG_DIR / "data").glob("*.yaml"))
+MODEL_CONFIGS = sorted(path.stem for path in (CONFIG_DIR / "model").glob("*.yaml"))
+
+
+def composed(*overrides: str):
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        return compose("train", overrides=list(overrides))
+
+
+def train_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
+    return subprocess.run(
+        [sys.executable, "-m", "seq2seq.train", *args], cwd=PROJECT_ROOT, env=env, capture_output=True, text=True,
+        timeout=timeout,
+    )
+
+
+def test_the_three_data_configs_and_three_models_exist():
+    assert DATA_CONFIGS == ["opus100_zh_en", "tatoeba_zh_en", "wmt19_zh_en"]
+    assert MODEL_CONFIGS == ["bahdanau", "rnn", "transformer"]
+
+
+@pytest.mark.parametrize("data", DATA_CONFIGS)
+@pytest.mark.parametrize("model", MODEL_CONFIGS)
+def test_every_data_and_model_config_composes_and_validates(data, model):
+    cfg = composed(f"data={data}", f"model={model}")
+    assert cfg.data.name == data and cfg.model.name == model
+    validate_config(cfg)
+
+
+def test_experiment_compare_composes():
+    cfg = composed("experiment=compare", "model=rnn")
+    assert cfg.trainer.max_steps == 2000 and cfg.trainer.eval_every == 500
+    validate_config(cfg)
+
+
+@pytest.mark.parametrize("data", DATA_CONFIGS)
+def test_cli_prints_the_job_config_for_every_data_config(data):
+    result = train_cli("--cfg", "job", f"data={data}")
+    assert result.returncode == 0, result.stderr
+    assert f"name: {data}" in result.stdout
+    assert "max_steps:" in result.stdout and "attention_examples:" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("override", "fragment"),
+    [
+        ("model.name=lstm_attention", "unknown model.name='lstm_attention'"),
+        ("trainer.max_steps=-5", "trainer.max_steps=-5 must be a positive integer"),
+        ("trainer.max_steps=0", "trainer.max_steps=0 must be a positive integer"),
+        ("trainer.eval_every=0", "trainer.eval_every=0"),
+        ("trainer.accumulate=0", "trainer.accumulate=0"),
+        ("trainer.label_smoothing=1.5", "trainer.label_smoothing=1.5"),
+        ("optim.schedule=linear", "optim.schedule='linear' is not one of inverse_sqrt, cosine, constant"),
+        ("optim.lr=-1", "optim.lr=-1"),
+        ("trainer.precision=fp8", "trainer.precision='fp8'"),
+        ("trainer.device=tpu", "trainer.device='tpu'"),
+        ("model.dropout=1.5", "model.dropout=1.5"),
+    ],
+)
+def test_bad_values_are_named(override, fragment):
+    with pytest.raises(ConfigError, match="invalid configuration") as error:
+        validate_config(composed(override))
+    assert fragment in str(error.value)
+
+
+def test_every_problem_is_reported_at_once():
+    with pytest.raises(ConfigError) as error:
+        validate_config(composed("trainer.max_steps=-1", "optim.schedule=step"))
+    assert "trainer.max_steps" in str(error.value) and "optim.schedule" in str(error.value)
+
+
+def test_a_run_needs_some_limit_and_cosine_needs_a_length():
+    with pytest.raises(ConfigError, match="training never ends"):
+        validate_config(composed("trainer.max_steps=null"))
+    with pytest.raises(ConfigError, match="cosine needs"):
+        validate_config(composed("trainer.max_steps=null", "trainer.time_limit_minutes=30", "optim.schedule=cosine"))
+    validate_config(composed("trainer.max_steps=null", "trainer.max_epochs=3", "optim.schedule=cosine"))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present: fp16 and cuda are valid here")
+def test_precisions_and_devices_this_cpu_cannot_do():
+    with pytest.raises(ConfigError, match="fp16 needs a CUDA GPU"):
+        validate_config(composed("trainer.precision=fp16"))
+    with pytest.raises(ConfigError, match="no CUDA GPU is visible"):
+        validate_config(composed("trainer.device=cuda"))
+    if cpu_has_native_bf16():
+        validate_config(composed("trainer.precision=bf16"))
+    else:
+        with pytest.raises(ConfigError, match="no native bfloat16"):
+            validate_config(composed("trainer.precision=bf16"))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present: fp16 is valid here")
+@pytest.mark.parametrize(
+    ("override", "fragment"),
+    [
+        ("model.name=transformer_xl", "unknown model.name"),
+        ("trainer.max_steps=-100", "trainer.max_steps=-100"),
+        ("trainer.precision=fp16", "fp16 needs a CUDA GPU"),
+    ],
+)
+def test_cli_fails_fast_without_a_traceback(override, fragment, tmp_path):
+    result = train_cli(override, f"hydra.run.dir={tmp_path / 'run'}")
+    assert result.returncode == 2
+    assert fragment in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_unknown_keys_are_rejected_by_hydra():
+    result = train_cli("trainer.max_stepz=10", "--cfg", "job")
+    assert result.returncode != 0
+    assert "max_stepz" in result.stderr and "Traceback" not in result.stderr
+
+
+def _fake_run(base: Path, stamp: str, mtime: float, with_checkpoint: bool = True) -> Path:
+    run = base / stamp
+    (run / ".hydra").mkdir(parents=True)
+    if with_checkpoint:
+        (run / "checkpoints").mkdir()
+        (run / "checkpoints" / "last.pt").write_bytes(b"x")
+        os.utime(run / "checkpoints" / "last.pt", (mtime, mtime))
+    return run
+
+
+def test_resume_auto_continues_the_newest_run_with_a_last_checkpoint(tmp_path):
+    base = tmp_path / "runs" / "tatoeba_zh_en" / "transformer"
+    older = _fake_run(base, "2024-01-01_10-00-00", 1_000)
+    newer = _fake_run(base, "2024-01-02_10-00-00", 2_000)
+    _fake_run(base, "2024-01-03_10-00-00", 3_000, with_checkpoint=False)  # crashed before its first validation
+    root = str(tmp_path / "runs")
+    assert newest_run(base) == newer
+    assert run_folder(root, "tatoeba_zh_en/transformer", "NOW", "auto") == newer
+    assert run_folder(root, "tatoeba_zh_en/transformer", "NOW", None) == base / "NOW"
+    assert run_folder(root, "tatoeba_zh_en/rnn", "NOW", "auto") == Path(root) / "tatoeba_zh_en/rnn/NOW"
+    # resume=PATH inside a run folder continues that run; a checkpoint elsewhere starts a new folder
+    assert run_folder(root, "tatoeba_zh_en/transformer", "NOW", str(older / "checkpoints" / "last.pt")) == older
+    assert run_folder(root, "tatoeba_zh_en/transformer", "NOW", str(tmp_path / "copy.pt")) == base / "NOW"
+
+
+def test_hydra_run_dir_follows_resume_auto(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    run = _fake_run(tmp_path / "runs" / "tatoeba_zh_en" / "bahdanau", "2024-05-05_05-05-05", 1_000)
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=["model=bahdanau", "trainer.resume=auto"], return_hydra_config=True)
+        fresh = compose("train", overrides=["model=bahdanau"], return_hydra_config=True)
+    assert Path(cfg.hydra.run.dir) == Path("runs/tatoeba_zh_en/bahdanau/2024-05-05_05-05-05")
+    assert (tmp_path / cfg.hydra.run.dir).resolve() == run.resolve()
+    assert Path(fresh.hydra.run.dir).parent == Path("runs/tatoeba_zh_en/bahdanau")
+    assert Path(fresh.hydra.run.dir).name != run.name

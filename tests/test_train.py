@@ -1,0 +1,368 @@
+"""Training end to end on a slice of the real Tatoeba corpus: curves, attention maps, checkpoints that translate,
+exact resume after a kill, identical DDP replicas, divergence handling; plus the optimizer pieces in isolation.
+
+The subprocess runs use tiny models (a few dozen steps, one CPU thread) so the whole file takes a few minutes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from seq2seq.checkpoint import load_checkpoint, load_model
+from seq2seq.optim import build_optimizer, lr_multiplier, parameter_groups
+from seq2seq.predict import translate_sentences
+from seq2seq.trainer import average_state_dicts, token_loss, weights_digest
+
+MIRROR = Path(os.environ.get("SEQ2SEQ_DATA_MIRROR", "/nonexistent"))
+CORPUS = MIRROR / "tatoeba-cmn-eng" / "cmn-eng.tsv"
+SLICE_LINES = 3000
+
+# The Chinese side of 3000 pairs has ~1000 characters at coverage 0.98, plus 260 byte/special pieces.
+TINY_MODELS = {
+    "tiny_rnn": "name: rnn\ncell: gru\nembed_dim: 32\nhidden_size: 32\nencoder_layers: 1\ndecoder_layers: 1\n"
+    "bidirectional: true\ndropout: 0.1\ntie_output: false\n",
+    "tiny_bahdanau": "name: bahdanau\ncell: gru\nembed_dim: 32\nhidden_size: 32\nencoder_layers: 1\ndecoder_layers: 1\n"
+    "attention_dim: 32\ndropout: 0.1\ntie_output: false\n",
+    "tiny_transformer": "name: transformer\nd_model: 32\nnum_heads: 2\nencoder_layers: 2\ndecoder_layers: 2\n"
+    "ff_dim: 64\ndropout: 0.1\nattention_dropout: 0.1\nnorm_first: true\npositional: sinusoidal\n"
+    "max_positions: 256\ntie_output: true\nshare_embeddings: false\n",
+}
+
+
+@dataclass
+class Workspace:
+    root: Path
+    env: dict[str, str]
+    overrides: list[str]
+
+    def train(
+        self, *args: str, launcher: list[str] | None = None, multirun: bool = False, timeout: float = 600
+    ) -> subprocess.CompletedProcess:
+        flags = ["--multirun"] if multirun else []
+        command = (launcher or [sys.executable, "-m"]) + ["seq2seq.train", *flags, *self.overrides, *args]
+        return subprocess.run(command, cwd=self.root, env=self.env, capture_output=True, text=True, timeout=timeout)
+
+    def popen(self, *args: str) -> subprocess.Popen:
+        command = [sys.executable, "-m", "seq2seq.train", *self.overrides, *args]
+        return subprocess.Popen(command, cwd=self.root, env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory) -> Workspace:
+    if not CORPUS.is_file():
+        pytest.skip(f"Tatoeba corpus not found at {CORPUS}: set SEQ2SEQ_DATA_MIRROR to the folder holding it")
+    root = tmp_path_factory.mktemp("train")
+    with open(CORPUS, encoding="utf-8", errors="replace") as source, open(root / "slice.tsv", "w", encoding="utf-8") as out:
+        for _, line in zip(range(SLICE_LINES), source):
+            out.write(line)
+    model_dir = root / "configs" / "model"
+    model_dir.mkdir(parents=True)
+    for name, text in TINY_MODELS.items():
+        (model_dir / f"{name}.yaml").write_text(text)
+    env = {**os.environ, "SEQ2SEQ_CACHE": str(root / "cache"), "HYDRA_FULL_ERROR": "0", "PYTHONUNBUFFERED": "1"}
+    overrides = [
+        f"hydra.searchpath=[file://{root / 'configs'}]",
+        f"data.path={root / 'slice.tsv'}",
+        "data.split.valid_size=40",
+        "data.split.test_size=40",
+        "tokenizer.src_vocab_size=1500",
+        "tokenizer.tgt_vocab_size=400",
+        "tokenizer.character_coverage=0.98",
+        "trainer.max_tokens=1024",
+        "trainer.log_every=5",
+        "trainer.num_threads=1",
+        "trainer.valid_max_sentences=20",
+        "trainer.test_beam_size=2",
+        "trainer.num_attention_samples=1",
+        "attention_examples=['我是一个学生。']",
+    ]
+    return Workspace(root, env, overrides)
+
+
+def events(run_dir: Path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "images": 0, "tensors": 0})
+    accumulator.Reload()
+    return accumulator
+
+
+def scalars(accumulator, tag: str) -> list[tuple[int, float]]:
+    return [(event.step, event.value) for event in accumulator.Scalars(tag)]
+
+
+def text(accumulator, tag: str) -> str:
+    return "\n".join(event.tensor_proto.string_val[0].decode() for event in accumulator.Tensors(tag))
+
+
+# ----------------------------------------------------------------------------- the three families, one multirun
+
+
+@pytest.fixture(scope="module")
+def sweep(ws) -> dict[str, Path]:
+    result = ws.train(
+        "model=tiny_rnn,tiny_bahdanau,tiny_transformer", "trainer.max_steps=30", "trainer.eval_every=15",
+        "trainer.average_last=2", f"hydra.sweep.dir={ws.root / 'sweep'}", multirun=True,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    runs = {}
+    for family in ("rnn", "bahdanau", "transformer"):
+        found = list((ws.root / "sweep" / "tatoeba_zh_en" / family).glob("*/results.json"))
+        assert len(found) == 1, f"expected one {family} run folder, found {found}"
+        runs[family] = found[0].parent
+    assert "run folder:" in result.stdout + result.stderr
+    return runs
+
+
+@pytest.mark.slow
+@pytest.mark.corpus
+@pytest.mark.parametrize("family", ["rnn", "bahdanau", "transformer"])
+def test_run_logs_curves_metrics_and_attention(sweep, family):
+    run = sweep[family]
+    assert (run / ".hydra" / "config.yaml").is_file()
+    acc = events(run)
+    tags = acc.Tags()
+    for tag in ("train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s", "train/nonfinite_steps",
+                "valid/loss", "valid/ppl", "valid/bleu", "valid/chrf", "test/bleu", "test/chrf",
+                "hparam/valid_bleu", "hparam/test_bleu", "hparam/params"):
+        assert tag in tags["scalars"], f"{tag} missing from {family}'s events"
+    assert [step for step, _ in scalars(acc, "valid/bleu")] == [15, 30]
+    assert [step for step, _ in scalars(acc, "train/loss")] == [5, 10, 15, 20, 25, 30]
+    lrs = [value for _, value in scalars(acc, "train/lr")]
+    assert lrs == sorted(lrs) and lrs[0] > 0  # still warming up
+    assert all(math.isfinite(value) for _, value in scalars(acc, "train/loss"))
+    assert any(tag.startswith("test/bleu_by_length/") for tag in tags["scalars"])
+    assert "| source | reference | hypothesis |" in text(acc, "valid/samples/text_summary")
+
+    images = tags["images"]
+    if family == "rnn":
+        assert images == []
+        assert "has no attention" in text(acc, "attention/text_summary")
+    elif family == "bahdanau":
+        assert sorted(images) == ["attention/00", "attention/01"]  # one validation sentence + 我是一个学生。
+        assert len(acc.Images("attention/01")) == 2  # one per validation
+    else:
+        expected = {f"attention/{i:02d}/{name}" for i in (0, 1) for name in ("layer_1", "layer_2", "heads_layer_2")}
+        assert set(images) == expected
+        image = acc.Images("attention/01/heads_layer_2")[-1]
+        assert image.encoded_image_string.startswith(b"\x89PNG") and image.width > 100
+
+    # average_last=2: the weights of both validations were kept and their average was evaluated
+    assert sorted(p.name for p in (run / "checkpoints" / "average").iterdir()) == ["step_000000015.pt", "step_000000030.pt"]
+    assert [step for step, _ in scalars(acc, "valid_averaged/bleu")] == [30]
+
+    results = json.loads((run / "results.json").read_text())
+    assert results["model"] == family and results["steps"] == 30 and results["params"] > 0
+    assert results["stopped_by"] == "max_steps" and isinstance(results["averaged"], bool)
+    assert results["test"]["sentences"] == 40 and results["test"]["bleu_by_length"]
+    assert results["tokens_per_s"] > 0 and results["valid"]["bleu"] is not None
+
+
+@pytest.mark.slow
+@pytest.mark.corpus
+@pytest.mark.parametrize("family", ["rnn", "bahdanau", "transformer"])
+def test_checkpoint_holds_everything_and_translates(sweep, family):
+    run = sweep[family]
+    last = load_checkpoint(run / "checkpoints" / "last.pt")
+    assert last["step"] == 30
+    for key in ("optimizer", "scheduler", "rng", "sampler", "train_state", "src_tokenizer", "tgt_tokenizer"):
+        assert last[key] is not None, key
+    assert last["config"]["model"]["name"] == family and last["config"]["data"]["split"]["valid_size"] == 40
+
+    loaded = load_model(run / "checkpoints" / "best.pt")
+    assert loaded.config.model.name == family
+    (translation,) = translate_sentences(
+        loaded.model, loaded.src_tokenizer, loaded.tgt_tokenizer, ["我是一个学生。"], beam_size=2
+    )
+    assert isinstance(translation.text, str) and translation.hypotheses
+
+
+# ----------------------------------------------------------------------------- exact resume after a kill
+
+
+RESUME_ARGS = ["model=tiny_transformer", "trainer.eval_every=15", "trainer.num_attention_samples=0",
+               "attention_examples=[]", "trainer.test_beam_size=1"]
+
+
+@pytest.mark.slow
+@pytest.mark.corpus
+def test_resume_after_kill_matches_an_uninterrupted_run(ws):
+    straight = ws.root / "straight"
+    result = ws.train(*RESUME_ARGS, "trainer.max_steps=45", f"hydra.run.dir={straight}")
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    # Same config and seed, default run folder (runs/<data>/<model>/<timestamp>), killed after its first save.
+    runs = ws.root / "runs" / "tatoeba_zh_en" / "transformer"
+    process = ws.popen(*RESUME_ARGS, "trainer.max_steps=1000")
+    deadline = time.monotonic() + 300
+    try:
+        while not list(runs.glob("*/checkpoints/last.pt")):
+            assert process.poll() is None, "the run ended before writing checkpoints/last.pt"
+            assert time.monotonic() < deadline, "no checkpoint within 5 minutes"
+            time.sleep(0.05)
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    (interrupted,) = [path.parent.parent for path in runs.glob("*/checkpoints/last.pt")]
+    saved_step = load_checkpoint(interrupted / "checkpoints" / "last.pt")["step"]
+    assert saved_step in (15, 30)
+
+    result = ws.train(*RESUME_ARGS, "trainer.max_steps=45", "trainer.resume=auto")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resumed from" in result.stdout + result.stderr
+    assert [p.parent.parent for p in runs.glob("*/checkpoints/last.pt")] == [interrupted]  # same folder
+
+    expected = load_checkpoint(straight / "checkpoints" / "last.pt")
+    resumed = load_checkpoint(interrupted / "checkpoints" / "last.pt")
+    assert resumed["step"] == expected["step"] == 45
+    for name, tensor in expected["model"].items():
+        assert torch.equal(tensor, resumed["model"][name]), f"{name} differs after resume"
+    assert resumed["scheduler"]["last_epoch"] == expected["scheduler"]["last_epoch"]
+    # Same logged losses and learning rates at every step (events after the saved step were purged).
+    for tag in ("train/loss", "train/lr", "valid/loss"):
+        assert scalars(events(interrupted), tag) == scalars(events(straight), tag), tag
+
+    # A truncated checkpoint is refused with a message that names it.
+    broken = ws.root / "broken.pt"
+    data = (straight / "checkpoints" / "last.pt").read_bytes()
+    broken.write_bytes(data[: len(data) // 2])
+    result = ws.train(*RESUME_ARGS, "trainer.max_steps=50", f"trainer.resume={broken}",
+                      f"hydra.run.dir={ws.root / 'broken_run'}")
+    assert result.returncode == 2
+    assert str(broken) in result.stderr and "Traceback" not in result.stderr
+
+
+# ----------------------------------------------------------------------------- data parallel
+
+
+@pytest.mark.slow
+@pytest.mark.corpus
+def test_torchrun_gloo_keeps_replicas_identical(ws):
+    run = ws.root / "ddp"
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m"]
+    result = ws.train(
+        "model=tiny_transformer", "trainer.max_steps=20", "trainer.eval_every=10", "trainer.accumulate=2",
+        "trainer.num_attention_samples=0", "attention_examples=[]", "trainer.test_beam_size=1",
+        f"hydra.run.dir={run}", launcher=launcher,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    match = re.search(r"replica weights identical on 2 ranks at step 20 \(sha1: rank0=(\w+), rank1=(\w+)\)", output)
+    assert match, output[-3000:]
+    assert match.group(1) == match.group(2)
+    assert weights_digest(load_model(run / "checkpoints" / "last.pt").model) == match.group(1)
+    results = json.loads((run / "results.json").read_text())
+    assert results["world_size"] == 2 and results["steps"] == 20
+    assert output.count("test (best.pt") == 1  # only rank 0 validates, tests and logs
+
+
+# ----------------------------------------------------------------------------- divergence
+
+
+@pytest.mark.slow
+@pytest.mark.corpus
+def test_non_finite_steps_are_skipped_counted_and_stop_the_run(ws):
+    run = ws.root / "diverged"
+    result = ws.train(
+        "model=tiny_transformer", "trainer.max_steps=40", "trainer.eval_every=20", "trainer.log_every=1",
+        "optim.lr=1e30", "optim.warmup_steps=0", "trainer.max_nonfinite_steps=3", f"hydra.run.dir={run}",
+    )
+    assert result.returncode == 1
+    assert "3 consecutive steps had a non-finite loss or gradient" in result.stderr
+    assert "Traceback" not in result.stderr
+    counts = [value for _, value in scalars(events(run), "train/nonfinite_steps")]
+    assert counts[-1] == 3 and counts[0] == 0  # the first update is finite, the next three are skipped
+    assert not (run / "results.json").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.corpus
+def test_time_limit_stops_training_but_still_validates_and_tests(ws):
+    run = ws.root / "timed"
+    result = ws.train(
+        "model=tiny_rnn", "trainer.max_steps=100000", "trainer.time_limit_minutes=0.0001", "trainer.eval_every=1000",
+        "trainer.num_attention_samples=0", "attention_examples=[]", f"hydra.run.dir={run}",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((run / "results.json").read_text())
+    assert results["stopped_by"] == "time_limit_minutes" and results["steps"] < 1000
+    assert results["test"]["sentences"] == 40 and (run / "checkpoints" / "best.pt").is_file()
+
+
+# ----------------------------------------------------------------------------- optimizer pieces
+
+
+class _Toy(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(10, 4)
+        self.norm = nn.LayerNorm(4)
+        self.proj = nn.Linear(4, 10)
+        self.proj.weight = self.embed.weight  # tied like a transformer's output layer
+        self.hidden = nn.Linear(4, 4)
+
+
+def test_weight_decay_only_on_weight_matrices():
+    model = _Toy()
+    decay, no_decay = parameter_groups(model, 0.1)
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert [id(p) for p in decay["params"]] == [id(model.hidden.weight)]
+    expected = {id(model.embed.weight), id(model.norm.weight), id(model.norm.bias), id(model.proj.bias), id(model.hidden.bias)}
+    assert {id(p) for p in no_decay["params"]} == expected
+
+
+def test_schedules():
+    inverse_sqrt = lr_multiplier("inverse_sqrt", warmup_steps=100)
+    assert inverse_sqrt(0) == pytest.approx(0.01) and inverse_sqrt(99) == pytest.approx(1.0)
+    assert inverse_sqrt(399) == pytest.approx(0.5)  # sqrt(100 / 400)
+    cosine = lr_multiplier("cosine", warmup_steps=10, total_steps=110, min_lr_ratio=0.1)
+    assert cosine(9) == pytest.approx(1.0) and cosine(59) == pytest.approx(0.55) and cosine(109) == pytest.approx(0.1)
+    constant = lr_multiplier("constant", warmup_steps=4)
+    assert [constant(s) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    with pytest.raises(ValueError, match="unknown learning-rate schedule"):
+        lr_multiplier("linear", 10)
+
+
+def test_found_inf_skips_the_fused_update():
+    """The trainer skips non-finite steps through AdamW's found_inf without a host sync; check it really skips."""
+    from omegaconf import OmegaConf
+
+    model = nn.Linear(3, 2)
+    optimizer = build_optimizer(model, OmegaConf.create({"lr": 0.1, "betas": [0.9, 0.98], "eps": 1e-9, "weight_decay": 0.1}), fused=True)
+    model(torch.randn(4, 3)).sum().backward()
+    optimizer.found_inf = torch.tensor(0.0)
+    optimizer.step()
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    state = {k: v.clone() for k, v in optimizer.state[model.weight].items()}
+    for p in model.parameters():
+        p.grad.fill_(float("nan"))
+    optimizer.found_inf = torch.tensor(1.0)
+    optimizer.step()
+    assert all(torch.equal(before[name], p) for name, p in model.named_parameters())
+    assert all(torch.equal(state[k], v) for k, v in optimizer.state[model.weight].items())
+
+
+def test_token_loss_ignores_padding_and_sums():
+    logits = torch.randn(2, 3, 5)
+    target = torch.tensor([[1, 2, 0], [4, 0, 0]])
+    expected = sum(-torch.log_softmax(logits[b, t], -1)[target[b, t]] for b, t in [(0, 0), (0, 1), (1, 0)])
+    assert token_loss(logits, target).item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_average_state_dicts():
+    states = [{"w": torch.tensor([1.0, 3.0]), "n": torch.tensor(1)}, {"w": torch.tensor([3.0, 5.0]), "n": torch.tensor(2)}]
+    averaged = average_state_dicts(states)
+    assert torch.equal(averaged["w"], torch.tensor([2.0, 4.0])) and averaged["n"].item() == 2

@@ -1,0 +1,399 @@
+"""Translating and evaluating with real (tiny) checkpoints: the CLI contract (one line out per line in, order,
+bad input, errors), attention plots, n-best output, and BLEU that matches sacreBLEU on the same outputs.
+
+The checkpoints are built once per session from ~300 Tatoeba pairs (skipped without the corpus, see conftest.py):
+SentencePiece models with a tiny vocabulary, a tiny transformer, Bahdanau and RNN trained for a few dozen steps,
+saved with the configs training would write.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import random
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import sacrebleu
+import torch
+import torch.nn.functional as F
+from matplotlib.image import imread
+from omegaconf import OmegaConf
+
+from seq2seq import evaluate as evaluate_cli
+from seq2seq import translate as translate_cli
+from seq2seq.checkpoint import load_model, save_checkpoint
+from seq2seq.data.batching import collate
+from seq2seq.data.tokenizer import PAD_ID, build_tokenizers
+from seq2seq.models import build_model
+from seq2seq.paths import CONFIG_DIR
+from seq2seq.predict import translate_sentences
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+SENTENCES = ["我是一个学生。", "", "他昨天去了图书馆。", "你好！", "   ", "我们走吧。"]
+TINY_MODELS = {
+    "transformer": {"d_model": 32, "num_heads": 2, "encoder_layers": 1, "decoder_layers": 1, "ff_dim": 64,
+                    "dropout": 0.0, "attention_dropout": 0.0, "max_positions": 64},
+    "bahdanau": {"embed_dim": 24, "hidden_size": 32, "attention_dim": 32, "dropout": 0.0},
+    "rnn": {"embed_dim": 24, "hidden_size": 32, "encoder_layers": 1, "decoder_layers": 1, "dropout": 0.0},
+}
+
+
+def _corpus_pairs(path: Path, count: int = 300) -> list[tuple[str, str]]:
+    """(zh, en) pairs spread over the corpus file, malformed lines skipped."""
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    pairs = []
+    for line in lines[:: max(len(lines) // count, 1)]:
+        fields = line.split("\t")
+        if len(fields) >= 2 and fields[0].strip() and fields[1].strip():
+            pairs.append((fields[1], fields[0]))
+    return pairs[:count]
+
+
+def _config(name: str) -> dict:
+    """The composed config a training run would store, with a tiny model and vocabulary."""
+    def load(group: str, member: str) -> dict:
+        return OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / group / f"{member}.yaml"))
+
+    model = {**load("model", name), **TINY_MODELS[name]}
+    tokenizer = {**load("tokenizer", "sentencepiece"), "src_vocab_size": 1000, "tgt_vocab_size": 500,
+                 "character_coverage": 0.98}
+    trainer = {**load("trainer", "default"), "test_beam_size": 3}
+    return {"data": load("data", "tatoeba_zh_en"), "tokenizer": tokenizer, "model": model,
+            "optim": load("optim", "adamw"), "trainer": trainer}
+
+
+def _train(model: torch.nn.Module, examples: list[dict], steps: int = 60) -> None:
+    """A few dozen teacher-forced updates: enough for outputs that look like English, not like random ids."""
+    torch.manual_seed(0)
+    rng = random.Random(0)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    model.train()
+    for _ in range(steps):
+        batch = collate(rng.sample(examples, 32))
+        logits = model(batch.src, batch.src_mask, batch.tgt_in).logits
+        loss = F.cross_entropy(logits.flatten(0, 1), batch.tgt_out.flatten(), ignore_index=PAD_ID)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory, corpus_path) -> dict[str, Path]:
+    import datasets
+
+    pairs = _corpus_pairs(corpus_path)
+    folder = tmp_path_factory.mktemp("checkpoints")
+    train = datasets.Dataset.from_dict({"src": [zh for zh, _ in pairs], "tgt": [en for _, en in pairs]})
+    tok_cfg = OmegaConf.create(_config("transformer")["tokenizer"])
+    src_tok, tgt_tok = build_tokenizers(train, tok_cfg, folder / "cache")
+    examples = [
+        {"src_ids": src_tok.encode(zh), "tgt_ids": tgt_tok.encode(en), "index": i} for i, (zh, en) in enumerate(pairs)
+    ]
+    paths = {}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models on a shared CPU: more threads only contend
+    try:
+        for name in TINY_MODELS:
+            config = _config(name)
+            torch.manual_seed(0)
+            model = build_model(OmegaConf.create(config["model"]), src_tok.vocab_size, tgt_tok.vocab_size)
+            _train(model, examples)
+            paths[name] = folder / f"{name}.pt"
+            save_checkpoint(paths[name], {
+                "config": config, "model": model.state_dict(), "src_tokenizer": src_tok.proto,
+                "tgt_tokenizer": tgt_tok.proto, "step": 60, "epoch": 0, "best_valid_bleu": None, "metrics": {},
+            })
+    finally:
+        torch.set_num_threads(threads)
+    return paths
+
+
+@pytest.fixture(scope="session")
+def transformer(checkpoints):
+    return load_model(checkpoints["transformer"])
+
+
+def _start(module: str, *args) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", f"seq2seq.{module}", *map(str, args)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        env={**os.environ, "PYTHONIOENCODING": "ascii"},  # output must be UTF-8 whatever the locale says
+    )
+
+
+def _finish(process: subprocess.Popen, stdin: bytes = b"") -> subprocess.CompletedProcess:
+    stdout, stderr = process.communicate(stdin, timeout=300)
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
+def _cli(module: str, *args, stdin: bytes = b"") -> subprocess.CompletedProcess:
+    return _finish(_start(module, *args), stdin)
+
+
+def _lines(stdout: bytes) -> list[str]:
+    text = stdout.decode("utf-8")
+    assert text.endswith("\n") or not text
+    return text.split("\n")[:-1]
+
+
+def _main(capsysbinary, module, *args) -> tuple[int, list[str], str]:
+    """Run a CLI in-process (cheaper than a subprocess): exit code, stdout lines, stderr text."""
+    code = module.main([str(a) for a in args])
+    captured = capsysbinary.readouterr()
+    return code, _lines(captured.out), captured.err.decode("utf-8")
+
+
+# --- translate: the line contract -------------------------------------------------------------------------------
+
+def test_arguments_stdin_and_file_agree(checkpoints, tmp_path):
+    ckpt = checkpoints["transformer"]
+    stdin = "".join(s + "\n" for s in SENTENCES).encode()
+    source = tmp_path / "input.zh"
+    source.write_bytes(stdin)
+    out = tmp_path / "out" / "output.en"
+    # The three start together: most of each run is Python and torch starting up.
+    processes = [
+        _start("translate", "--checkpoint", ckpt, *SENTENCES),
+        _start("translate", "--checkpoint", ckpt),
+        _start("translate", "--checkpoint", ckpt, "--input", source, "--output", out, "--chunk-size", "2"),
+    ]
+    by_args, by_stdin, by_file = (_finish(p, stdin if i == 1 else b"") for i, p in enumerate(processes))
+    for run in (by_args, by_stdin, by_file):
+        assert run.returncode == 0, run.stderr.decode()
+    lines = _lines(by_args.stdout)
+    assert lines == _lines(by_stdin.stdout) == _lines(out.read_bytes())
+    assert by_file.stdout == b""
+    assert len(lines) == len(SENTENCES)
+    assert [bool(line) for line in lines] == [bool(s.strip()) for s in SENTENCES]
+    assert all(any(ch.isalpha() for ch in line) for line in lines if line)
+
+
+def test_bad_input_never_crashes(checkpoints, capsysbinary, monkeypatch, caplog):
+    lines = [
+        b"\xff\xfe\xc3( broken utf-8 \xe6\x88",
+        "学".encode() * 10_000,
+        b"",
+        "😀 Hello 學生們 mixed ABC 123 ½ ﬁ".encode(),
+        "我".encode() * 300 + "很好".encode(),
+        b"\r",
+        "最后一行没有换行".encode(),  # no final newline
+    ]
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"\n".join(lines))))
+    with caplog.at_level(logging.WARNING):
+        code, out, err = _main(capsysbinary, translate_cli, "--checkpoint", checkpoints["transformer"],
+                               "--beam-size", "2")
+    assert code == 0, err
+    assert len(out) == len(lines)
+    assert [bool(line) for line in out] == [True, True, False, True, True, False, True]
+    assert len([r for r in caplog.records if "truncated" in r.getMessage()]) == 1
+
+
+def test_empty_input_gives_empty_output(checkpoints, capsysbinary, monkeypatch):
+    for stdin, expected in ((b"", []), (b"\n\n", ["", ""])):
+        monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(stdin)))
+        assert _main(capsysbinary, translate_cli, "--checkpoint", checkpoints["transformer"])[:2] == (0, expected)
+
+
+def test_missing_checkpoint_exits_2_without_traceback(tmp_path):
+    path = tmp_path / "runs" / "best.pt"
+    run = _cli("translate", "--checkpoint", path, "你好")
+    stderr = run.stderr.decode()
+    assert run.returncode == 2 and run.stdout == b""
+    assert str(path) in stderr and "Traceback" not in stderr
+    assert len(stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("problem", ["truncated", "text", "foreign_pickle", "folder"])
+def test_unusable_checkpoint_exits_2_naming_the_file(checkpoints, tmp_path, capsysbinary, problem):
+    path = tmp_path / f"{problem}.pt"
+    if problem == "truncated":
+        data = checkpoints["transformer"].read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+    elif problem == "text":
+        path.write_text("this is not a checkpoint\n")
+    elif problem == "foreign_pickle":
+        torch.save({"weights": torch.zeros(2)}, path)
+    else:
+        path.mkdir()
+    for module in (translate_cli, evaluate_cli):
+        sentences = ["你好"] if module is translate_cli else []
+        code, out, err = _main(capsysbinary, module, "--checkpoint", path, *sentences)
+        assert (code, out) == (2, [])
+        assert str(path) in err
+        assert len(err.strip().splitlines()) == 1
+
+
+# --- translate: attention, n-best --------------------------------------------------------------------------------
+
+def test_attention_plot_is_a_png(checkpoints, tmp_path, capsysbinary):
+    plot = tmp_path / "heat.png"
+    code, out, err = _main(capsysbinary, translate_cli, "--checkpoint", checkpoints["transformer"],
+                           "--attention-plot", plot, "--show-attention", "我是一个学生。")
+    assert code == 0 and len(out) == 1
+    data = plot.read_bytes()
+    assert data.startswith(PNG_MAGIC)
+    image = imread(io.BytesIO(data), format="png")
+    assert image.ndim == 3 and min(image.shape[:2]) > 100
+    assert "→" in err and "</s>" in err and any(shade in err for shade in "░▒▓█")
+
+
+def test_attention_plots_into_a_folder_one_per_sentence(checkpoints, tmp_path, capsysbinary):
+    folder = tmp_path / "plots"
+    code, out, _ = _main(capsysbinary, translate_cli, "--checkpoint", checkpoints["bahdanau"],
+                         "--attention-plot", folder, "我是一个学生。", "", "你好！")
+    assert code == 0 and len(out) == 3
+    assert sorted(p.name for p in folder.iterdir()) == ["0001.png", "0003.png"]
+    assert all(p.read_bytes().startswith(PNG_MAGIC) for p in folder.iterdir())
+
+
+def test_rnn_says_it_has_no_attention(checkpoints, tmp_path, capsysbinary):
+    plot = tmp_path / "rnn.png"
+    code, out, err = _main(capsysbinary, translate_cli, "--checkpoint", checkpoints["rnn"],
+                           "--attention-plot", plot, "我是一个学生。")
+    assert code == 0 and len(out) == 1 and out[0]
+    assert "no attention" in err
+    assert not plot.exists()
+
+
+def test_n_best_prints_k_sorted_hypotheses(checkpoints, capsysbinary):
+    code, out, _ = _main(capsysbinary, translate_cli, "--checkpoint", checkpoints["transformer"],
+                         "--n-best", "3", "我是一个学生。", "他昨天去了图书馆。")
+    assert code == 0
+    assert len(out) == 6
+    rows = [line.split("\t") for line in out]
+    assert all(len(row) == 3 for row in rows)
+    for group in (rows[:3], rows[3:]):
+        assert [int(rank) for rank, _, _ in group] == [1, 2, 3]
+        scores = [float(score) for _, score, _ in group]
+        assert scores == sorted(scores, reverse=True)
+        assert len({text for _, _, text in group}) == 3
+
+
+# --- predict: streaming, order, truncation -----------------------------------------------------------------------
+
+def test_streaming_keeps_order_and_reads_lazily(transformer):
+    sentences = ["我是一个学生。", "你好", "", "他昨天去了图书馆，然后回家了。", "我们走吧。", "谢谢"] * 2
+    pulled = []
+
+    def source():
+        for sentence in sentences:
+            pulled.append(sentence)
+            yield sentence
+
+    stream = translate_sentences(transformer.model, transformer.src_tokenizer, transformer.tgt_tokenizer, source(),
+                                 beam_size=2, chunk_size=4, max_tokens=12)
+    first = next(stream)
+    assert len(pulled) == 4  # one chunk read, not the whole input
+    streamed = [first, *stream]
+    whole = list(translate_sentences(transformer.model, transformer.src_tokenizer, transformer.tgt_tokenizer,
+                                     sentences, beam_size=2, chunk_size=1000))
+    assert [t.source for t in streamed] == sentences
+    assert [t.text for t in streamed] == [t.text for t in whole]
+    assert [bool(t.text) for t in whole] == [bool(s) for s in sentences]
+
+
+def test_empty_sentences_do_not_call_the_model(transformer, monkeypatch):
+    import seq2seq.predict as predict
+
+    calls = []
+    monkeypatch.setattr(predict, "decode", lambda *a, **k: calls.append(1) or [])
+    result = list(translate_sentences(transformer.model, transformer.src_tokenizer, transformer.tgt_tokenizer,
+                                      ["", "  ", "\t"]))
+    assert calls == [] and [t.text for t in result] == ["", "", ""]
+
+
+def test_long_inputs_truncated_with_one_warning(transformer, caplog):
+    with caplog.at_level(logging.WARNING, logger="seq2seq.predict"):
+        result = list(translate_sentences(transformer.model, transformer.src_tokenizer, transformer.tgt_tokenizer,
+                                          ["学生" * 500, "你好", "图书馆" * 400], beam_size=1))
+    assert [t.truncated for t in result] == [True, False, True]
+    assert len([r for r in caplog.records if "truncated" in r.getMessage()]) == 1
+    assert len(result[0].src_pieces) <= transformer.config.model.max_positions
+
+
+def test_attention_matches_pieces(transformer):
+    (translation,) = translate_sentences(transformer.model, transformer.src_tokenizer, transformer.tgt_tokenizer,
+                                         ["我是一个学生。"], beam_size=3)
+    best = translation.best
+    assert translation.src_pieces[-1] == "</s>"
+    assert best.attention.shape == (len(best.attention_pieces), len(translation.src_pieces))
+    assert torch.allclose(best.attention.sum(dim=1), torch.ones(best.attention.shape[0]), atol=1e-3)
+
+
+def test_bf16_outputs_stay_sane(transformer):
+    args = (transformer.model, transformer.src_tokenizer, transformer.tgt_tokenizer, ["我是一个学生。", "你好！"])
+    fp32 = [t.text for t in translate_sentences(*args, beam_size=1)]
+    bf16 = [t.text for t in translate_sentences(*args, beam_size=1, precision="bf16")]
+    assert all(bf16) and len(bf16) == len(fp32)
+    assert next(transformer.model.parameters()).dtype == torch.float32
+
+
+# --- evaluate ----------------------------------------------------------------------------------------------------
+
+def test_evaluate_matches_sacrebleu_on_a_copied_checkpoint(checkpoints, corpus_path, tmp_path, capsysbinary):
+    alone = tmp_path / "elsewhere" / "model.pt"
+    alone.parent.mkdir()
+    shutil.copy(checkpoints["transformer"], alone)
+    pairs = _corpus_pairs(corpus_path, 40)[5:25]
+    src, ref = tmp_path / "test.zh", tmp_path / "test.en"
+    src.write_text("".join(zh + "\n" for zh, _ in pairs), encoding="utf-8")
+    ref.write_text("".join(en + "\n" for _, en in pairs), encoding="utf-8")
+    hyps, scores = tmp_path / "hyps.en", tmp_path / "scores.json"
+    code, out, err = _main(capsysbinary, evaluate_cli, "--checkpoint", alone, "--src", src, "--ref", ref,
+                           "--beam-size", "2", "--output", hyps, "--json", scores)
+    assert code == 0, err
+    result = json.loads(scores.read_text(encoding="utf-8"))
+    hypotheses = hyps.read_text(encoding="utf-8").splitlines()
+    references = [en for _, en in pairs]
+    assert len(hypotheses) == len(pairs) == result["sentences"]
+    assert result["bleu"] == pytest.approx(sacrebleu.corpus_bleu(hypotheses, [references]).score)
+    assert result["chrf"] == pytest.approx(sacrebleu.corpus_chrf(hypotheses, [references]).score)
+    assert "tok:13a" in result["bleu_signature"]
+    assert sum(row["count"] for row in result["by_length"]) == len(pairs)
+    printed = "\n".join(out)
+    assert result["bleu_signature"] in printed and "BLEU by source length" in printed
+
+    code, translated, _ = _main(capsysbinary, translate_cli, "--checkpoint", alone, "--beam-size", "2",
+                                "--input", src)
+    assert translated == hypotheses
+
+
+def test_evaluate_tsv_is_cleaned_like_training(checkpoints, corpus_path, tmp_path, capsysbinary):
+    pairs = _corpus_pairs(corpus_path, 40)[:12]
+    lines = [f"{en}\t{zh}\tCC-BY 2.0 (France) Attribution: tatoeba.org" for zh, en in pairs]
+    lines += [lines[0], "a line without any tab", f"{pairs[1][1]}\t"]  # duplicate, malformed, empty side
+    tsv = tmp_path / "extra.tsv"
+    tsv.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    scores = tmp_path / "scores.json"
+    code, _, err = _main(capsysbinary, evaluate_cli, "--checkpoint", checkpoints["bahdanau"], "--tsv", tsv,
+                         "--beam-size", "1", "--json", scores)
+    assert code == 0, err
+    assert json.loads(scores.read_text())["sentences"] == len(pairs)
+    assert "duplicate" in err and "malformed" in err
+
+
+@pytest.mark.corpus
+def test_evaluate_rebuilds_the_test_split(checkpoints, tmp_path, capsysbinary):
+    scores = tmp_path / "scores.json"
+    code, out, err = _main(capsysbinary, evaluate_cli, "--checkpoint", checkpoints["transformer"], "--split", "test",
+                           "--limit", "15", "--beam-size", "1", "--json", scores)
+    assert code == 0, err
+    result = json.loads(scores.read_text())
+    assert result["sentences"] == 15 and result["data"] == "test split of tatoeba_zh_en"
+
+
+def test_evaluate_reports_misaligned_files(checkpoints, tmp_path, capsysbinary):
+    src, ref = tmp_path / "a.zh", tmp_path / "b.en"
+    src.write_text("你好\n谢谢\n", encoding="utf-8")
+    ref.write_text("Hello.\n", encoding="utf-8")
+    code, out, err = _main(capsysbinary, evaluate_cli, "--checkpoint", checkpoints["transformer"],
+                           "--src", src, "--ref", ref)
+    assert code == 2 and out == []
+    assert "2 lines" in err and str(ref) in err
