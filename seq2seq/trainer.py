@@ -6,6 +6,7 @@ the others wait at a barrier, and every decision to stop is broadcast from rank 
 Nothing in the step loop waits for the device: losses, token counts, gradient norms and non-finite counts stay
 tensors, and are read (one host synchronisation) only every `log_every` steps. A non-finite gradient skips the
 update inside the fused AdamW kernel (its `found_inf` input) rather than by a Python branch on a device value.
+Throughput (train/tokens_per_s, results.json) counts target tokens (y + EOS) of all ranks per second of training.
 
 Exact resume: a checkpoint holds the model, optimizer, scheduler, scaler, every rank's RNG states and the sampler
 position (epoch + batches consumed in it), taken between two updates, so a resumed run replays the same batches
@@ -481,7 +482,6 @@ class Trainer:
             self.state.epoch += 1
             self.state.position = 0
 
-
     def _reset_interval(self) -> None:
         """Start a new logging interval; the running non-finite streak carries over."""
         zero = lambda: torch.zeros((), device=self.device)  # noqa: E731
@@ -607,14 +607,15 @@ class Trainer:
 
     def fit(self) -> dict[str, Any]:
         """Train until a limit is reached, then validate, average, test and write results.json (rank 0)."""
-        if self._budget_reached():
-            log.info(
-                "the run in %s is already complete (step %d, epoch %d); raise trainer.max_steps or "
-                "trainer.max_epochs to train it further.", self.run_dir, self.state.step, self.state.epoch,
-            )
-            return {}
         self._elapsed_base = self.state.elapsed_seconds
         self._session_start = time.perf_counter()
+        if self._budget_reached() or self._time_is_up():
+            log.info(
+                "the run in %s is already complete (step %d, epoch %d, %.1f minutes); raise trainer.max_steps, "
+                "trainer.max_epochs or trainer.time_limit_minutes to train it further.",
+                self.run_dir, self.state.step, self.state.epoch, self._elapsed() / 60,
+            )
+            return {}
         self._reset_interval()
         max_steps = int(self.tcfg.max_steps) if self.tcfg.max_steps else None
         eval_every, log_every = int(self.tcfg.eval_every), int(self.tcfg.log_every)
@@ -849,7 +850,7 @@ class Trainer:
         best = load_checkpoint(best_path)
         self.model.load_state_dict(best["model"])
         test_split = self.data.splits["test"]
-        test: dict[str, Any] = {}
+        test: dict[str, Any] = {"test_bleu": None, "test_chrf": None, "test_bleu_by_length": []}
         step = self.state.step
         if len(test_split):
             beam = int(self.tcfg.test_beam_size)
@@ -858,8 +859,12 @@ class Trainer:
             tgt_lang = str(self.cfg.data.tgt_lang)
             scores = corpus_scores(hypotheses, references, tgt_lang)
             buckets = bleu_by_length([len(ids) for ids in test_split["src_ids"]], hypotheses, references, tgt_lang)
-            test = {**scores, "beam_size": beam, "length_penalty": float(self.tcfg.length_penalty),
-                    "sentences": len(hypotheses), "bleu_by_length": buckets}
+            test = {
+                "test_bleu": scores["bleu"], "test_chrf": scores["chrf"], "test_sentences": len(hypotheses),
+                "test_beam_size": beam, "length_penalty": float(self.tcfg.length_penalty),
+                "bleu_signature": scores["bleu_signature"], "chrf_signature": scores["chrf_signature"],
+                "test_bleu_by_length": buckets,
+            }
             self.writer.add_scalar("test/bleu", scores["bleu"], step)
             self.writer.add_scalar("test/chrf", scores["chrf"], step)
             rows = ["| source tokens | sentences | BLEU |", "|---|---|---|"]
@@ -879,24 +884,28 @@ class Trainer:
         train_seconds = self.state.elapsed_seconds
         compute_seconds = max(train_seconds - self.state.validation_seconds, 1e-9)
         valid = best.get("metrics") or {}
-        results = {
+        results = {  # flat keys, read by scripts/compare.py
             "model": str(self.cfg.model.name),
             "data": str(self.cfg.data.name),
             "run_dir": str(self.run_dir.resolve()),
-            "params": self.num_parameters,
+            "parameters": self.num_parameters,
             "steps": step,
             "epochs": round(self.state.epoch + self.state.position / max(len(self.sampler), 1), 3),
             "stopped_by": reason,
             "train_minutes": train_seconds / 60,
-            "tokens_per_s": self.state.tokens / compute_seconds,
+            "target_tokens_per_s": self.state.tokens / compute_seconds,
             "device": str(self.device),
             "precision": self.precision,
             "world_size": self.dist.world_size,
             "best_step": int(best["step"]),
             "averaged": averaged,
             "nonfinite_steps": self.state.nonfinite_steps,
-            "valid": {key: valid.get(key) for key in ("loss", "ppl", "bleu", "chrf", "bleu_signature")},
-            "test": test,
+            "valid_loss": valid.get("loss"),
+            "valid_ppl": valid.get("ppl"),
+            "valid_bleu": valid.get("bleu"),
+            "valid_chrf": valid.get("chrf"),
+            "valid_sentences": valid.get("sentences"),
+            **test,
         }
         (self.run_dir / "results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
         self._log_hparams(results)
@@ -910,7 +919,7 @@ class Trainer:
 
     def _log_hparams(self, results: dict[str, Any]) -> None:
         """One HPARAMS row per run, in the run's own folder, so TensorBoard lines variants up side by side."""
-        hparams: dict[str, Any] = {"model": results["model"], "data": results["data"], "params": results["params"]}
+        hparams: dict[str, Any] = {"model": results["model"], "data": results["data"], "params": results["parameters"]}
         for key, value in OmegaConf.to_container(self.cfg.model, resolve=True).items():
             if key != "name":
                 hparams[f"model.{key}"] = _hparam_value(value)
@@ -919,12 +928,11 @@ class Trainer:
         for key in ("max_tokens", "accumulate", "label_smoothing", "grad_clip", "seed"):
             hparams[f"trainer.{key}"] = _hparam_value(self.tcfg[key])
         hparams["precision"] = self.precision
-        test = results["test"]
         metrics = {
-            "hparam/valid_bleu": float(results["valid"].get("bleu") or 0.0),
-            "hparam/test_bleu": float(test.get("bleu", 0.0)),
-            "hparam/test_chrf": float(test.get("chrf", 0.0)),
+            "hparam/valid_bleu": float(results["valid_bleu"] or 0.0),
+            "hparam/test_bleu": float(results["test_bleu"] or 0.0),
+            "hparam/test_chrf": float(results["test_chrf"] or 0.0),
             "hparam/train_minutes": float(results["train_minutes"]),
-            "hparam/params": float(results["params"]),
+            "hparam/params": float(results["parameters"]),
         }
         self.writer.add_hparams(hparams, metrics, run_name=".", global_step=self.state.step)

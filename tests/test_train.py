@@ -26,8 +26,6 @@ from seq2seq.optim import build_optimizer, lr_multiplier, parameter_groups
 from seq2seq.predict import translate_sentences
 from seq2seq.trainer import average_state_dicts, token_loss, weights_digest
 
-MIRROR = Path(os.environ.get("SEQ2SEQ_DATA_MIRROR", "/nonexistent"))
-CORPUS = MIRROR / "tatoeba-cmn-eng" / "cmn-eng.tsv"
 SLICE_LINES = 3000
 
 # The Chinese side of 3000 pairs has ~1000 characters at coverage 0.98, plus 260 byte/special pieces.
@@ -61,11 +59,9 @@ class Workspace:
 
 
 @pytest.fixture(scope="module")
-def ws(tmp_path_factory) -> Workspace:
-    if not CORPUS.is_file():
-        pytest.skip(f"Tatoeba corpus not found at {CORPUS}: set SEQ2SEQ_DATA_MIRROR to the folder holding it")
+def ws(tmp_path_factory, corpus_path) -> Workspace:
     root = tmp_path_factory.mktemp("train")
-    with open(CORPUS, encoding="utf-8", errors="replace") as source, open(root / "slice.tsv", "w", encoding="utf-8") as out:
+    with open(corpus_path, encoding="utf-8", errors="replace") as source, open(root / "slice.tsv", "w", encoding="utf-8") as out:
         for _, line in zip(range(SLICE_LINES), source):
             out.write(line)
     model_dir = root / "configs" / "model"
@@ -165,10 +161,11 @@ def test_run_logs_curves_metrics_and_attention(sweep, family):
     assert [step for step, _ in scalars(acc, "valid_averaged/bleu")] == [30]
 
     results = json.loads((run / "results.json").read_text())
-    assert results["model"] == family and results["steps"] == 30 and results["params"] > 0
+    assert results["model"] == family and results["steps"] == 30 and results["parameters"] > 0
     assert results["stopped_by"] == "max_steps" and isinstance(results["averaged"], bool)
-    assert results["test"]["sentences"] == 40 and results["test"]["bleu_by_length"]
-    assert results["tokens_per_s"] > 0 and results["valid"]["bleu"] is not None
+    assert results["test_sentences"] == 40 and results["test_bleu_by_length"]
+    assert results["target_tokens_per_s"] > 0 and results["valid_bleu"] is not None
+    assert results["test_bleu"] == pytest.approx(scalars(acc, "test/bleu")[-1][1], abs=1e-4)
 
 
 @pytest.mark.slow
@@ -188,6 +185,18 @@ def test_checkpoint_holds_everything_and_translates(sweep, family):
         loaded.model, loaded.src_tokenizer, loaded.tgt_tokenizer, ["我是一个学生。"], beam_size=2
     )
     assert isinstance(translation.text, str) and translation.hypotheses
+
+
+@pytest.mark.slow
+@pytest.mark.corpus
+def test_compare_script_reads_the_three_results(sweep, ws, tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve().parents[1] / "scripts" / "compare.py"), str(ws.root / "sweep"),
+         "--out", str(tmp_path)], env=ws.env, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    table = (tmp_path / "comparison.md").read_text()
+    assert all(f"| {family} |" in table for family in ("rnn", "bahdanau", "transformer"))
 
 
 # ----------------------------------------------------------------------------- exact resume after a kill
@@ -299,7 +308,7 @@ def test_time_limit_stops_training_but_still_validates_and_tests(ws):
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((run / "results.json").read_text())
     assert results["stopped_by"] == "time_limit_minutes" and results["steps"] < 1000
-    assert results["test"]["sentences"] == 40 and (run / "checkpoints" / "best.pt").is_file()
+    assert results["test_sentences"] == 40 and (run / "checkpoints" / "best.pt").is_file()
 
 
 # ----------------------------------------------------------------------------- optimizer pieces
