@@ -13,7 +13,8 @@ What is measured, on real length-bucketed batches of the training split (or synt
   - peak memory: resident set size on the CPU, max allocated on CUDA;
   - model FLOPs per target token, counted by torch's FlopCounterMode on real steps (matrix products only), and
     MFU = achieved model FLOP/s / the matrix-multiply peak measured here on the same device and dtype;
-  - decoding speed on validation sentences: greedy and beam 5, sentences/s and target tokens/s.
+  - decoding speed with a trained checkpoint (--checkpoint) on test sentences: greedy and beam 5, sentences/s and
+    target tokens/s (an untrained model emits arbitrary lengths, so decoding is only timed with a checkpoint).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 from torch.utils.flop_counter import FlopCounterMode
 
+from seq2seq.checkpoint import load_model
 from seq2seq.data import prepare_data
 from seq2seq.data.batching import Batch, TokenBatchSampler, collate
 from seq2seq.data.tokenizer import PAD_ID
@@ -51,7 +53,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=30, help="timed training steps")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (allocator, oneDNN kernels)")
     parser.add_argument("--synthetic", action="store_true", help="random tokens with Tatoeba-like lengths")
-    parser.add_argument("--decode-sentences", type=int, default=500, help="validation sentences to decode (0: skip)")
+    parser.add_argument("--checkpoint", type=Path, default=None, help="trained checkpoint whose decoding to time")
+    parser.add_argument("--decode-sentences", type=int, default=1500, help="test sentences to decode")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
@@ -232,11 +235,15 @@ def main() -> None:
     achieved = flops_per_tgt_token * training["target_tokens_per_s"]
 
     decoding = []
-    if data is not None and args.decode_sentences > 0:
-        sentences = list(data.splits["valid"]["src"])[: args.decode_sentences]
+    if args.checkpoint is not None:
+        if data is None:
+            sys.exit("benchmark: --checkpoint decodes real test sentences; drop --synthetic")
+        trained = load_model(args.checkpoint, device)
+        sentences = list(data.splits["test"]["src"])[: args.decode_sentences]
         for beam in (1, 5):
             decoding.append(
-                benchmark_decoding(model, data.src_tokenizer, data.tgt_tokenizer, sentences, device, args.precision, beam)
+                benchmark_decoding(trained.model, trained.src_tokenizer, trained.tgt_tokenizer, sentences, device,
+                                   args.precision, beam)
             )
 
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()

@@ -64,7 +64,8 @@ def markdown_table(runs: list[dict], keep_all: bool) -> str:
             run_label(run, keep_all), run["parameters"], run["train_minutes"], run["steps"],
             run["target_tokens_per_s"], run["valid_bleu"], run["valid_chrf"], run["test_bleu"], run["test_chrf"],
         )
-        lines.append("| " + " | ".join(fmt.format(value) for (_, fmt), value in zip(COLUMNS, values)) + " |")
+        cells = ("n/a" if value is None else fmt.format(value) for (_, fmt), value in zip(COLUMNS, values))
+        lines.append("| " + " | ".join(cells) + " |")
     datasets = sorted({run["data"] for run in runs})
     lines.append("")
     lines.append(f"Data: {', '.join(datasets)}. BLEU/chrF: sacreBLEU on detokenized output; test with the best "
@@ -76,7 +77,7 @@ def length_figure(runs: list[dict], keep_all: bool) -> plt.Figure:
     """BLEU against source length, one line per run: the shape of Bahdanau et al. (2015), Fig. 2."""
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
     for run in runs:
-        buckets = run["test_bleu_by_length"]
+        buckets = run.get("test_bleu_by_length") or []
         labels = [b["bucket"] for b in buckets]
         ax.plot(labels, [b["bleu"] for b in buckets], marker="o", label=run_label(run, keep_all))
     ax.set_xlabel("source length (subword tokens)")

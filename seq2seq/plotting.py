@@ -61,9 +61,12 @@ def _drawable_codepoints() -> frozenset[int]:
 
 
 def display_piece(piece: str) -> str:
-    """A label that can be drawn: characters no font covers (emoji, rare symbols) become <U+XXXX> instead of boxes."""
+    """A label that can be drawn: control characters and characters no font covers (emoji, rare symbols) become
+    <U+XXXX> instead of boxes or missing-glyph warnings."""
     drawable = _drawable_codepoints()
-    return "".join(ch if ord(ch) in drawable else f"<U+{ord(ch):04X}>" for ch in piece)
+    return "".join(
+        ch if ord(ch) in drawable and ch.isprintable() else f"<U+{ord(ch):04X}>" for ch in piece
+    )
 
 
 def _as_array(attention) -> np.ndarray:
