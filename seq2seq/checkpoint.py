@@ -11,9 +11,7 @@ A checkpoint is one `torch.save` file holding:
 
 from __future__ import annotations
 
-import os
 import pickle
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +21,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from seq2seq import __version__
+from seq2seq.atomic import atomic_write
 from seq2seq.data.tokenizer import Tokenizer
 from seq2seq.models import build_model
 from seq2seq.models.base import Seq2SeqModel
@@ -36,27 +35,10 @@ class CheckpointError(Exception):
 
 
 def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
-    """Write atomically: a temporary file in the same folder, flushed to disk, then renamed over `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write atomically, so a crash or kill during the save keeps the previous checkpoint intact."""
     payload = {"format_version": FORMAT_VERSION, "seq2seq_version": __version__, **payload}
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(payload, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp_name, 0o666 & ~_current_umask())  # mkstemp creates 0600; a checkpoint is meant to be shared
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-
-
-def _current_umask() -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return umask
+    with atomic_write(path) as handle:
+        torch.save(payload, handle)
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

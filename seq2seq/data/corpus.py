@@ -16,11 +16,9 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
 import random
 import re
 import socket
-import tempfile
 import urllib.parse
 import urllib.request
 import zipfile
@@ -35,6 +33,7 @@ from datasets.exceptions import DatasetsError
 
 from seq2seq import __version__
 from seq2seq.data.tokenizer import normalize_text
+from seq2seq.atomic import atomic_write
 from seq2seq.paths import cache_dir, data_dir, data_mirror
 
 DROP_REASONS = ("malformed", "invalid_utf8", "empty", "too_long", "bad_ratio", "duplicate")
@@ -154,15 +153,8 @@ def _download(url: str, member: str | None, target: Path) -> None:
     if member:
         with zipfile.ZipFile(io.BytesIO(payload)) as archive:
             payload = archive.read(member)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(payload)
-        os.replace(tmp_name, target)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    with atomic_write(target) as handle:
+        handle.write(payload)
 
 
 def load_corpus(data_cfg: Any) -> tuple[datasets.DatasetDict, CleaningReport]:

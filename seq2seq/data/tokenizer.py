@@ -13,13 +13,14 @@ import io
 import json
 import os
 import random
-import tempfile
 import unicodedata
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import sentencepiece as spm
+
+from seq2seq.atomic import atomic_write
 
 if TYPE_CHECKING:
     import datasets
@@ -113,15 +114,8 @@ def _cached_model(sentences: list[str], tok_cfg: Any, vocab_size: int, folder: P
         except (OSError, RuntimeError, ValueError):
             pass  # an unreadable cache entry is simply retrained and overwritten
     proto = _train_sentencepiece(_sample(sentences, int(tok_cfg.max_sentences)), settings)
-    folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(proto)
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    with atomic_write(path) as handle:
+        handle.write(proto)
     return Tokenizer.from_proto(proto)
 
 
