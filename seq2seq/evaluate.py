@@ -95,13 +95,9 @@ def load_pairs(args: argparse.Namespace, loaded: LoadedModel) -> tuple[list[str]
 
 def _load_tsv(path: Path, data_cfg) -> datasets.Dataset:
     """A manythings-layout TSV read and cleaned by the training code, without splitting it."""
-    from seq2seq.data.corpus import CleaningReport, CorpusError, _clean, _read_tsv
+    from seq2seq.data.corpus import load_tsv_pairs
 
-    if not path.is_file():
-        raise CorpusError(f"--tsv {path} does not exist or is not a file.")
-    report = CleaningReport(source=str(path))
-    dataset = _clean(_read_tsv(path, list(data_cfg.columns or ()), report), data_cfg, report, "eval")
-    report.kept = len(dataset)
+    dataset, report = load_tsv_pairs(path, data_cfg)
     print(report.summary(), file=sys.stderr)
     return dataset
 

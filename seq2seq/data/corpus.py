@@ -19,6 +19,7 @@ import io
 import random
 import re
 import socket
+import sys
 import urllib.parse
 import urllib.request
 import zipfile
@@ -146,7 +147,7 @@ def find_corpus(data_cfg: Any) -> Path:
 
 def _download(url: str, member: str | None, target: Path) -> None:
     """Fetch `url` (a zip when `member` is given), write the file (or the member) to `target` atomically."""
-    print(f"downloading {url} ...", flush=True)
+    print(f"downloading {url} ...", file=sys.stderr, flush=True)
     request = urllib.request.Request(url, headers={"User-Agent": f"seq2seq/{__version__}"})
     with urllib.request.urlopen(request, timeout=DOWNLOAD_TIMEOUT_S) as response:
         payload = response.read()
@@ -168,6 +169,16 @@ def load_corpus(data_cfg: Any) -> tuple[datasets.DatasetDict, CleaningReport]:
     splits = _assign_splits(cleaned, data_cfg, report)
     report.split_sizes = {name: len(split) for name, split in splits.items()}
     return datasets.DatasetDict(splits), report
+
+
+def load_tsv_pairs(path: Path, data_cfg: Any) -> tuple[datasets.Dataset, CleaningReport]:
+    """One manythings-layout TSV read and cleaned exactly as for training, but not split (for evaluation sets)."""
+    if not path.is_file():
+        raise CorpusError(f"{path} does not exist or is not a file.")
+    report = CleaningReport(source=str(path))
+    dataset = _clean(_read_tsv(path, list(data_cfg.columns or ()), report), data_cfg, report, "eval")
+    report.kept = len(dataset)
+    return dataset, report
 
 
 def _load_local(data_cfg: Any, report: CleaningReport) -> datasets.DatasetDict:
