@@ -89,7 +89,7 @@ def test_every_problem_is_reported_at_once():
 
 def test_a_run_needs_some_limit_and_cosine_needs_a_length():
     with pytest.raises(ConfigError, match="training never ends"):
-        validate_config(composed("trainer.max_steps=null"))
+        validate_config(composed("trainer.max_steps=null", "trainer.time_limit_minutes=null"))
     with pytest.raises(ConfigError, match="cosine needs"):
         validate_config(composed("trainer.max_steps=null", "trainer.time_limit_minutes=30", "optim.schedule=cosine"))
     validate_config(composed("trainer.max_steps=null", "trainer.max_epochs=3", "optim.schedule=cosine"))
