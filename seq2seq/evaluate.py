@@ -31,9 +31,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("seq2seq.evaluate")
 
-LENGTH_EDGES = (10, 20, 30, 40, 50)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="seq2seq-evaluate",
@@ -123,7 +120,7 @@ def evaluate(args: argparse.Namespace) -> dict:
         lengths.append(translation.num_src_tokens)
     seconds = time.perf_counter() - start
     scores = corpus_scores(hypotheses, references, target_lang)
-    by_length = bleu_by_length(lengths, hypotheses, references, target_lang, edges=LENGTH_EDGES)
+    by_length = bleu_by_length(lengths, hypotheses, references, target_lang)
     if args.output is not None:
         try:
             args.output.parent.mkdir(parents=True, exist_ok=True)

@@ -49,14 +49,30 @@ def corpus_scores(hypotheses: list[str], references: list[str], target_lang: str
     }
 
 
-def length_bucket(length: int, edges: Sequence[int] = (10, 20, 30, 40, 50)) -> str:
-    """Name of the bucket a source length falls in: "1-10", "11-20", ..., and the open-ended "51+"."""
+def length_bucket(length: int, edges: Sequence[int]) -> str:
+    """Name of the bucket a source length falls in: "1-10", "11-20", ..., a single length "7", the open-ended "51+"."""
     lower = 1
     for edge in edges:
         if length <= edge:
-            return f"{lower}-{edge}"
+            return str(edge) if edge == lower else f"{lower}-{edge}"
         lower = edge + 1
     return f"{lower}+"
+
+
+def balanced_edges(lengths: Sequence[int], buckets: int = 6) -> list[int]:
+    """Upper bucket edges that cut `lengths` into at most `buckets` groups of similar size.
+
+    Fixed-width buckets put almost all of a corpus of short sentences (Tatoeba: 90% under 11 tokens) into one bucket
+    and leave a handful in the others, so their BLEU is noise; equal-count buckets give every point of the
+    BLEU-by-length curve a few hundred sentences. All sentences of one length stay in one bucket.
+    """
+    ordered = sorted(max(length, 1) for length in lengths)
+    edges: list[int] = []
+    for k in range(1, buckets if ordered else 1):
+        edge = ordered[k * len(ordered) // buckets - 1]
+        if edge < ordered[-1] and (not edges or edge > edges[-1]):
+            edges.append(edge)
+    return edges
 
 
 def bleu_by_length(
@@ -64,15 +80,18 @@ def bleu_by_length(
     hypotheses: list[str],
     references: list[str],
     target_lang: str,
-    edges: Sequence[int] = (10, 20, 30, 40, 50),
+    edges: Sequence[int] | None = None,
 ) -> list[dict]:
     """BLEU per source-length bucket, in bucket order, skipping empty buckets: shows where long inputs break down.
 
     Lengths are whatever unit the caller counts (source tokens in this project); lengths of 0 count in the first bucket.
+    Without `edges`, buckets of similar sentence counts (`balanced_edges`).
     """
     _check_lengths(hypotheses, references)
     if len(source_lengths) != len(hypotheses):
         raise ValueError(f"{len(source_lengths)} source lengths but {len(hypotheses)} hypotheses.")
+    if edges is None:
+        edges = balanced_edges(source_lengths)
     if list(edges) != sorted(set(edges)) or (edges and edges[0] < 1):
         raise ValueError(f"bucket edges must be increasing positive integers, got {list(edges)}.")
     names = [length_bucket(edge, edges) for edge in edges] + [length_bucket(edges[-1] + 1 if edges else 1, edges)]

@@ -45,6 +45,15 @@ def test_every_data_and_model_config_composes_and_validates(data, model):
     validate_config(cfg)
 
 
+def test_a_model_brings_its_recipe_and_the_command_line_still_wins():
+    transformer, bahdanau = composed("model=transformer"), composed("model=bahdanau")
+    assert transformer.optim.lr == composed().optim.lr and transformer.trainer.max_tokens == 1500
+    assert bahdanau.optim.lr > transformer.optim.lr and bahdanau.trainer.max_tokens < transformer.trainer.max_tokens
+    overridden = composed("model=bahdanau", "optim.lr=1e-4", "trainer.max_tokens=777")
+    assert overridden.optim.lr == 1e-4 and overridden.trainer.max_tokens == 777
+    assert set(bahdanau) == set(transformer)  # the recipe overrides values, it adds no top-level keys
+
+
 def test_experiment_compare_composes():
     cfg = composed("experiment=compare", "model=rnn")
     assert cfg.trainer.max_steps == 2000 and cfg.trainer.eval_every == 500

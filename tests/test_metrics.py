@@ -4,7 +4,7 @@ import pytest
 import sacrebleu
 from sacrebleu.metrics import BLEU, CHRF
 
-from seq2seq.metrics import bleu_by_length, bleu_tokenizer, corpus_scores, length_bucket
+from seq2seq.metrics import balanced_edges, bleu_by_length, bleu_tokenizer, corpus_scores, length_bucket
 
 HYPS = ["the cat sat on the mat", "a dog is running in the park", "I like green tea very much", "he went home"]
 REFS = ["the cat sat on the mat", "the dog runs in the park", "I really like green tea", "he went to school"]
@@ -44,16 +44,32 @@ def test_empty_corpus_and_mismatch():
         corpus_scores(["a"], ["a", "b"], "en")
 
 
+TENS = (10, 20, 30, 40, 50)
+
+
 def test_length_bucket_names():
-    assert [length_bucket(n) for n in (1, 10, 11, 20, 50, 51, 400)] == [
+    assert [length_bucket(n, TENS) for n in (1, 10, 11, 20, 50, 51, 400)] == [
         "1-10", "1-10", "11-20", "11-20", "41-50", "51+", "51+"
     ]
     assert length_bucket(7, edges=(5,)) == "6+"
+    assert [length_bucket(n, (4, 5, 7)) for n in (5, 6)] == ["5", "6-7"]
+
+
+def test_balanced_edges_give_buckets_of_similar_size():
+    # Tatoeba-like: most sentences short, a long tail.
+    lengths = [3] * 100 + [4] * 200 + [5] * 250 + [6] * 250 + [7] * 200 + [9] * 250 + [12] * 200 + [30] * 50
+    edges = balanced_edges(lengths, buckets=6)
+    assert edges == sorted(set(edges)) and edges[-1] < 30
+    counts = [row["count"] for row in bleu_by_length(lengths, ["a"] * len(lengths), ["a"] * len(lengths), "en", edges)]
+    assert len(counts) == 6 and sum(counts) == len(lengths)
+    assert max(counts) <= 2 * min(counts)
+    # One length only, or nothing at all: a single bucket, no edges.
+    assert balanced_edges([5] * 40) == [] and balanced_edges([]) == []
 
 
 def test_bleu_by_length_buckets_and_scores():
     lengths = [3, 10, 15, 60]
-    rows = bleu_by_length(lengths, HYPS, REFS, "en")
+    rows = bleu_by_length(lengths, HYPS, REFS, "en", TENS)
     assert [(row["bucket"], row["count"]) for row in rows] == [("1-10", 2), ("11-20", 1), ("51+", 1)]
     expected_first = BLEU().corpus_score(HYPS[:2], [REFS[:2]]).score
     assert rows[0]["bleu"] == pytest.approx(expected_first)

@@ -74,7 +74,7 @@ def padded_batch(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
 
 @pytest.mark.parametrize("name", ["rnn", "bahdanau", "transformer"])
 def test_build_model_from_the_shipped_yaml(name: str, capsys: pytest.CaptureFixture) -> None:
-    cfg = OmegaConf.load(CONFIG_DIR / "model" / f"{name}.yaml")
+    cfg = OmegaConf.load(CONFIG_DIR / "model" / f"{name}.yaml").model
     model = build_model(cfg, 40, 30)
     expected = {"rnn": RNNSeq2Seq, "bahdanau": BahdanauSeq2Seq, "transformer": TransformerSeq2Seq}[name]
     assert type(model) is expected

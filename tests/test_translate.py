@@ -60,7 +60,7 @@ def _config(name: str) -> dict:
     def load(group: str, member: str) -> dict:
         return OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / group / f"{member}.yaml"))
 
-    model = {**load("model", name), **TINY_MODELS[name]}
+    model = {**load("model", name)["model"], **TINY_MODELS[name]}
     tokenizer = {**load("tokenizer", "sentencepiece"), "src_vocab_size": 1000, "tgt_vocab_size": 500,
                  "character_coverage": 0.98}
     trainer = {**load("trainer", "default"), "test_beam_size": 3}
