@@ -34,7 +34,7 @@ from hydra import compose, initialize_config_dir
 from torch.utils.flop_counter import FlopCounterMode
 
 from seq2seq.checkpoint import load_model
-from seq2seq.data import prepare_data
+from seq2seq.data.prepare import prepare_data
 from seq2seq.data.batching import Batch, TokenBatchSampler, collate
 from seq2seq.data.tokenizer import PAD_ID
 from seq2seq.models import build_model

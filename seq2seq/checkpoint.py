@@ -83,10 +83,15 @@ class LoadedModel:
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
     """Rebuild the trained model from a checkpoint alone (no run folder or cache needed)."""
     payload = load_checkpoint(path)
-    config = OmegaConf.create(payload["config"])
-    src_tokenizer = Tokenizer.from_proto(payload["src_tokenizer"])
-    tgt_tokenizer = Tokenizer.from_proto(payload["tgt_tokenizer"])
-    model = build_model(config.model, src_tokenizer.vocab_size, tgt_tokenizer.vocab_size)
+    try:
+        config = OmegaConf.create(payload["config"])
+        src_tokenizer = Tokenizer.from_proto(payload["src_tokenizer"])
+        tgt_tokenizer = Tokenizer.from_proto(payload["tgt_tokenizer"])
+        model = build_model(config.model, src_tokenizer.vocab_size, tgt_tokenizer.vocab_size)
+    except (ValueError, KeyError, AttributeError, RuntimeError) as error:
+        raise CheckpointError(
+            f"cannot rebuild a model from {path}: {error}. Was it written by seq2seq's trainer?"
+        ) from error
     try:
         model.load_state_dict(payload["model"])
     except RuntimeError as error:

@@ -19,17 +19,14 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from seq2seq.checkpoint import CheckpointError, LoadedModel
 from seq2seq.metrics import bleu_by_length, corpus_scores
 from seq2seq.predict import translate_sentences
 from seq2seq.translate import UsageError, add_decoding_arguments, decoding_options, load, one_line, read_file_lines
 
-if TYPE_CHECKING:
-    import datasets
-
 log = logging.getLogger("seq2seq.evaluate")
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -67,18 +64,22 @@ def load_pairs(args: argparse.Namespace, loaded: LoadedModel) -> tuple[list[str]
                 f"{args.src} has {len(sources)} lines but {args.ref} has {len(references)}; they must align."
             )
         return sources, references, f"{args.src} / {args.ref}"
-    from seq2seq.data.corpus import CorpusError
+    # Imported here: the corpus code loads `datasets`, which scoring --src/--ref files does not need.
+    import datasets
 
+    from seq2seq.data.corpus import CorpusError, load_corpus, load_tsv_pairs
+
+    if not args.verbose:
+        datasets.disable_progress_bars()
     data_cfg = loaded.config.data.copy()
     if args.data_path is not None:
         data_cfg.path = str(args.data_path)
     try:
         if args.tsv is not None:
-            dataset = _load_tsv(args.tsv, data_cfg)
+            dataset, report = load_tsv_pairs(args.tsv, data_cfg)
+            print(report.summary(), file=sys.stderr)
             where = str(args.tsv)
         else:
-            from seq2seq.data.corpus import load_corpus
-
             split = args.split or "test"
             splits, report = load_corpus(data_cfg)
             log.info(report.summary())
@@ -88,15 +89,6 @@ def load_pairs(args: argparse.Namespace, loaded: LoadedModel) -> tuple[list[str]
         hint = "" if args.tsv is not None else " (seq2seq-evaluate: --data-path FILE points --split at the corpus file)"
         raise UsageError(f"{error}{hint}") from error
     return list(dataset["src"]), list(dataset["tgt"]), where
-
-
-def _load_tsv(path: Path, data_cfg) -> datasets.Dataset:
-    """A manythings-layout TSV read and cleaned by the training code, without splitting it."""
-    from seq2seq.data.corpus import load_tsv_pairs
-
-    dataset, report = load_tsv_pairs(path, data_cfg)
-    print(report.summary(), file=sys.stderr)
-    return dataset
 
 
 def evaluate(args: argparse.Namespace) -> dict:
@@ -164,10 +156,6 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s: %(message)s",
                         stream=sys.stderr)
-    if not args.verbose:
-        import datasets
-
-        datasets.disable_progress_bars()
     try:
         result = evaluate(args)
     except (CheckpointError, UsageError) as error:

@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from seq2seq import distributed
 from seq2seq.checkpoint import CheckpointError
-from seq2seq.data import CorpusError
+from seq2seq.data.corpus import CorpusError
 from seq2seq.models import build_model
 from seq2seq.optim import SCHEDULES
 from seq2seq.trainer import ConfigError, Trainer, TrainingError, resolve_device, resolve_precision

@@ -44,7 +44,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from seq2seq import distributed
 from seq2seq.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from seq2seq.data import PreparedData, prepare_data
+from seq2seq.data.prepare import PreparedData, prepare_data
 from seq2seq.data.batching import Batch, TokenBatchSampler, collate, make_loader
 from seq2seq.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
 from seq2seq.decoding import decode

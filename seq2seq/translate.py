@@ -127,15 +127,7 @@ def decoding_options(args: argparse.Namespace, loaded: LoadedModel, device: torc
 
 def load(args: argparse.Namespace) -> tuple[LoadedModel, torch.device]:
     device = resolve_device(args.device)
-    try:
-        loaded = load_model(args.checkpoint, device=device)
-    except CheckpointError:
-        raise
-    except (ValueError, KeyError, AttributeError, RuntimeError) as error:
-        # A readable file whose config or tokenizers cannot be turned back into a model.
-        raise UsageError(
-            f"cannot rebuild a model from {args.checkpoint}: {error}. Was it written by seq2seq's trainer?"
-        ) from error
+    loaded = load_model(args.checkpoint, device=device)
     model_cfg = loaded.config.model
     log.info("loaded %s model from %s (step %s)", model_cfg.name, args.checkpoint, loaded.checkpoint.get("step", "?"))
     return loaded, device

@@ -15,7 +15,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from seq2seq.data import prepare_data
+from seq2seq.data.prepare import prepare_data
 from seq2seq.data import corpus as corpus_module
 from seq2seq.data import tokenizer as tokenizer_module
 from seq2seq.data.batching import TokenBatchSampler, collate, make_loader
@@ -432,7 +432,7 @@ def test_make_loader_yields_every_row_once_with_its_ids():
 
 
 def test_prepare_data_builds_then_reuses_the_cache(tmp_path, cache, monkeypatch):
-    monkeypatch.setattr("seq2seq.data.MAX_SENTENCE_TOKENS", 12)
+    monkeypatch.setattr("seq2seq.data.prepare.MAX_SENTENCE_TOKENS", 12)
     path = write_tsv(tmp_path / "c.tsv", synthetic_pairs(600))
     cfg = tatoeba_cfg(path=str(path), **{"split.valid_size": 50, "split.test_size": 50})
     cfg.tokenizer.src_vocab_size, cfg.tokenizer.tgt_vocab_size = 500, 350
@@ -453,7 +453,7 @@ def test_prepare_data_builds_then_reuses_the_cache(tmp_path, cache, monkeypatch)
     assert max(len(ids) for split in first.splits.values() for ids in split["src_ids"][:]) == 12
     assert any("truncated to 12 tokens" in note for note in first.report.notes)
 
-    monkeypatch.setattr("seq2seq.data.load_corpus", lambda *_: pytest.fail("the cached splits were rebuilt"))
+    monkeypatch.setattr("seq2seq.data.prepare.load_corpus", lambda *_: pytest.fail("the cached splits were rebuilt"))
     logged.clear()
     again = prepare_data(cfg, log=logged.append)
     assert any("loaded from" in line for line in logged)

@@ -11,13 +11,16 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING
 
-import datasets
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Sampler
 
 from seq2seq.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
+
+if TYPE_CHECKING:
+    import datasets
 
 
 @dataclass
