@@ -25,6 +25,12 @@ import torch.nn.functional as F
 
 from .models.base import Seq2SeqModel, map_state
 
+# Defaults of every decoding entry point (library, translate, evaluate); the trainer's config repeats them.
+BEAM_SIZE = 5
+LENGTH_PENALTY = 1.0
+MAX_LEN_A = 1.5
+MAX_LEN_B = 10
+
 
 @dataclass
 class Hypothesis:
@@ -81,8 +87,8 @@ def greedy_decode(
     model: Seq2SeqModel,
     src: torch.Tensor,
     src_mask: torch.Tensor,
-    max_len_a: float = 1.5,
-    max_len_b: float = 10,
+    max_len_a: float = MAX_LEN_A,
+    max_len_b: float = MAX_LEN_B,
 ) -> list[Hypothesis]:
     """Pick the most probable token at every step; one hypothesis per sentence, in input order."""
     if src.size(0) == 0:
@@ -137,10 +143,10 @@ def beam_search(
     model: Seq2SeqModel,
     src: torch.Tensor,
     src_mask: torch.Tensor,
-    beam_size: int = 5,
-    length_penalty: float = 1.0,
-    max_len_a: float = 1.5,
-    max_len_b: float = 10,
+    beam_size: int = BEAM_SIZE,
+    length_penalty: float = LENGTH_PENALTY,
+    max_len_a: float = MAX_LEN_A,
+    max_len_b: float = MAX_LEN_B,
     n_best: int = 1,
 ) -> list[list[Hypothesis]]:
     """Beam search over all sentences at once; per sentence the `n_best` best hypotheses, best first.

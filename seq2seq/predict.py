@@ -7,7 +7,6 @@ model calls), decoded, and handed back in input order.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 from collections.abc import Iterable, Iterator
@@ -16,15 +15,16 @@ from itertools import islice
 
 import torch
 
+from seq2seq import decoding
 from seq2seq.data.batching import collate
 from seq2seq.data.tokenizer import EOS_ID, Tokenizer, normalize_text
 from seq2seq.decoding import Hypothesis, decode
 from seq2seq.models.base import Seq2SeqModel
+from seq2seq.runtime import CONCRETE_PRECISIONS, autocast
 
 log = logging.getLogger(__name__)
 
 MAX_SOURCE_TOKENS = 250  # longer inputs are truncated: training data is cleaned to a few hundred characters
-PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 @dataclass
@@ -70,7 +70,9 @@ class Translation:
         return max(len(self.src_pieces) - 1, 0)
 
 
-def source_token_limit(model: Seq2SeqModel, max_len_a: float = 1.5, max_len_b: int = 10) -> int:
+def source_token_limit(
+    model: Seq2SeqModel, max_len_a: float = decoding.MAX_LEN_A, max_len_b: int = decoding.MAX_LEN_B
+) -> int:
     """Longest source (in tokens, before the appended EOS) this model is given: MAX_SOURCE_TOKENS, and no more than
     its positional tables allow on the source side or for the longest target decoding may then produce
     (a * S + b, plus BOS)."""
@@ -82,14 +84,6 @@ def source_token_limit(model: Seq2SeqModel, max_len_a: float = 1.5, max_len_b: i
     if target_positions and max_len_a > 0:
         limit = min(limit, math.floor((target_positions - 1 - max_len_b) / max_len_a))
     return max(limit, 1)
-
-
-def _autocast(device: torch.device, precision: str):
-    """Mixed precision for decoding; models keep softmaxes and log-probabilities in float32 (see models/base.py)."""
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def _batches(order: list[int], lengths: list[int], max_tokens: int, max_sentences: int | None) -> Iterator[list[int]]:
@@ -114,10 +108,10 @@ def translate_sentences(
     tgt_tok: Tokenizer,
     sentences: Iterable[str],
     *,
-    beam_size: int = 5,
-    length_penalty: float = 1.0,
-    max_len_a: float = 1.5,
-    max_len_b: int = 10,
+    beam_size: int = decoding.BEAM_SIZE,
+    length_penalty: float = decoding.LENGTH_PENALTY,
+    max_len_a: float = decoding.MAX_LEN_A,
+    max_len_b: int = decoding.MAX_LEN_B,
     n_best: int = 1,
     max_tokens: int = 4096,
     max_sentences: int | None = None,
@@ -137,8 +131,8 @@ def translate_sentences(
         raise ValueError("beam_size, n_best, chunk_size and max_tokens must all be at least 1.")
     if n_best > beam_size:
         raise ValueError(f"n_best ({n_best}) cannot exceed beam_size ({beam_size}).")
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}.")
+    if precision not in CONCRETE_PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(CONCRETE_PRECISIONS)}, got {precision!r}.")
     device = torch.device(device)
     limit = max_source_tokens or source_token_limit(model, max_len_a, max_len_b)
     state = {"warned": False}
@@ -185,7 +179,7 @@ def _translate_chunk(
     ]
     lengths = [len(row) for row in ids]
     order = sorted((i for i in range(len(chunk)) if lengths[i] > 0), key=lambda i: lengths[i])
-    with torch.inference_mode(), _autocast(device, precision):
+    with torch.inference_mode(), autocast(device, precision):
         for batch in _batches(order, lengths, max_tokens, max_sentences):
             inputs = collate([{"src_ids": ids[i], "index": i} for i in batch]).to(device)
             nbests = decode(

@@ -18,119 +18,26 @@ from __future__ import annotations
 
 import argparse
 import bisect
-import io
 import logging
 import os
-import re
 import sys
 import time
 import unicodedata
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 
-import torch
-
-from seq2seq.checkpoint import CheckpointError, LoadedModel, load_model
-from seq2seq.predict import PRECISIONS, Translation, translate_sentences
+from seq2seq.checkpoint import CheckpointError, LoadedModel
+from seq2seq.cli import UsageError, add_decoding_arguments, decoding_options, load, one_line, read_file_lines, read_lines
+from seq2seq.predict import Translation, translate_sentences
 
 log = logging.getLogger("seq2seq.translate")
 
 SHADES = " ░▒▓█"
 SHADE_LEVELS = (0.05, 0.15, 0.3, 0.5)  # attention weight at which each next shade starts
-# Everything str.splitlines() treats as a line break: none may reach the output, or line counts would drift.
-LINE_BREAKS = re.compile("[\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029]+")
-
-
-class UsageError(Exception):
-    """A problem the user can fix from the command line; reported in one line with exit code 2."""
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda was requested but no CUDA GPU is available; use --device cpu or auto.")
-    return torch.device(name)
-
-
-def resolve_precision(name: str, device: torch.device) -> str:
-    """auto: bf16 on a GPU that supports it, fp32 elsewhere (CPU bf16 is opt-in: speed varies by CPU)."""
-    if name == "fp16" and device.type != "cuda":
-        raise UsageError("--precision fp16 needs a CUDA GPU; on the CPU use fp32 (default) or bf16.")
-    if name != "auto":
-        return name
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return "bf16"
-    return "fp32"
-
-
-def decode_line(raw: bytes) -> str:
-    """One input line as text: invalid UTF-8 becomes U+FFFD instead of an error, the line ending is dropped."""
-    return raw.decode("utf-8", errors="replace").rstrip("\r\n")
-
-
-def read_lines(stream: io.BufferedIOBase) -> Iterator[str]:
-    """Lines of a binary stream, split on b"\\n" only, a UTF-8 byte-order mark dropped from the first."""
-    for number, raw in enumerate(stream):
-        line = decode_line(raw)
-        yield line.removeprefix("\ufeff") if number == 0 else line
-
-
-def one_line(text: str) -> str:
-    return LINE_BREAKS.sub(" ", text)
 
 
 def shorten(text: str, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
-def add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options shared with `seq2seq.evaluate`; defaults (None) fall back to the checkpoint's trainer settings."""
-    parser.add_argument("--checkpoint", required=True, type=Path, help="checkpoint file (best.pt or last.pt of a run)")
-    parser.add_argument("--beam-size", type=int, help="beam width, 1 = greedy (default: trainer.test_beam_size or 5)")
-    parser.add_argument("--length-penalty", type=float, help="GNMT length penalty exponent (default: as in training)")
-    parser.add_argument("--max-len-a", type=float, help="outputs stop at a * source length + b tokens: a (default 1.5)")
-    parser.add_argument("--max-len-b", type=int, help="outputs stop at a * source length + b tokens: b (default 10)")
-    parser.add_argument("--max-tokens", type=int, default=4096,
-                        help="token budget of a batch: sentences x longest source (default 4096)")
-    parser.add_argument("--batch-size", type=int, help="at most this many sentences per batch (default: no limit)")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    parser.add_argument("--precision", choices=("auto", *PRECISIONS), default="auto",
-                        help="auto = bf16 on a GPU that has it, else fp32 (bf16 on a CPU is opt-in: often slower)")
-    parser.add_argument("--verbose", action="store_true", help="print speed (sentences/s, tokens/s) to stderr")
-
-
-def decoding_options(args: argparse.Namespace, loaded: LoadedModel, device: torch.device) -> dict:
-    """Keyword arguments for translate_sentences, from the command line or the checkpoint's trainer config."""
-    trainer = loaded.config.get("trainer", {}) or {}
-
-    def pick(value, key, default):
-        return value if value is not None else trainer.get(key, default)
-
-    options = {
-        "beam_size": int(pick(args.beam_size, "test_beam_size", 5)),
-        "length_penalty": float(pick(args.length_penalty, "length_penalty", 1.0)),
-        "max_len_a": float(pick(args.max_len_a, "max_len_a", 1.5)),
-        "max_len_b": int(pick(args.max_len_b, "max_len_b", 10)),
-        "max_tokens": args.max_tokens,
-        "max_sentences": args.batch_size,
-        "device": device,
-        "precision": resolve_precision(args.precision, device),
-    }
-    for name in ("beam_size", "max_tokens"):
-        if options[name] < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {options[name]}.")
-    if options["max_sentences"] is not None and options["max_sentences"] < 1:
-        raise UsageError(f"--batch-size must be at least 1, got {options['max_sentences']}.")
-    return options
-
-
-def load(args: argparse.Namespace) -> tuple[LoadedModel, torch.device]:
-    device = resolve_device(args.device)
-    loaded = load_model(args.checkpoint, device=device)
-    model_cfg = loaded.config.model
-    log.info("loaded %s model from %s (step %s)", model_cfg.name, args.checkpoint, loaded.checkpoint.get("step", "?"))
-    return loaded, device
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -263,11 +170,6 @@ class Output:
     def close(self) -> None:
         if self.path is not None:
             self.stream.close()
-
-
-def read_file_lines(path: Path) -> Iterator[str]:
-    with open(path, "rb") as handle:
-        yield from read_lines(handle)
 
 
 def input_sentences(args: argparse.Namespace) -> tuple[Iterable[str], bool]:

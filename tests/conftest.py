@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 TATOEBA_RELATIVE_PATH = Path("tatoeba-cmn-eng/cmn-eng.tsv")
 
@@ -20,3 +21,9 @@ def corpus_path() -> Path:
     if not path.is_file():
         pytest.skip(f"Tatoeba corpus not found at {path} (SEQ2SEQ_DATA_MIRROR={mirror})")
     return path
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Tests marked `cuda` (the GPU suite, `pytest -m cuda`) are skipped where torch sees no GPU."""
+    if item.get_closest_marker("cuda") and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU (torch.cuda.is_available() is False)")

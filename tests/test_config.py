@@ -13,7 +13,8 @@ from hydra import compose, initialize_config_dir
 
 from seq2seq.paths import CONFIG_DIR, PROJECT_ROOT
 from seq2seq.train import newest_run, run_folder, validate_config
-from seq2seq.trainer import ConfigError, cpu_has_native_bf16
+from seq2seq.runtime import cpu_has_native_bf16
+from seq2seq.trainer import ConfigError
 
 DATA_CONFIGS = sorted(path.stem for path in (CONFIG_DIR / "data").glob("*.yaml"))
 MODEL_CONFIGS = sorted(path.stem for path in (CONFIG_DIR / "model").glob("*.yaml"))

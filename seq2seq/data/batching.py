@@ -37,6 +37,10 @@ class Batch:
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
         return Batch(**{f.name: getattr(self, f.name).to(device, non_blocking=non_blocking) for f in fields(self)})
 
+    def pin_memory(self) -> Batch:
+        """Page-locked copies, so `to(cuda, non_blocking=True)` really overlaps (DataLoader's pin_memory calls this)."""
+        return Batch(**{f.name: getattr(self, f.name).pin_memory() for f in fields(self)})
+
     @property
     def size(self) -> int:
         return self.src.size(0)
@@ -195,9 +199,11 @@ def make_loader(
     dataset: datasets.Dataset, max_tokens: int, shuffle: bool, seed: int = 0, rank: int = 0, world_size: int = 1
 ) -> DataLoader:
     """Batches of a tokenized split (columns src_ids, tgt_ids, index). Call `loader.batch_sampler.set_epoch(e)`
-    before each epoch to get a new shuffle."""
+    before each epoch to get a new shuffle. The loader draws from its own seeded `generator` (its state can be
+    checkpointed), never from the global torch RNG whose state drives dropout."""
     examples = _Examples(dataset)
     sampler = TokenBatchSampler(
         examples.src_lengths, examples.tgt_lengths, max_tokens, shuffle, seed, rank=rank, world_size=world_size
     )
-    return DataLoader(examples, batch_sampler=sampler, collate_fn=collate, num_workers=0)
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(examples, batch_sampler=sampler, collate_fn=collate, num_workers=0, generator=generator)

@@ -16,7 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import BOS_ID, EOS_ID, PAD_ID, DecoderState, ModelOutput, Seq2SeqModel, masked_softmax
+from seq2seq.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
+
+from .base import DecoderState, ModelOutput, Seq2SeqModel, masked_softmax
 from .rnn import RNNEncoder, recurrent_precision
 
 CELLS = {"gru": nn.GRUCell, "lstm": nn.LSTMCell}

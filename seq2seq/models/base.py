@@ -16,9 +16,9 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-DecoderState = dict[str, Any]
+from seq2seq.data.tokenizer import BOS_ID, EOS_ID, PAD_ID  # the tokenizers' special ids, defined there once
 
-PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3  # the tokenizers' special ids; models take them as arguments
+DecoderState = dict[str, Any]
 
 
 @dataclass

@@ -20,14 +20,19 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from .base import BOS_ID, EOS_ID, PAD_ID, DecoderState, ModelOutput, Seq2SeqModel
+from seq2seq.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
+
+from .base import DecoderState, ModelOutput, Seq2SeqModel
 
 RNN_CELLS = {"gru": nn.GRU, "lstm": nn.LSTM}
 
 
 def recurrent_precision(x: torch.Tensor) -> tuple[contextlib.AbstractContextManager, torch.dtype]:
-    """Autocast context and input dtype for a recurrent layer: float32 with autocast off on CPU (see module doc),
-    untouched elsewhere (cuDNN RNNs are fast in half precision)."""
+    """Autocast context and input dtype for a recurrent layer fed `x`, its floating-point input (embeddings,
+    never token ids): float32 with autocast off on CPU (see module doc); elsewhere x's own dtype, autocast
+    deciding (cuDNN RNNs are fast in half precision)."""
+    if not x.is_floating_point():
+        raise TypeError(f"recurrent_precision takes the recurrent layer's float input, got {x.dtype}")
     if x.device.type == "cpu":
         return torch.autocast("cpu", enabled=False), torch.float32
     return contextlib.nullcontext(), x.dtype
@@ -71,8 +76,9 @@ class RNNEncoder(nn.Module):
         lengths = src_mask.sum(dim=1).cpu()
         if bool((lengths == 0).any()):
             raise ValueError("a source sentence has no real tokens (src_mask all False); drop empty sentences")
-        autocast_ctx, dtype = recurrent_precision(src)
-        x = self.dropout(self.embed(src)).to(dtype)
+        x = self.dropout(self.embed(src))
+        autocast_ctx, dtype = recurrent_precision(x)
+        x = x.to(dtype)
         packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
         with autocast_ctx:
             packed_out, final = self.rnn(packed)
@@ -146,7 +152,7 @@ class RNNSeq2Seq(Seq2SeqModel):
         context = state["context"]
         embedded = self.dropout(self.tgt_embed(tokens))
         context_seq = context.unsqueeze(1).expand(-1, tokens.size(1), -1)
-        autocast_ctx, dtype = recurrent_precision(tokens)
+        autocast_ctx, dtype = recurrent_precision(embedded)
         rnn_input = torch.cat([embedded.to(dtype), context_seq.to(dtype)], dim=-1)
         h0 = state["hidden"].transpose(0, 1).to(dtype).contiguous()
         with autocast_ctx:

@@ -14,7 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import BOS_ID, EOS_ID, PAD_ID, DecoderState, ModelOutput, Seq2SeqModel, masked_softmax
+from seq2seq.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
+
+from .base import DecoderState, ModelOutput, Seq2SeqModel, masked_softmax
 
 
 class MultiHeadAttention(nn.Module):

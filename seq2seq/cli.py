@@ -1,0 +1,106 @@
+"""Command-line pieces shared by `seq2seq.translate` and `seq2seq.evaluate`: decoding options, loading a
+checkpoint onto the device the runtime rule picks, reading input lines, and the error a user can fix.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import logging
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from seq2seq import decoding
+from seq2seq.checkpoint import LoadedModel, load_model
+from seq2seq.runtime import DEVICES, PRECISIONS, RuntimeSettingError, resolve_device, resolve_precision
+
+log = logging.getLogger("seq2seq.cli")
+
+# Everything str.splitlines() treats as a line break: none may reach the output, or line counts would drift.
+LINE_BREAKS = re.compile("[\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029]+")
+
+
+class UsageError(Exception):
+    """A problem the user can fix from the command line; reported in one line with exit code 2."""
+
+
+def decode_line(raw: bytes) -> str:
+    """One input line as text: invalid UTF-8 becomes U+FFFD instead of an error, the line ending is dropped."""
+    return raw.decode("utf-8", errors="replace").rstrip("\r\n")
+
+
+def read_lines(stream: io.BufferedIOBase) -> Iterator[str]:
+    """Lines of a binary stream, split on b"\\n" only, a UTF-8 byte-order mark dropped from the first."""
+    for number, raw in enumerate(stream):
+        line = decode_line(raw)
+        yield line.removeprefix("\ufeff") if number == 0 else line
+
+
+def one_line(text: str) -> str:
+    return LINE_BREAKS.sub(" ", text)
+
+
+def add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options shared with `seq2seq.evaluate`; defaults (None) fall back to the checkpoint's trainer settings."""
+    parser.add_argument("--checkpoint", required=True, type=Path, help="checkpoint file (best.pt or last.pt of a run)")
+    parser.add_argument("--beam-size", type=int, help=f"beam width, 1 = greedy (default: trainer.test_beam_size or {decoding.BEAM_SIZE})")
+    parser.add_argument("--length-penalty", type=float, help="GNMT length penalty exponent (default: as in training)")
+    parser.add_argument("--max-len-a", type=float, help=f"outputs stop at a * source length + b tokens: a (default {decoding.MAX_LEN_A})")
+    parser.add_argument("--max-len-b", type=int, help=f"outputs stop at a * source length + b tokens: b (default {decoding.MAX_LEN_B})")
+    parser.add_argument("--max-tokens", type=int, default=4096,
+                        help="token budget of a batch: sentences x longest source (default 4096)")
+    parser.add_argument("--batch-size", type=int, help="at most this many sentences per batch (default: no limit)")
+    parser.add_argument("--device", choices=DEVICES, default="auto", help="auto = the GPU when one is visible")
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto",
+                        help="auto = bf16 where the hardware has it (recent GPUs, AMX CPUs), fp16 on older GPUs, "
+                        "else fp32")
+    parser.add_argument("--verbose", action="store_true", help="print speed (sentences/s, tokens/s) to stderr")
+
+
+def decoding_options(args: argparse.Namespace, loaded: LoadedModel, device: torch.device) -> dict:
+    """Keyword arguments for translate_sentences, from the command line or the checkpoint's trainer config."""
+    trainer = loaded.config.get("trainer", {}) or {}
+
+    def pick(value, key, default):
+        return value if value is not None else trainer.get(key, default)
+
+    options = {
+        "beam_size": int(pick(args.beam_size, "test_beam_size", decoding.BEAM_SIZE)),
+        "length_penalty": float(pick(args.length_penalty, "length_penalty", decoding.LENGTH_PENALTY)),
+        "max_len_a": float(pick(args.max_len_a, "max_len_a", decoding.MAX_LEN_A)),
+        "max_len_b": int(pick(args.max_len_b, "max_len_b", decoding.MAX_LEN_B)),
+        "max_tokens": args.max_tokens,
+        "max_sentences": args.batch_size,
+        "device": device,
+        "precision": _runtime(resolve_precision, args.precision, device, setting="--precision"),
+    }
+    for name in ("beam_size", "max_tokens"):
+        if options[name] < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {options[name]}.")
+    if options["max_sentences"] is not None and options["max_sentences"] < 1:
+        raise UsageError(f"--batch-size must be at least 1, got {options['max_sentences']}.")
+    return options
+
+
+def load(args: argparse.Namespace) -> tuple[LoadedModel, torch.device]:
+    device = _runtime(resolve_device, args.device, setting="--device")
+    loaded = load_model(args.checkpoint, device=device)
+    model_cfg = loaded.config.model
+    log.info("loaded %s model from %s (step %s)", model_cfg.name, args.checkpoint, loaded.checkpoint.get("step", "?"))
+    return loaded, device
+
+
+def _runtime(resolve, *args, setting: str):
+    """A runtime rule's answer, its refusal turned into a UsageError naming the option."""
+    try:
+        return resolve(*args, setting=setting)
+    except RuntimeSettingError as error:
+        raise UsageError(str(error)) from error
+
+
+def read_file_lines(path: Path) -> Iterator[str]:
+    with open(path, "rb") as handle:
+        yield from read_lines(handle)
