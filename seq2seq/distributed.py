@@ -6,6 +6,7 @@ them and runs as the single rank 0, so the same code serves both without flags.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -88,3 +89,24 @@ def all_gather_object(value: Any) -> list[Any]:
     gathered: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, value)
     return gathered
+
+
+def global_token_normaliser(local_tokens: int, device: torch.device) -> int | torch.Tensor:
+    """The divisor of a rank's summed token loss under which DDP's gradient average (a mean over ranks) is the
+    gradient of the global per-token mean: the target tokens of all ranks / world size (`local_tokens` alone
+    when not distributed). No host synchronisation: the count is filled on `device` (a CPU tensor for Gloo, a GPU
+    one for NCCL) and the all-reduce is queued like any other kernel."""
+    if not dist.is_initialized():
+        return local_tokens
+    total = torch.full((), float(local_tokens), device=device)
+    dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    return total / dist.get_world_size()
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """SHA-1 of the parameters' bytes in state_dict order: equal digests = bit-identical replicas."""
+    digest = hashlib.sha1()
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()

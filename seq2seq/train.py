@@ -27,7 +27,8 @@ from seq2seq.checkpoint import CheckpointError
 from seq2seq.data.corpus import CorpusError
 from seq2seq.models import build_model
 from seq2seq.optim import SCHEDULES
-from seq2seq.trainer import ConfigError, Trainer, TrainingError, resolve_device, resolve_precision
+from seq2seq.runtime import RuntimeSettingError, resolve_device, resolve_precision
+from seq2seq.trainer import ConfigError, Trainer, TrainingError
 
 log = logging.getLogger("seq2seq.train")
 
@@ -153,7 +154,7 @@ def validate_config(cfg: DictConfig) -> None:
     try:
         device = resolve_device(t.device)
         resolve_precision(t.precision, device)
-    except ConfigError as error:
+    except RuntimeSettingError as error:
         problems.append(str(error))
 
     need(_number(o.lr) and o.lr > 0, f"optim.lr={o.lr!r} must be a positive number")

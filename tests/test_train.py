@@ -6,6 +6,7 @@ The subprocess runs use tiny models (a few dozen steps, one CPU thread) so the w
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -24,7 +25,9 @@ from torch import nn
 from seq2seq.checkpoint import load_checkpoint, load_model
 from seq2seq.optim import build_optimizer, lr_multiplier, parameter_groups
 from seq2seq.predict import translate_sentences
-from seq2seq.trainer import average_state_dicts, token_loss, weights_digest
+from seq2seq.distributed import weights_digest
+from seq2seq.step import token_loss
+from seq2seq.training_state import average_state_dicts
 
 SLICE_LINES = 3000
 
@@ -53,9 +56,38 @@ class Workspace:
         command = (launcher or [sys.executable, "-m"]) + ["seq2seq.train", *flags, *self.overrides, *args]
         return subprocess.run(command, cwd=self.root, env=self.env, capture_output=True, text=True, timeout=timeout)
 
-    def popen(self, *args: str) -> subprocess.Popen:
-        command = [sys.executable, "-m", "seq2seq.train", *self.overrides, *args]
+    def popen(self, *args: str, launcher: list[str] | None = None) -> subprocess.Popen:
+        command = (launcher or [sys.executable, "-m"]) + ["seq2seq.train", *self.overrides, *args]
         return subprocess.Popen(command, cwd=self.root, env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m"]
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process `pid` started, children first (torchrun starts its workers in sessions of their own)."""
+    children = []
+    for tasks in Path(f"/proc/{pid}/task").glob("*/children"):
+        children += [int(child) for child in tasks.read_text().split()]
+    return [found for child in children for found in (child, *descendants(child))]
+
+
+def kill_after_first_checkpoint(process: subprocess.Popen, runs: Path) -> Path:
+    """SIGKILL the run (a launcher and all its workers) as soon as it has written checkpoints/last.pt;
+    -> its run folder."""
+    deadline = time.monotonic() + 300
+    try:
+        while not list(runs.glob("*/checkpoints/last.pt")):
+            assert process.poll() is None, "the run ended before writing checkpoints/last.pt"
+            assert time.monotonic() < deadline, "no checkpoint within 5 minutes"
+            time.sleep(0.05)
+    finally:
+        for pid in [process.pid, *descendants(process.pid)]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        process.wait()
+    (interrupted,) = [path.parent.parent for path in runs.glob("*/checkpoints/last.pt")]
+    return interrupted
 
 
 @pytest.fixture(scope="module")
@@ -215,17 +247,7 @@ def test_resume_after_kill_matches_an_uninterrupted_run(ws):
 
     # Same config and seed, default run folder (runs/<data>/<model>/<timestamp>), killed after its first save.
     runs = ws.root / "runs" / "tatoeba_zh_en" / "transformer"
-    process = ws.popen(*RESUME_ARGS, "trainer.max_steps=1000")
-    deadline = time.monotonic() + 300
-    try:
-        while not list(runs.glob("*/checkpoints/last.pt")):
-            assert process.poll() is None, "the run ended before writing checkpoints/last.pt"
-            assert time.monotonic() < deadline, "no checkpoint within 5 minutes"
-            time.sleep(0.05)
-    finally:
-        process.send_signal(signal.SIGKILL)
-        process.wait()
-    (interrupted,) = [path.parent.parent for path in runs.glob("*/checkpoints/last.pt")]
+    interrupted = kill_after_first_checkpoint(ws.popen(*RESUME_ARGS, "trainer.max_steps=1000"), runs)
     saved_step = load_checkpoint(interrupted / "checkpoints" / "last.pt")["step"]
     assert saved_step in (15, 30)
 
@@ -261,11 +283,10 @@ def test_resume_after_kill_matches_an_uninterrupted_run(ws):
 @pytest.mark.corpus
 def test_torchrun_gloo_keeps_replicas_identical(ws):
     run = ws.root / "ddp"
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m"]
     result = ws.train(
         "model=tiny_transformer", "trainer.max_steps=20", "trainer.eval_every=10", "trainer.accumulate=2",
         "trainer.num_attention_samples=0", "attention_examples=[]", "trainer.test_beam_size=1",
-        f"hydra.run.dir={run}", launcher=launcher,
+        f"hydra.run.dir={run}", launcher=TORCHRUN,
     )
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-4000:]
@@ -276,6 +297,116 @@ def test_torchrun_gloo_keeps_replicas_identical(ws):
     results = json.loads((run / "results.json").read_text())
     assert results["world_size"] == 2 and results["steps"] == 20
     assert output.count("test (best.pt") == 1  # only rank 0 validates, tests and logs
+
+
+DDP_RESUME_ARGS = [*RESUME_ARGS, "trainer.max_steps=30"]
+REPLICAS = re.compile(r"replica weights identical on 2 ranks at step 30 \(sha1: rank0=(\w+), rank1=(\w+)\)")
+
+
+@pytest.mark.slow
+@pytest.mark.corpus
+def test_torchrun_gloo_killed_and_resumed_matches_an_uninterrupted_run(ws):
+    """Both ranks' dropout masks and batches must replay after a resume: with a per-rank RNG or loader state
+    lost, rank 1's gradients (and so the shared weights) would differ from the uninterrupted run's."""
+    straight = ws.train(*DDP_RESUME_ARGS, f"hydra.run.dir={ws.root / 'ddp_straight'}", launcher=TORCHRUN)
+    assert straight.returncode == 0, (straight.stdout + straight.stderr)[-4000:]
+    expected = REPLICAS.search(straight.stdout + straight.stderr)
+    assert expected, (straight.stdout + straight.stderr)[-3000:]
+
+    runs = ws.root / "ddp_runs"
+    killed = ws.popen(*DDP_RESUME_ARGS, f"hydra.run.dir={runs / 'killed'}", launcher=TORCHRUN)
+    interrupted = kill_after_first_checkpoint(killed, runs)
+    assert load_checkpoint(interrupted / "checkpoints" / "last.pt")["step"] == 15
+    resumed = ws.train(*DDP_RESUME_ARGS, f"hydra.run.dir={interrupted}",
+                       f"trainer.resume={interrupted / 'checkpoints' / 'last.pt'}", launcher=TORCHRUN)
+    output = resumed.stdout + resumed.stderr
+    assert resumed.returncode == 0 and "resumed from" in output, output[-4000:]
+    digests = REPLICAS.search(output)
+    assert digests, output[-3000:]
+    assert digests.groups() == expected.groups()  # rank 0 and rank 1 alike
+
+
+DDP_WORKER = """
+import sys
+import torch
+from omegaconf import OmegaConf
+from seq2seq import distributed
+from seq2seq.data.batching import collate
+from seq2seq.models import build_model
+from seq2seq.optim import build_optimizer, build_scheduler
+from seq2seq.step import TrainStep, token_loss, wrap_model
+
+MODEL = {"name": "transformer", "d_model": 16, "num_heads": 2, "encoder_layers": 1, "decoder_layers": 1,
+         "ff_dim": 32, "dropout": 0.0, "attention_dropout": 0.0, "tie_output": False}
+OPTIM = OmegaConf.create({"lr": 1e-3, "betas": [0.9, 0.98], "eps": 1e-9, "weight_decay": 0.0, "schedule": "constant",
+                          "warmup_steps": 0})
+CPU = torch.device("cpu")
+# Rank 0 gets 2 target tokens, rank 1 gets 27: a mean of per-rank means weighs rank 0's tokens 13 times more.
+BATCHES = [collate([{"src_ids": [5, 6], "tgt_ids": [7]}]),
+           collate([{"src_ids": [8, 9, 10], "tgt_ids": [11] * 8}, {"src_ids": [12], "tgt_ids": [13] * 17}])]
+
+
+def gradients(data_parallel, window):
+    torch.manual_seed(0)
+    model = build_model(MODEL, 20, 20)
+    optimizer = build_optimizer(model, OPTIM, fused=True)
+    step = TrainStep(model, wrap_model(model, CPU, data_parallel, False), optimizer,
+                     build_scheduler(optimizer, OPTIM, None), None, CPU, "fp32", 0.0, 0.0)
+    step(window)
+    return model, {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+info = distributed.init_distributed("cpu")
+_, ddp = gradients(True, [BATCHES[info.rank]])
+distributed.cleanup()
+if info.rank == 0:
+    model, reference = gradients(False, BATCHES)  # one process, both batches: the global per-token mean
+    model.zero_grad()
+    for batch in BATCHES:  # the former normalisation: each rank's own mean, averaged by DDP
+        (token_loss(model(batch.src, batch.src_mask, batch.tgt_in).logits, batch.tgt_out)
+         / batch.num_tgt_tokens / 2).backward()
+    torch.save({"ddp": ddp, "reference": reference,
+                "mean_of_means": {n: p.grad.clone() for n, p in model.named_parameters()}}, sys.argv[1])
+"""
+
+
+def test_ddp_gradients_are_the_global_per_token_mean(tmp_path):
+    """Two Gloo ranks with very different token counts update as one process that saw both batches would."""
+    worker = tmp_path / "worker.py"
+    worker.write_text(DDP_WORKER)
+    result = subprocess.run(
+        [*TORCHRUN[:-1], str(worker), str(tmp_path / "grads.pt")], capture_output=True, text=True, timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    grads = torch.load(tmp_path / "grads.pt")
+    for name, reference in grads["reference"].items():
+        torch.testing.assert_close(grads["ddp"][name], reference, rtol=1e-5, atol=1e-7, msg=name)
+    assert not all(torch.allclose(grads["mean_of_means"][n], r, rtol=1e-3) for n, r in grads["reference"].items())
+
+
+# ----------------------------------------------------------------------------- the GPU suite, as a CPU smoke test
+
+
+@pytest.mark.slow
+@pytest.mark.corpus
+def test_gpu_suite_runs_on_the_cpu(ws, tmp_path):
+    """scripts/gpu_check.sh --device cpu: the suite's own plumbing (train, checkpoint, translate, torchrun,
+    benchmark of the real step, decoding speed) works, so on a GPU machine only the GPU can fail."""
+    script = Path(__file__).resolve().parents[1] / "scripts" / "gpu_check.sh"
+    result = subprocess.run(
+        ["bash", str(script), "--device", "cpu", "--steps", "4", "--models", "tiny_rnn tiny_transformer",
+         "--out", str(tmp_path), "--", *ws.overrides],
+        cwd=ws.root, env={**ws.env, "PYTHON": sys.executable}, capture_output=True, text=True, timeout=900,
+    )
+    summary = (tmp_path / "summary.txt").read_text()
+    assert result.returncode == 0, summary + result.stderr[-3000:]
+    checks = {line.split()[1]: line.split()[0] for line in summary.splitlines()}
+    assert checks == dict.fromkeys(
+        ["tiny_rnn-fp32-compile_false", "tiny_transformer-fp32-compile_false", "torchrun-nproc_2", "benchmark",
+         "decode-fp32-beam_1", "decode-fp32-beam_5"], "PASS"), summary
+    assert "replica weights identical on 2 ranks" in summary and "MFU" in summary
+    assert json.loads((tmp_path / "benchmark.json").read_text())["training"]["target_tokens_per_s"] > 0
 
 
 # ----------------------------------------------------------------------------- divergence

@@ -1,0 +1,141 @@
+"""What the trainer draws in TensorBoard besides scalars: sample translations, attention heatmaps, the test
+table by source length and the HPARAMS row. Figures go through the shared PNG renderer (the one
+`translate --attention-plot` uses), so TensorBoard and the command line show the same pictures.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from PIL import Image
+
+from seq2seq.data.tokenizer import BOS_ID, EOS_ID, Tokenizer
+from seq2seq.decoding import decode
+from seq2seq.models.base import Seq2SeqModel
+from seq2seq.plotting import attention_figure, figure_to_png, head_grid_figure
+from seq2seq.predict import source_token_limit
+
+if TYPE_CHECKING:
+    from torch.utils.tensorboard import SummaryWriter
+
+ATTENTION_SAMPLE_TOKENS = (3, 30)  # source lengths drawn as heatmaps: long enough to be interesting, short to read
+
+
+def _markdown_cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ") or " "
+
+
+def _hparam_value(value: Any) -> bool | int | float | str:
+    if isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
+
+
+def attention_sources(sources: Sequence[str], source_ids: Sequence[Sequence[int]], wanted: int,
+                      examples: Sequence[str]) -> list[str]:
+    """Fixed sentences drawn at every validation: the first `wanted` sources of readable length, then the
+    configured examples (e.g. 我是一个学生。)."""
+    low, high = ATTENTION_SAMPLE_TOKENS
+    picked: list[str] = []
+    for source, ids in zip(sources, source_ids):
+        if len(picked) >= wanted:
+            break
+        if low <= len(ids) <= high:
+            picked.append(source)
+    return picked + [str(s) for s in examples]
+
+
+def log_samples(writer: SummaryWriter, sources: list[str], references: list[str], hypotheses: list[str],
+                step: int, limit: int) -> None:
+    rows = ["| # | source | reference | hypothesis |", "|---|---|---|---|"]
+    for i, (src, ref, hyp) in enumerate(zip(sources, references, hypotheses)):
+        if i >= limit:
+            break
+        rows.append(f"| {i} | {_markdown_cell(src)} | {_markdown_cell(ref)} | {_markdown_cell(hyp)} |")
+    writer.add_text("valid/samples", "\n".join(rows), step)
+
+
+def add_figure(writer: SummaryWriter, tag: str, figure, step: int) -> None:
+    image = np.asarray(Image.open(io.BytesIO(figure_to_png(figure))).convert("RGB"))
+    writer.add_image(tag, image, step, dataformats="HWC")
+
+
+@torch.inference_mode()
+def log_attention(writer: SummaryWriter, model: Seq2SeqModel, model_name: str, src_tok: Tokenizer,
+                  tgt_tok: Tokenizer, sentences: list[str], device: torch.device, max_len_a: float, max_len_b: int,
+                  step: int) -> None:
+    """Greedy translations of the fixed sentences, then a teacher-forced pass over them for the maps."""
+    if not model.has_attention:
+        writer.add_text(
+            "attention",
+            f"The {model_name} model has no attention: the decoder sees the source only through the "
+            "encoder's final state, so there is no source-target alignment to draw.",
+            step,
+        )
+        return
+    was_training = model.training
+    model.eval()
+    limit = source_token_limit(model, max_len_a, max_len_b)
+    for i, sentence in enumerate(sentences):
+        ids = src_tok.encode(sentence)[:limit]
+        if not ids:
+            continue
+        src = torch.tensor([ids + [EOS_ID]], device=device)
+        src_mask = torch.ones_like(src, dtype=torch.bool)
+        hypothesis = decode(
+            model, src, src_mask, beam_size=1, length_penalty=1.0, max_len_a=max_len_a, max_len_b=max_len_b,
+        )[0][0]
+        tgt_in = torch.tensor([[BOS_ID, *hypothesis.tokens]], device=device)
+        attention = model(src, src_mask, tgt_in, return_attention=True).attention
+        src_pieces = src_tok.pieces(ids + [EOS_ID])
+        tgt_pieces = tgt_tok.pieces(hypothesis.tokens) + ["</s>"]
+        title = f"{sentence} → {tgt_tok.decode(hypothesis.tokens)}"
+        tag = f"attention/{i:02d}"
+        if "cross_layers" in attention:  # transformer: (L, 1, H, T, S)
+            layers = attention["cross_layers"][:, 0].float().cpu()
+            for layer, heads in enumerate(layers, start=1):
+                figure = attention_figure(heads.mean(0), src_pieces, tgt_pieces, f"{title} (layer {layer}, mean of heads)")
+                add_figure(writer, f"{tag}/layer_{layer}", figure, step)
+            figure = head_grid_figure(layers[-1], src_pieces, tgt_pieces, f"{title} (layer {len(layers)} heads)")
+            add_figure(writer, f"{tag}/heads_layer_{len(layers)}", figure, step)
+        else:
+            figure = attention_figure(attention["cross"][0].float().cpu(), src_pieces, tgt_pieces, title)
+            add_figure(writer, tag, figure, step)
+    model.train(was_training)
+
+
+def log_test(writer: SummaryWriter, scores: dict[str, Any], buckets: list[dict[str, Any]], step: int) -> None:
+    """Test BLEU/chrF, and BLEU by source length as scalars and as a table."""
+    writer.add_scalar("test/bleu", scores["bleu"], step)
+    writer.add_scalar("test/chrf", scores["chrf"], step)
+    rows = ["| source tokens | sentences | BLEU |", "|---|---|---|"]
+    for bucket in buckets:
+        writer.add_scalar(f"test/bleu_by_length/{bucket['bucket']}", bucket["bleu"], step)
+        rows.append(f"| {bucket['bucket']} | {bucket['count']} | {bucket['bleu']:.2f} |")
+    writer.add_text("test/bleu_by_length", "\n".join(rows), step)
+
+
+def log_hparams(writer: SummaryWriter, cfg: DictConfig, results: dict[str, Any], step: int) -> None:
+    """One HPARAMS row per run, in the run's own folder, so TensorBoard lines variants up side by side."""
+    hparams: dict[str, Any] = {"model": results["model"], "data": results["data"], "params": results["parameters"]}
+    for key, value in OmegaConf.to_container(cfg.model, resolve=True).items():
+        if key != "name":
+            hparams[f"model.{key}"] = _hparam_value(value)
+    for key in ("lr", "schedule", "warmup_steps", "weight_decay"):
+        hparams[f"optim.{key}"] = _hparam_value(cfg.optim[key])
+    for key in ("max_tokens", "accumulate", "label_smoothing", "grad_clip", "seed"):
+        hparams[f"trainer.{key}"] = _hparam_value(cfg.trainer[key])
+    hparams["precision"] = results["precision"]
+    metrics = {
+        "hparam/valid_bleu": float(results["valid_bleu"] or 0.0),
+        "hparam/test_bleu": float(results["test_bleu"] or 0.0),
+        "hparam/test_chrf": float(results["test_chrf"] or 0.0),
+        "hparam/train_minutes": float(results["train_minutes"]),
+        "hparam/params": float(results["parameters"]),
+    }
+    writer.add_hparams(hparams, metrics, run_name=".", global_step=step)

@@ -1,0 +1,153 @@
+"""What a training checkpoint holds beyond the weights, how a run resumes from it, and the averaging history.
+
+Exact resume: a checkpoint holds the model, optimizer, scheduler, scaler, every rank's RNG states (the global
+ones and its DataLoader's generator) and the sampler position (epoch + batches consumed in it), taken between
+two updates, so a resumed run replays the same batches with the same dropout masks as an uninterrupted one.
+The file format itself (atomic writes, version checks, rebuilding a model to translate) is `checkpoint.py`'s.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from seq2seq.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from seq2seq.data.tokenizer import Tokenizer
+
+TRAINING_KEYS = ("optimizer", "scheduler", "rng", "train_state")
+
+
+@dataclass
+class TrainState:
+    """Counters that go into checkpoints so a resumed run carries on exactly."""
+
+    step: int = 0
+    epoch: int = 0  # sampler epoch of the next batch
+    position: int = 0  # batches of that epoch already consumed
+    best_bleu: float = -math.inf
+    best_step: int = 0
+    validations_since_best: int = 0
+    nonfinite_steps: int = 0
+    elapsed_seconds: float = 0.0  # wall clock of training (validations included), summed over sessions
+    validation_seconds: float = 0.0
+    tokens: int = 0  # target tokens trained on, all ranks
+    last_validated_step: int = -1
+
+
+@dataclass
+class Training:
+    """The objects a checkpoint saves and a resume restores, besides the counters."""
+
+    cfg: DictConfig
+    model: torch.nn.Module
+    src_tok: Tokenizer
+    tgt_tok: Tokenizer
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler | None
+    world_size: int
+    num_parameters: int
+
+    def payload(self, state: TrainState, rng_states: list[dict[str, Any]], metrics: dict[str, Any]) -> dict:
+        """A checkpoint that translates on its own and resumes exactly (`rng_states`: one per rank, rank order)."""
+        return {
+            "config": OmegaConf.to_container(self.cfg, resolve=True),
+            "model": self.model.state_dict(),
+            "src_tokenizer": self.src_tok.proto,
+            "tgt_tokenizer": self.tgt_tok.proto,
+            "step": state.step,
+            "epoch": state.epoch,
+            "best_valid_bleu": state.best_bleu,
+            "metrics": metrics,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "rng": rng_states,
+            "sampler": {"epoch": state.epoch, "position": state.position},
+            "train_state": asdict(state),
+            "world_size": self.world_size,
+            "num_parameters": self.num_parameters,
+        }
+
+    def restore(self, path: Path) -> tuple[TrainState, list[dict[str, Any]]]:
+        """Load weights, optimizer, scheduler and scaler from `path` -> the saved counters and per-rank RNG states.
+
+        Every way the file cannot continue this configuration is a CheckpointError saying what to do.
+        """
+        payload = load_checkpoint(path, map_location="cpu")
+        for key in TRAINING_KEYS:
+            if payload.get(key) is None:
+                raise CheckpointError(
+                    f"{path} holds no training state ({key} is missing): it can translate but not resume training. "
+                    "Resume from checkpoints/last.pt of a run, or start a new run."
+                )
+        if payload["src_tokenizer"] != self.src_tok.proto or payload["tgt_tokenizer"] != self.tgt_tok.proto:
+            raise CheckpointError(
+                f"{path} was trained with other SentencePiece models than data={self.cfg.data.name} and this "
+                "tokenizer config produce; resume with the data and tokenizer settings of that run."
+            )
+        try:
+            self.model.load_state_dict(payload["model"])
+            self.optimizer.load_state_dict(payload["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as error:
+            raise CheckpointError(
+                f"{path} does not fit the configured model {self.cfg.model.name} ({error}). Resume with the "
+                "model settings the checkpoint was trained with (see its run's .hydra/config.yaml)."
+            ) from error
+        self.scheduler.load_state_dict(payload["scheduler"])
+        if self.scaler is not None and payload.get("scaler"):
+            self.scaler.load_state_dict(payload["scaler"])
+        return TrainState(**payload["train_state"]), payload["rng"]
+
+
+def average_state_dicts(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Element-wise mean of floating-point entries; other entries (counters, integer buffers) from the last."""
+    averaged = {}
+    for key, last in states[-1].items():
+        if last.is_floating_point():
+            averaged[key] = (torch.stack([state[key].double() for state in states]).mean(0)).to(last.dtype)
+        else:
+            averaged[key] = last.clone()
+    return averaged
+
+
+class AveragingHistory:
+    """The weights of the last `keep` validations as small files (checkpoints/average/step_*.pt), so the
+    end-of-training average survives a resume."""
+
+    def __init__(self, folder: Path, keep: int) -> None:
+        self.folder = folder
+        self.keep = keep
+
+    def _files(self) -> list[Path]:
+        return sorted(self.folder.glob("step_*.pt"))
+
+    @staticmethod
+    def _step(path: Path) -> int:
+        return int(path.stem.split("_")[1])
+
+    def remember(self, model: torch.nn.Module, step: int) -> None:
+        if self.keep <= 0:
+            return
+        save_checkpoint(self.folder / f"step_{step:09d}.pt", {"model": model.state_dict(), "step": step})
+        for old in self._files()[: -self.keep]:
+            old.unlink()
+
+    def forget_after(self, step: int) -> None:
+        """After a resume: weights saved past `step` belong to the abandoned continuation."""
+        for stale in self._files():
+            if self._step(stale) > step:
+                stale.unlink()
+
+    def average(self) -> tuple[dict[str, torch.Tensor], list[int]] | None:
+        """The mean of the remembered weights and their steps; None with fewer than two."""
+        files = self._files()
+        if len(files) < 2:
+            return None
+        states = [torch.load(f, map_location="cpu", weights_only=False)["model"] for f in files]
+        return average_state_dicts(states), [self._step(f) for f in files]

@@ -1,0 +1,120 @@
+"""Scoring a model during and after training (rank 0 only): validation loss and perplexity, BLEU/chrF of the
+decoded validation split with samples and attention heatmaps in TensorBoard, and the final beam-search test.
+
+Decoding goes through `predict.translate_sentences`, the path `seq2seq.translate` uses, so validation BLEU is
+what a user of the checkpoint gets.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import TYPE_CHECKING, Any
+
+import torch
+from omegaconf import DictConfig
+
+from seq2seq import board
+from seq2seq.data.batching import make_loader
+from seq2seq.data.prepare import PreparedData
+from seq2seq.metrics import bleu_by_length, corpus_scores
+from seq2seq.models.base import Seq2SeqModel
+from seq2seq.predict import translate_sentences
+from seq2seq.runtime import autocast
+from seq2seq.step import token_loss
+
+if TYPE_CHECKING:
+    from torch.utils.tensorboard import SummaryWriter
+
+log = logging.getLogger("seq2seq.train")
+
+
+class Evaluator:
+    def __init__(self, cfg: DictConfig, data: PreparedData, device: torch.device, precision: str,
+                 writer: SummaryWriter) -> None:
+        self.cfg = cfg
+        self.tcfg = cfg.trainer
+        self.data = data
+        self.device = device
+        self.precision = precision
+        self.writer = writer
+        valid = data.splits["valid"]
+        self.attention_sources = board.attention_sources(
+            valid["src"], valid["src_ids"], int(self.tcfg.num_attention_samples), cfg.get("attention_examples") or []
+        )
+
+    @torch.inference_mode()
+    def loss(self, model: Seq2SeqModel, split: str = "valid") -> tuple[float, float]:
+        """Per-token negative log-likelihood (no label smoothing) over a whole split, and its perplexity."""
+        was_training = model.training
+        model.eval()
+        loader = make_loader(self.data.splits[split], int(self.tcfg.max_tokens), shuffle=False)
+        total = torch.zeros((), device=self.device, dtype=torch.float64)
+        tokens = 0
+        for batch in loader:
+            tokens += batch.num_tgt_tokens
+            batch = batch.to(self.device, non_blocking=True)
+            with autocast(self.device, self.precision):
+                logits = model(batch.src, batch.src_mask, batch.tgt_in).logits
+            total += token_loss(logits, batch.tgt_out)
+        model.train(was_training)
+        loss = total.item() / max(tokens, 1)
+        return loss, math.exp(min(loss, 50.0))
+
+    def translate(self, model: Seq2SeqModel, sources: list[str], beam_size: int) -> list[str]:
+        """Detokenized translations through the same path as `seq2seq.translate`."""
+        return [
+            translation.text
+            for translation in translate_sentences(
+                model, self.data.src_tokenizer, self.data.tgt_tokenizer, sources, beam_size=beam_size,
+                length_penalty=float(self.tcfg.length_penalty), max_len_a=float(self.tcfg.max_len_a),
+                max_len_b=int(self.tcfg.max_len_b), max_tokens=int(self.tcfg.max_tokens), device=self.device,
+                precision=self.precision,
+            )
+        ]
+
+    def validate(self, model: Seq2SeqModel, step: int, prefix: str = "valid", illustrate: bool = True) -> dict:
+        """Loss, perplexity, BLEU and chrF on the validation split, logged under `prefix`; with `illustrate`,
+        also the sample table and the attention heatmaps."""
+        loss, ppl = self.loss(model)
+        valid = self.data.splits["valid"]
+        count = len(valid) if self.tcfg.valid_max_sentences is None else min(len(valid), int(self.tcfg.valid_max_sentences))
+        sources, references = list(valid["src"][:count]), list(valid["tgt"][:count])
+        hypotheses = self.translate(model, sources, int(self.tcfg.valid_beam_size))
+        scores = corpus_scores(hypotheses, references, str(self.cfg.data.tgt_lang))
+        metrics = {"loss": loss, "ppl": ppl, "bleu": scores["bleu"], "chrf": scores["chrf"],
+                   "bleu_signature": scores["bleu_signature"], "sentences": count}
+        for name in ("loss", "ppl", "bleu", "chrf"):
+            self.writer.add_scalar(f"{prefix}/{name}", metrics[name], step)
+        if illustrate:
+            board.log_samples(self.writer, sources, references, hypotheses, step, int(self.tcfg.num_text_samples))
+            board.log_attention(
+                self.writer, model, str(self.cfg.model.name), self.data.src_tokenizer, self.data.tgt_tokenizer,
+                self.attention_sources, self.device, float(self.tcfg.max_len_a), int(self.tcfg.max_len_b), step,
+            )
+        return metrics
+
+    def test(self, model: Seq2SeqModel, step: int, description: str) -> dict[str, Any]:
+        """Beam search over the test split; scores overall and by source length, for results.json."""
+        test_split = self.data.splits["test"]
+        if not len(test_split):
+            log.warning("data=%s has no test split: skipping the test evaluation", self.cfg.data.name)
+            return {"test_bleu": None, "test_chrf": None, "test_bleu_by_length": []}
+        beam = int(self.tcfg.test_beam_size)
+        hypotheses = self.translate(model, list(test_split["src"]), beam)
+        references = list(test_split["tgt"])
+        tgt_lang = str(self.cfg.data.tgt_lang)
+        scores = corpus_scores(hypotheses, references, tgt_lang)
+        buckets = bleu_by_length([len(ids) for ids in test_split["src_ids"]], hypotheses, references, tgt_lang)
+        board.log_test(self.writer, scores, buckets, step)
+        log.info(
+            "test (%s, beam %d): BLEU %.2f | chrF %.2f | %s",
+            description, beam, scores["bleu"], scores["chrf"], scores["bleu_signature"],
+        )
+        log.info("test BLEU by source length: %s", ", ".join(f"{b['bucket']}: {b['bleu']:.1f} ({b['count']})" for b in buckets))
+        return {
+            "test_bleu": scores["bleu"], "test_chrf": scores["chrf"], "test_sentences": len(hypotheses),
+            "test_beam_size": beam, "length_penalty": float(self.tcfg.length_penalty),
+            "bleu_signature": scores["bleu_signature"], "chrf_signature": scores["chrf_signature"],
+            "test_bleu_by_length": buckets,
+        }
