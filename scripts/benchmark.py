@@ -1,18 +1,24 @@
-"""Training and decoding speed of one model configuration, with model FLOPs utilisation.
+"""Training and decoding speed of one model configuration, timing the trainer's own step, with model FLOPs utilisation.
 
-    python scripts/benchmark.py model=transformer --device cpu --precision bf16
-    python scripts/benchmark.py model=transformer model.d_model=512 model.num_heads=8 \
-        model.encoder_layers=6 model.decoder_layers=6 model.ff_dim=2048 --device cuda --synthetic
+    python scripts/benchmark.py model=transformer
+    python scripts/benchmark.py model=transformer trainer.precision=bf16 trainer.device=cuda --synthetic \
+        model.d_model=512 model.num_heads=8 model.encoder_layers=6 model.decoder_layers=6 model.ff_dim=2048
 
-Positional arguments are Hydra overrides of configs/train.yaml, so the benchmark measures exactly what
-`python -m seq2seq.train` with the same overrides would train. Prints a table and writes JSON (--json).
+Positional arguments are Hydra overrides of configs/train.yaml, so the benchmark measures what
+`python -m seq2seq.train` with the same overrides would train: the same device and precision rule
+(`trainer.device` / `trainer.precision`, both `auto` by default), the same optimizer, scaler, clipping,
+accumulation and `trainer.compile`, and the same `TrainStep` object the trainer calls at every update.
+Prints a table and writes JSON (--json).
 
-What is measured, on real length-bucketed batches of the training split (or synthetic ones of Tatoeba-like lengths):
-  - throughput: target tokens/s, source+target tokens/s, sentences/s (padding excluded);
-  - time per step split into data (batch to device), forward, backward and optimizer, each synchronised;
+What is measured, on the trainer's own batches of the training split (or synthetic ones of Tatoeba-like lengths):
+  - throughput of `TrainStep` as the loop calls it (no synchronisation inside, one at the end): target
+    tokens/s, source+target tokens/s, sentences/s (padding excluded);
+  - time per update split into data (batch to device), forward, backward and optimizer, from a few more updates
+    run through the step's own four phases with a synchronisation after each;
   - peak memory: resident set size on the CPU, max allocated on CUDA;
-  - model FLOPs per target token, counted by torch's FlopCounterMode on real steps (matrix products only), and
-    MFU = achieved model FLOP/s / the matrix-multiply peak measured here on the same device and dtype;
+  - model FLOPs per target token, counted by torch's FlopCounterMode over one real update (matrix products
+    only), and MFU = achieved model FLOP/s / the matrix-multiply peak measured here on the same device and
+    in the dtype of the precision in use;
   - decoding speed with a trained checkpoint (--checkpoint) on test sentences: greedy and beam 5, sentences/s and
     target tokens/s (an untrained model emits arbitrary lengths, so decoding is only timed with a checkpoint).
 """
@@ -21,49 +27,41 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
+import itertools
 import json
 import resource
-import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 from torch.utils.flop_counter import FlopCounterMode
 
 from seq2seq.checkpoint import load_model
-from seq2seq.data.prepare import prepare_data
-from seq2seq.data.batching import Batch, TokenBatchSampler, collate
-from seq2seq.data.tokenizer import PAD_ID
-from seq2seq.models import build_model
-from seq2seq.models.base import count_parameters
+from seq2seq.data.batching import Batch, collate
+from seq2seq.models import build_model, count_parameters
 from seq2seq.paths import CONFIG_DIR
 from seq2seq.predict import translate_sentences
-
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+from seq2seq.runtime import (
+    AUTOCAST_DTYPES, RuntimeSettingError, configure_device, resolve_device, resolve_precision, seed_everything,
+    synchronize,
+)
+from seq2seq.step import TrainStep
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model=bahdanau trainer.max_tokens=4096")
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--precision", default="bf16", choices=sorted(DTYPES))
-    parser.add_argument("--steps", type=int, default=30, help="timed training steps")
-    parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (allocator, oneDNN kernels)")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model=bahdanau trainer.precision=bf16")
+    parser.add_argument("--steps", type=int, default=30, help="timed updates")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed updates first (allocator, kernels, compile)")
+    parser.add_argument("--phase-steps", type=int, default=5, help="updates timed phase by phase (0: skip)")
     parser.add_argument("--synthetic", action="store_true", help="random tokens with Tatoeba-like lengths")
     parser.add_argument("--checkpoint", type=Path, default=None, help="trained checkpoint whose decoding to time")
     parser.add_argument("--decode-sentences", type=int, default=1500, help="test sentences to decode")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the model")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
-    return parser.parse_args()
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    return parser.parse_intermixed_args()
 
 
 def matmul_peak(device: torch.device, dtype: torch.dtype, size: int = 2048, repeats: int = 20) -> float:
@@ -82,19 +80,14 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, size: int = 2048, repe
     return 2 * size**3 / best
 
 
-def real_batches(cfg, splits, max_tokens: int, count: int) -> list[Batch]:
-    """Length-bucketed training batches exactly as the trainer's sampler cuts them."""
-    train = splits["train"]
-    sampler = TokenBatchSampler(
-        [len(ids) for ids in train["src_ids"]], [len(ids) for ids in train["tgt_ids"]],
-        max_tokens=max_tokens, shuffle=True, seed=cfg.trainer.seed,
-    )
-    batches = []
-    for indices in sampler:
-        batches.append(collate([train[int(i)] for i in indices]))
-        if len(batches) == count:
-            break
-    return batches
+def real_batches(cfg, count: int) -> tuple[list[Batch], object]:
+    """The trainer's first `count` batches (same loader, sampler, seed and epoch), and the prepared data."""
+    from seq2seq.data.batching import make_loader
+    from seq2seq.data.prepare import prepare_data
+
+    data = prepare_data(cfg)
+    loader = make_loader(data.splits["train"], int(cfg.trainer.max_tokens), shuffle=True, seed=int(cfg.trainer.seed))
+    return list(itertools.islice(itertools.cycle(loader), count)), data
 
 
 def synthetic_batches(max_tokens: int, count: int, src_vocab: int, tgt_vocab: int, seed: int) -> list[Batch]:
@@ -116,23 +109,12 @@ def synthetic_batches(max_tokens: int, count: int, src_vocab: int, tgt_vocab: in
     return batches
 
 
-def loss_of(model, batch: Batch, label_smoothing: float) -> torch.Tensor:
-    logits = model(batch.src, batch.src_mask, batch.tgt_in).logits
-    loss = F.cross_entropy(
-        logits.float().flatten(0, 1), batch.tgt_out.flatten(), ignore_index=PAD_ID,
-        label_smoothing=label_smoothing, reduction="sum",
-    )
-    return loss / batch.num_tgt_tokens
-
-
-def count_flops(model, batch: Batch, autocast, label_smoothing: float) -> int:
-    """Forward + backward FLOPs of one step (matrix products, attention included), counted by torch itself."""
+def count_flops(step: TrainStep, window: list[Batch]) -> int:
+    """Forward + backward FLOPs of one real update (matrix products, attention included), counted by torch itself
+    on the uncompiled model (the counter cannot see inside compiled graphs; the FLOPs are the same)."""
     counter = FlopCounterMode(display=False)
-    with counter, autocast():
-        loss = loss_of(model, batch, label_smoothing)
     with counter:
-        loss.backward()
-    model.zero_grad(set_to_none=True)
+        dataclasses.replace(step, train_model=step.model)(window)
     return counter.get_total_flops()
 
 
@@ -142,56 +124,54 @@ def peak_memory_mib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def benchmark_training(model, batches, device, autocast, label_smoothing, warmup) -> dict:
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
-    phases = {"data": [], "forward": [], "backward": [], "optimizer": []}
-    tgt_tokens = src_tokens = sentences = 0
-    model.train()
-    for step, cpu_batch in enumerate(batches):
-        timed = step >= warmup
-        synchronize(device)
-        t0 = time.perf_counter()
-        batch = cpu_batch.to(device)
-        synchronize(device)
-        t1 = time.perf_counter()
-        with autocast():
-            loss = loss_of(model, batch, label_smoothing)
-        synchronize(device)
-        t2 = time.perf_counter()
-        loss.backward()
-        synchronize(device)
-        t3 = time.perf_counter()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        synchronize(device)
-        t4 = time.perf_counter()
-        if timed:
-            for name, seconds in zip(phases, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
-                phases[name].append(seconds)
-            tgt_tokens += int(batch.num_tgt_tokens)
-            src_tokens += int(batch.num_src_tokens)
-            sentences += batch.size
-    total = sum(sum(times) for times in phases.values())
+def time_training(step: TrainStep, windows: list[list[Batch]]) -> dict:
+    """Updates exactly as the training loop makes them, synchronised only before and after."""
+    synchronize(step.device)
+    start = time.perf_counter()
+    losses = [step(window).loss_sum for window in windows]
+    synchronize(step.device)
+    seconds = time.perf_counter() - start
+    if not all(torch.isfinite(torch.stack(losses)).tolist()):
+        sys.exit("benchmark: a training loss was not finite; the figures would be meaningless")
+    batches = [batch for window in windows for batch in window]
+    tgt_tokens = sum(batch.num_tgt_tokens for batch in batches)
+    src_tokens = sum(batch.num_src_tokens for batch in batches)
     return {
-        "steps": len(phases["data"]),
-        "seconds": total,
-        "target_tokens_per_s": tgt_tokens / total,
-        "tokens_per_s": (src_tokens + tgt_tokens) / total,
-        "sentences_per_s": sentences / total,
-        "target_tokens_per_step": tgt_tokens / len(phases["data"]),
-        "ms_per_step": {name: 1000 * statistics.mean(times) for name, times in phases.items()},
+        "steps": len(windows),
+        "seconds": seconds,
+        "target_tokens_per_s": tgt_tokens / seconds,
+        "tokens_per_s": (src_tokens + tgt_tokens) / seconds,
+        "sentences_per_s": sum(batch.size for batch in batches) / seconds,
+        "target_tokens_per_step": tgt_tokens / len(windows),
     }
 
 
+def time_phases(step: TrainStep, windows: list[list[Batch]]) -> dict[str, float]:
+    """Mean ms per update in each phase of the step, synchronising around each (so slightly slower overall)."""
+    phases: dict[str, float] = {"data": 0.0, "forward": 0.0, "backward": 0.0, "optimizer": 0.0}
+
+    @contextlib.contextmanager
+    def timed(name: str):
+        synchronize(step.device)
+        start = time.perf_counter()
+        yield
+        synchronize(step.device)
+        phases[name] += time.perf_counter() - start
+
+    for window in windows:
+        step(window, phase=timed)
+    return {name: 1000 * seconds / len(windows) for name, seconds in phases.items()}
+
+
 def benchmark_decoding(model, src_tok, tgt_tok, sentences, device, precision, beam_size) -> dict:
-    model.eval()
+    synchronize(device)
     start = time.perf_counter()
     outputs = list(
         translate_sentences(
             model, src_tok, tgt_tok, sentences, beam_size=beam_size, device=device, precision=precision
         )
     )
+    synchronize(device)
     seconds = time.perf_counter() - start
     tokens = sum(len(t.hypotheses[0].pieces) for t in outputs)
     return {"beam_size": beam_size, "sentences_per_s": len(outputs) / seconds, "target_tokens_per_s": tokens / seconds}
@@ -199,39 +179,38 @@ def benchmark_decoding(model, src_tok, tgt_tok, sentences, device, precision, be
 
 def main() -> None:
     args = parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        sys.exit("benchmark: --device cuda asked for, but torch sees no GPU")
-    dtype = DTYPES[args.precision]
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = compose(config_name="train", overrides=args.overrides)
-    torch.manual_seed(cfg.trainer.seed)
+    try:
+        device = resolve_device(cfg.trainer.device)
+        precision = resolve_precision(cfg.trainer.precision, device)
+    except RuntimeSettingError as error:
+        sys.exit(f"benchmark: {error}")
+    if cfg.trainer.get("num_threads"):
+        torch.set_num_threads(int(cfg.trainer.num_threads))
+    configure_device(device)
+    seed_everything(int(cfg.trainer.seed))
 
-    count = args.warmup + args.steps
+    accumulate = int(cfg.trainer.accumulate)
+    count = accumulate * (1 + args.warmup + args.steps + args.phase_steps)  # +1: the FLOP-counting update
+    data = None
     if args.synthetic:
         src_vocab, tgt_vocab = cfg.tokenizer.src_vocab_size, cfg.tokenizer.tgt_vocab_size
         batches = synthetic_batches(cfg.trainer.max_tokens, count, src_vocab, tgt_vocab, cfg.trainer.seed)
-        data = None
     else:
-        data = prepare_data(cfg)
+        batches, data = real_batches(cfg, count)
         src_vocab, tgt_vocab = data.src_tokenizer.vocab_size, data.tgt_tokenizer.vocab_size
-        batches = real_batches(cfg, data.splits, cfg.trainer.max_tokens, count)
+    windows = [batches[i : i + accumulate] for i in range(0, count, accumulate)]
 
     model = build_model(cfg.model, src_vocab, tgt_vocab).to(device)
-    step_model = torch.compile(model) if args.compile else model
-
-    def autocast():
-        if dtype == torch.float32:
-            return contextlib.nullcontext()
-        return torch.autocast(device.type, dtype=dtype)
-
-    label_smoothing = cfg.trainer.label_smoothing
-    flops_per_step = count_flops(model, batches[0].to(device), autocast, label_smoothing)
-    flops_per_tgt_token = flops_per_step / int(batches[0].num_tgt_tokens)
-    training = benchmark_training(step_model, batches, device, autocast, label_smoothing, args.warmup)
-    peak = matmul_peak(device, dtype)
+    step = TrainStep.from_config(model, cfg, device, precision, data_parallel=False, total_steps=None)
+    flops_per_tgt_token = count_flops(step, windows[0]) / sum(batch.num_tgt_tokens for batch in windows[0])
+    for window in windows[1 : 1 + args.warmup]:
+        step(window)
+    timed = windows[1 + args.warmup : 1 + args.warmup + args.steps]
+    training = time_training(step, timed)
+    training["ms_per_step"] = time_phases(step, windows[1 + args.warmup + args.steps :]) if args.phase_steps else {}
+    peak = matmul_peak(device, AUTOCAST_DTYPES.get(precision, torch.float32))
     achieved = flops_per_tgt_token * training["target_tokens_per_s"]
 
     decoding = []
@@ -243,17 +222,18 @@ def main() -> None:
         for beam in (1, 5):
             decoding.append(
                 benchmark_decoding(trained.model, trained.src_tokenizer, trained.tgt_tokenizer, sentences, device,
-                                   args.precision, beam)
+                                   precision, beam)
             )
 
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
     report = {
-        "device": device_name,
-        "precision": args.precision,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
+        "precision": precision,
+        "compile": bool(cfg.trainer.compile),
         "model": cfg.model.name,
         "overrides": args.overrides,
         "parameters": count_parameters(model),
         "max_tokens": cfg.trainer.max_tokens,
+        "accumulate": accumulate,
         "data": "synthetic" if args.synthetic else cfg.data.name,
         "training": training,
         "model_flops_per_target_token": flops_per_tgt_token,
@@ -281,16 +261,16 @@ def _cpu_name() -> str:
 
 def print_table(report: dict) -> None:
     training = report["training"]
-    phases = training["ms_per_step"]
     rows = [
-        ("device", f"{report['device']} ({report['threads']} threads), {report['precision']}"),
+        ("device", f"{report['device']} ({report['threads']} threads), {report['precision']}"
+                   f"{', compiled' if report['compile'] else ''}"),
         ("model", f"{report['model']}, {report['parameters'] / 1e6:.2f} M parameters"),
-        ("batches", f"{report['data']}, max_tokens {report['max_tokens']}, "
+        ("batches", f"{report['data']}, max_tokens {report['max_tokens']} x {report['accumulate']}, "
                     f"{training['target_tokens_per_step']:.0f} real target tokens/step"),
         ("target tokens/s", f"{training['target_tokens_per_s']:,.0f}"),
         ("src+tgt tokens/s", f"{training['tokens_per_s']:,.0f}"),
         ("sentences/s", f"{training['sentences_per_s']:,.1f}"),
-        ("ms/step", " ".join(f"{name} {ms:.1f}" for name, ms in phases.items())),
+        ("ms/step", " ".join(f"{name} {ms:.1f}" for name, ms in training["ms_per_step"].items()) or "not measured"),
         ("peak memory", f"{report['peak_memory_mib']:,.0f} MiB"),
         ("model FLOPs/target token", f"{report['model_flops_per_target_token'] / 1e6:.1f} M"),
         ("achieved", f"{report['achieved_model_tflops']:.3f} TFLOP/s"),
