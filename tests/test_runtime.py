@@ -187,3 +187,30 @@ def test_recurrent_models_train_on_a_gpu(key, precision):
     loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), batch.tgt_out.reshape(-1), ignore_index=0)
     loss.backward()
     assert torch.isfinite(loss)
+
+
+# ----------------------------------------------------------------------------- the fp16 update path
+
+
+def test_train_step_with_a_gradient_scaler_runs_on_the_cpu():
+    """The branch fp16 training takes (loss scaling, unscale before clipping, the scaler's step), on the CPU."""
+    from omegaconf import OmegaConf
+
+    from seq2seq.step import TrainStep
+
+    cfg = OmegaConf.create({
+        "optim": {"lr": 1e-3, "betas": [0.9, 0.98], "eps": 1e-9, "weight_decay": 0.0, "schedule": "constant",
+                  "warmup_steps": 0},
+        "trainer": {"compile": False, "label_smoothing": 0.1, "grad_clip": 1.0},
+    })
+    torch.manual_seed(0)
+    model = build_model({"name": "transformer", "d_model": 16, "num_heads": 2, "encoder_layers": 1,
+                         "decoder_layers": 1, "ff_dim": 32, "dropout": 0.0}, 20, 20)
+    step = TrainStep.from_config(model, cfg, CPU, "fp16", data_parallel=False, total_steps=None)
+    step.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    before = [p.detach().clone() for p in model.parameters()]
+    result = step([_batch(), _batch()])
+    assert result.tokens == 2 * _batch().num_tgt_tokens and torch.isfinite(result.loss_sum)
+    assert result.nonfinite.item() == 0 and result.finite.item()
+    assert any(not torch.equal(old, new) for old, new in zip(before, model.parameters()))
+    assert step.scaler.get_scale() == 2.0**10  # no overflow: the scale stays
