@@ -68,7 +68,8 @@ def descendants(pid: int) -> list[int]:
     """Every process `pid` started, children first (torchrun starts its workers in sessions of their own)."""
     children = []
     for tasks in Path(f"/proc/{pid}/task").glob("*/children"):
-        children += [int(child) for child in tasks.read_text().split()]
+        with contextlib.suppress(OSError):  # the process may be gone already
+            children += [int(child) for child in tasks.read_text().split()]
     return [found for child in children for found in (child, *descendants(child))]
 
 
