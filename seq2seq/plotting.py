@@ -1,4 +1,5 @@
-"""Attention heatmaps labelled with the real SentencePiece pieces, for TensorBoard and `translate --attention-plot`.
+"""Attention heatmaps labelled with the real SentencePiece pieces, for TensorBoard, `translate --attention-plot`
+and the side-by-side comparison of several models that `seq2seq.inspect` draws.
 
 Chinese needs a CJK font, and a fresh machine has none matplotlib knows of: the `mplfonts` package ships Noto Sans
 CJK SC, which is registered here and put first in the tick labels' font list (DejaVu Sans as Latin fallback).
@@ -12,6 +13,7 @@ import io
 import math
 import unicodedata
 from collections.abc import Sequence
+from dataclasses import dataclass
 from functools import lru_cache
 from importlib.util import find_spec
 from pathlib import Path
@@ -125,11 +127,13 @@ def _draw(
     return image
 
 
+def _shorten(text: str, limit: int = MAX_TITLE_CHARS) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 def _set_title(figure: Figure, title: str) -> None:
     """Suptitle in the CJK font, shortened so a long sentence cannot stretch the figure."""
-    if len(title) > MAX_TITLE_CHARS:
-        title = title[: MAX_TITLE_CHARS - 1] + "…"
-    figure.suptitle(display_piece(title), fontfamily=font_family(), fontsize=10)
+    figure.suptitle(display_piece(_shorten(title)), fontfamily=font_family(), fontsize=10)
 
 
 def _canvas_figure(width: float, height: float) -> Figure:
@@ -183,6 +187,84 @@ def head_grid_figure(attention, src_pieces: Sequence[str], tgt_pieces: Sequence[
         image = _draw(ax, matrix[head], src_pieces, tgt_pieces, size, step, show_y=head % cols == 0)
         ax.set_title(f"head {head}", fontsize=9)
     figure.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8, label="attention weight")
+    if title:
+        _set_title(figure, title)
+    return figure
+
+
+@dataclass
+class Panel:
+    """One model's column of a side-by-side figure. `attention` is (T, S) for one heatmap, (H, T, S) for a grid
+    of heads, or None for a model without attention, which gets `note` written in its place."""
+
+    title: str
+    translation: str
+    src_labels: Sequence[str]
+    tgt_labels: Sequence[str]
+    attention: np.ndarray | None = None
+    note: str = ""
+
+
+PANEL_TITLE_CHARS = 60
+HEAD_COLUMNS = 2
+
+
+def _panel_grid(panel: Panel) -> tuple[int, int]:
+    """(rows, columns) of heatmaps in a panel."""
+    if panel.attention is None or panel.attention.ndim == 2:
+        return 1, 1
+    heads = panel.attention.shape[0]
+    columns = min(heads, HEAD_COLUMNS)
+    return math.ceil(heads / columns), columns
+
+
+def side_by_side_figure(panels: Sequence[Panel], title: str = "") -> Figure:
+    """Several models' attention on the same sentence, one column each with the model's name and translation
+    above it, on one colour scale (0 to 1) so the maps compare directly."""
+    if not panels:
+        raise ValueError("side_by_side_figure needs at least one panel.")
+    matrices = [None if panel.attention is None else _as_array(panel.attention) for panel in panels]
+    for panel, matrix in zip(panels, matrices):
+        if matrix is not None:
+            if matrix.ndim not in (2, 3):
+                raise ValueError(f"panel {panel.title!r}: attention must be (T, S) or (H, T, S), got {matrix.shape}.")
+            _check_shape(matrix, panel.src_labels, panel.tgt_labels)
+    grids = [_panel_grid(panel) for panel in panels]
+    longest = max(max(len(p.src_labels) * cols, len(p.tgt_labels) * rows) for p, (rows, cols) in zip(panels, grids))
+    size = _label_size(longest * len(panels))
+    step = INCHES_PER_TOKEN * size / 9.0
+    widths = [
+        1.4 + cols * (0.3 + step * max(len(p.src_labels), 4)) for p, (rows, cols) in zip(panels, grids)
+    ]
+    heights = [1.6 + rows * (0.4 + step * max(len(p.tgt_labels), 4)) for p, (rows, cols) in zip(panels, grids)]
+    figure = _canvas_figure(sum(widths) + 1.0, max(heights) + (0.4 if title else 0.0))
+    columns = figure.subfigures(1, len(panels), width_ratios=widths, squeeze=False)[0]
+    image, heatmap_axes = None, []
+    for column, panel, matrix, (rows, cols) in zip(columns, panels, matrices, grids):
+        column.suptitle(
+            f"{display_piece(_shorten(panel.title, PANEL_TITLE_CHARS))}\n"
+            f"{display_piece(_shorten(panel.translation or '(empty translation)', PANEL_TITLE_CHARS))}",
+            fontfamily=font_family(), fontsize=9,
+        )
+        axes = column.subplots(rows, cols, squeeze=False)
+        if matrix is None:
+            axes[0][0].set_axis_off()
+            axes[0][0].text(0.5, 0.5, panel.note, ha="center", va="center", wrap=True, fontsize=9,
+                            fontfamily=font_family(), transform=axes[0][0].transAxes)
+            continue
+        maps = matrix[None] if matrix.ndim == 2 else matrix
+        for index in range(rows * cols):
+            ax = axes[index // cols][index % cols]
+            if index >= len(maps):
+                ax.set_axis_off()
+                continue
+            image = _draw(ax, maps[index], panel.src_labels, panel.tgt_labels, size, step, show_y=index % cols == 0)
+            ax.set_aspect("equal")  # square cells: the panels of models with different lengths stay comparable
+            heatmap_axes.append(ax)
+            if matrix.ndim == 3:
+                ax.set_title(f"head {index}", fontsize=8)
+    if image is not None:
+        figure.colorbar(image, ax=heatmap_axes[-1], shrink=0.8, label="attention weight")
     if title:
         _set_title(figure, title)
     return figure

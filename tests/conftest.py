@@ -3,10 +3,19 @@
 from __future__ import annotations
 
 import os
+import random
 from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+
+from seq2seq.checkpoint import save_checkpoint
+from seq2seq.data.batching import collate
+from seq2seq.data.tokenizer import PAD_ID, build_tokenizers
+from seq2seq.models import build_model
+from seq2seq.paths import CONFIG_DIR
 
 TATOEBA_RELATIVE_PATH = Path("tatoeba-cmn-eng/cmn-eng.tsv")
 
@@ -21,6 +30,87 @@ def corpus_path() -> Path:
     if not path.is_file():
         pytest.skip(f"Tatoeba corpus not found at {path} (SEQ2SEQ_DATA_MIRROR={mirror})")
     return path
+
+
+TINY_MODELS = {
+    "transformer": {"d_model": 32, "num_heads": 2, "encoder_layers": 1, "decoder_layers": 1, "ff_dim": 64,
+                    "dropout": 0.0, "attention_dropout": 0.0, "max_positions": 64},
+    "bahdanau": {"embed_dim": 24, "hidden_size": 32, "attention_dim": 32, "dropout": 0.0},
+    "rnn": {"embed_dim": 24, "hidden_size": 32, "encoder_layers": 1, "decoder_layers": 1, "dropout": 0.0},
+}
+
+
+def corpus_pairs(path: Path, count: int = 300) -> list[tuple[str, str]]:
+    """(zh, en) pairs spread over the corpus file, malformed lines skipped."""
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    pairs = []
+    for line in lines[:: max(len(lines) // count, 1)]:
+        fields = line.split("\t")
+        if len(fields) >= 2 and fields[0].strip() and fields[1].strip():
+            pairs.append((fields[1], fields[0]))
+    return pairs[:count]
+
+
+def _config(name: str) -> dict:
+    """The composed config a training run would store, with a tiny model and vocabulary."""
+    def load(group: str, member: str) -> dict:
+        return OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / group / f"{member}.yaml"))
+
+    model = {**load("model", name)["model"], **TINY_MODELS[name]}
+    tokenizer = {**load("tokenizer", "sentencepiece"), "src_vocab_size": 1000, "tgt_vocab_size": 500,
+                 "character_coverage": 0.98}
+    trainer = {**load("trainer", "default"), "test_beam_size": 3}
+    return {"data": load("data", "tatoeba_zh_en"), "tokenizer": tokenizer, "model": model,
+            "optim": load("optim", "adamw"), "trainer": trainer}
+
+
+def _train(model: torch.nn.Module, examples: list[dict], steps: int = 60) -> None:
+    """A few dozen teacher-forced updates: enough for outputs that look like English, not like random ids."""
+    torch.manual_seed(0)
+    rng = random.Random(0)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    model.train()
+    for _ in range(steps):
+        batch = collate(rng.sample(examples, 32))
+        logits = model(batch.src, batch.src_mask, batch.tgt_in).logits
+        loss = F.cross_entropy(logits.flatten(0, 1), batch.tgt_out.flatten(), ignore_index=PAD_ID)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory, corpus_path) -> dict[str, Path]:
+    """Tiny rnn, bahdanau and transformer checkpoints from ~300 Tatoeba pairs, built once per session: tiny
+    SentencePiece vocabularies, a few dozen training steps, saved with the configs training would write."""
+    import datasets
+
+    pairs = corpus_pairs(corpus_path)
+    folder = tmp_path_factory.mktemp("checkpoints")
+    train = datasets.Dataset.from_dict({"src": [zh for zh, _ in pairs], "tgt": [en for _, en in pairs]})
+    tok_cfg = OmegaConf.create(_config("transformer")["tokenizer"])
+    src_tok, tgt_tok = build_tokenizers(train, tok_cfg, folder / "cache")
+    examples = [
+        {"src_ids": src_tok.encode(zh), "tgt_ids": tgt_tok.encode(en), "index": i} for i, (zh, en) in enumerate(pairs)
+    ]
+    paths = {}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models on a shared CPU: more threads only contend
+    try:
+        for name in TINY_MODELS:
+            config = _config(name)
+            torch.manual_seed(0)
+            model = build_model(OmegaConf.create(config["model"]), src_tok.vocab_size, tgt_tok.vocab_size)
+            _train(model, examples)
+            paths[name] = folder / f"{name}.pt"
+            save_checkpoint(paths[name], {
+                "config": config, "model": model.state_dict(), "src_tokenizer": src_tok.proto,
+                "tgt_tokenizer": tgt_tok.proto, "step": 60, "epoch": 0, "best_valid_bleu": None, "metrics": {},
+            })
+    finally:
+        torch.set_num_threads(threads)
+    return paths
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:

@@ -1,9 +1,7 @@
 """Translating and evaluating with real (tiny) checkpoints: the CLI contract (one line out per line in, order,
 bad input, errors), attention plots, n-best output, and BLEU that matches sacreBLEU on the same outputs.
 
-The checkpoints are built once per session from ~300 Tatoeba pairs (skipped without the corpus, see conftest.py):
-SentencePiece models with a tiny vocabulary, a tiny transformer, Bahdanau and RNN trained for a few dozen steps,
-saved with the configs training would write.
+The checkpoints are the tiny ones of conftest.py's `checkpoints` fixture (skipped without the corpus).
 """
 
 from __future__ import annotations
@@ -12,109 +10,24 @@ import io
 import json
 import logging
 import os
-import random
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import sacrebleu
 import torch
-import torch.nn.functional as F
 from matplotlib.image import imread
-from omegaconf import OmegaConf
 
 from seq2seq import evaluate as evaluate_cli
 from seq2seq import translate as translate_cli
-from seq2seq.checkpoint import load_model, save_checkpoint
-from seq2seq.data.batching import collate
-from seq2seq.data.tokenizer import PAD_ID, build_tokenizers
-from seq2seq.models import build_model
-from seq2seq.paths import CONFIG_DIR
+from seq2seq.checkpoint import load_model
 from seq2seq.predict import translate_sentences
+
+from conftest import corpus_pairs
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 SENTENCES = ["我是一个学生。", "", "他昨天去了图书馆。", "你好！", "   ", "我们走吧。"]
-TINY_MODELS = {
-    "transformer": {"d_model": 32, "num_heads": 2, "encoder_layers": 1, "decoder_layers": 1, "ff_dim": 64,
-                    "dropout": 0.0, "attention_dropout": 0.0, "max_positions": 64},
-    "bahdanau": {"embed_dim": 24, "hidden_size": 32, "attention_dim": 32, "dropout": 0.0},
-    "rnn": {"embed_dim": 24, "hidden_size": 32, "encoder_layers": 1, "decoder_layers": 1, "dropout": 0.0},
-}
-
-
-def _corpus_pairs(path: Path, count: int = 300) -> list[tuple[str, str]]:
-    """(zh, en) pairs spread over the corpus file, malformed lines skipped."""
-    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
-    pairs = []
-    for line in lines[:: max(len(lines) // count, 1)]:
-        fields = line.split("\t")
-        if len(fields) >= 2 and fields[0].strip() and fields[1].strip():
-            pairs.append((fields[1], fields[0]))
-    return pairs[:count]
-
-
-def _config(name: str) -> dict:
-    """The composed config a training run would store, with a tiny model and vocabulary."""
-    def load(group: str, member: str) -> dict:
-        return OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / group / f"{member}.yaml"))
-
-    model = {**load("model", name)["model"], **TINY_MODELS[name]}
-    tokenizer = {**load("tokenizer", "sentencepiece"), "src_vocab_size": 1000, "tgt_vocab_size": 500,
-                 "character_coverage": 0.98}
-    trainer = {**load("trainer", "default"), "test_beam_size": 3}
-    return {"data": load("data", "tatoeba_zh_en"), "tokenizer": tokenizer, "model": model,
-            "optim": load("optim", "adamw"), "trainer": trainer}
-
-
-def _train(model: torch.nn.Module, examples: list[dict], steps: int = 60) -> None:
-    """A few dozen teacher-forced updates: enough for outputs that look like English, not like random ids."""
-    torch.manual_seed(0)
-    rng = random.Random(0)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    model.train()
-    for _ in range(steps):
-        batch = collate(rng.sample(examples, 32))
-        logits = model(batch.src, batch.src_mask, batch.tgt_in).logits
-        loss = F.cross_entropy(logits.flatten(0, 1), batch.tgt_out.flatten(), ignore_index=PAD_ID)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    model.eval()
-
-
-@pytest.fixture(scope="session")
-def checkpoints(tmp_path_factory, corpus_path) -> dict[str, Path]:
-    import datasets
-
-    pairs = _corpus_pairs(corpus_path)
-    folder = tmp_path_factory.mktemp("checkpoints")
-    train = datasets.Dataset.from_dict({"src": [zh for zh, _ in pairs], "tgt": [en for _, en in pairs]})
-    tok_cfg = OmegaConf.create(_config("transformer")["tokenizer"])
-    src_tok, tgt_tok = build_tokenizers(train, tok_cfg, folder / "cache")
-    examples = [
-        {"src_ids": src_tok.encode(zh), "tgt_ids": tgt_tok.encode(en), "index": i} for i, (zh, en) in enumerate(pairs)
-    ]
-    paths = {}
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models on a shared CPU: more threads only contend
-    try:
-        for name in TINY_MODELS:
-            config = _config(name)
-            torch.manual_seed(0)
-            model = build_model(OmegaConf.create(config["model"]), src_tok.vocab_size, tgt_tok.vocab_size)
-            _train(model, examples)
-            paths[name] = folder / f"{name}.pt"
-            save_checkpoint(paths[name], {
-                "config": config, "model": model.state_dict(), "src_tokenizer": src_tok.proto,
-                "tgt_tokenizer": tgt_tok.proto, "step": 60, "epoch": 0, "best_valid_bleu": None, "metrics": {},
-            })
-    finally:
-        torch.set_num_threads(threads)
-    return paths
-
-
 @pytest.fixture(scope="session")
 def transformer(checkpoints):
     return load_model(checkpoints["transformer"])
@@ -341,7 +254,7 @@ def test_evaluate_matches_sacrebleu_on_a_copied_checkpoint(checkpoints, corpus_p
     alone = tmp_path / "elsewhere" / "model.pt"
     alone.parent.mkdir()
     shutil.copy(checkpoints["transformer"], alone)
-    pairs = _corpus_pairs(corpus_path, 40)[5:25]
+    pairs = corpus_pairs(corpus_path, 40)[5:25]
     src, ref = tmp_path / "test.zh", tmp_path / "test.en"
     src.write_text("".join(zh + "\n" for zh, _ in pairs), encoding="utf-8")
     ref.write_text("".join(en + "\n" for _, en in pairs), encoding="utf-8")
@@ -366,7 +279,7 @@ def test_evaluate_matches_sacrebleu_on_a_copied_checkpoint(checkpoints, corpus_p
 
 
 def test_evaluate_tsv_is_cleaned_like_training(checkpoints, corpus_path, tmp_path, capsysbinary):
-    pairs = _corpus_pairs(corpus_path, 40)[:12]
+    pairs = corpus_pairs(corpus_path, 40)[:12]
     lines = [f"{en}\t{zh}\tCC-BY 2.0 (France) Attribution: tatoeba.org" for zh, en in pairs]
     lines += [lines[0], "a line without any tab", f"{pairs[1][1]}\t"]  # duplicate, malformed, empty side
     tsv = tmp_path / "extra.tsv"

@@ -1,0 +1,188 @@
+"""Attention analysis: SentencePiece pieces merged into words, and the diagnostics `seq2seq.inspect` prints.
+
+Words ("units"). Pieces are merged by SentencePiece's "▁" word-boundary mark, which works for any spaced script:
+"▁stud" + "ent" is one unit "student". Unspaced CJK text has no words to recover, so every CJK character is a
+unit of its own, and a piece of several characters ("一个") is split into them. Punctuation (Unicode category P,
+apostrophes and hyphens excepted, so "I'm" and "well-known" stay whole) is a unit of its own, so the final
+period is not glued onto the last word. Special pieces such as "</s>" stay single units; byte-fallback pieces
+("<0xE5>", for characters outside the vocabulary) are decoded into the characters their bytes spell.
+
+A piece covering several units gives each of them an equal share of its weight. On the source side the weights
+of a unit's pieces are summed (the unit receives what its pieces received); on the target side the rows of a
+unit's pieces are averaged (the unit's attention is that of its pieces). Both keep every row a distribution.
+
+Diagnostics are always computed on units, which do not depend on the tokenizer, so models with different
+vocabularies compare: row entropy, the weight on the source "</s>" and on punctuation, source coverage (total
+attention a source unit receives over all target rows; well below 1 suggests it was not translated), and the
+agreement of two models' alignments (see `agreement`).
+"""
+
+from __future__ import annotations
+
+import difflib
+import unicodedata
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+WORD_BOUNDARY = "▁"
+EOS_PIECE = "</s>"
+INNER_WORD_PUNCTUATION = frozenset("'’-")
+COVERAGE_THRESHOLD = 0.3
+
+
+def is_cjk(char: str) -> bool:
+    """Han, kana and hangul: scripts written without spaces between words."""
+    name = unicodedata.name(char, "")
+    return name.startswith(("CJK UNIFIED", "CJK COMPATIBILITY IDEOGRAPH", "HIRAGANA", "KATAKANA", "HANGUL"))
+
+
+def is_punctuation(text: str) -> bool:
+    return bool(text) and all(unicodedata.category(ch).startswith("P") for ch in text)
+
+
+def _is_special(piece: str) -> bool:
+    return len(piece) > 2 and piece.startswith("<") and piece.endswith(">")
+
+
+def _char_kind(char: str) -> str:
+    if is_cjk(char):
+        return "cjk"
+    if unicodedata.category(char).startswith("P") and char not in INNER_WORD_PUNCTUATION:
+        return "punct"
+    return "word"
+
+
+def _segments(text: str) -> list[tuple[str, str]]:
+    """(kind, text) runs of a piece: one per CJK character, maximal runs of punctuation or of word characters."""
+    segments: list[tuple[str, str]] = []
+    for char in text:
+        kind = _char_kind(char)
+        if segments and kind != "cjk" and segments[-1][0] == kind:
+            segments[-1] = (kind, segments[-1][1] + char)
+        else:
+            segments.append((kind, char))
+    return segments
+
+
+@dataclass
+class Units:
+    """Pieces merged into units: `labels[u]` is a unit's text, `shares[p, u]` the share of piece p in unit u
+    (each piece's shares sum to 1)."""
+
+    labels: list[str]
+    shares: np.ndarray
+
+    @property
+    def is_punctuation(self) -> np.ndarray:
+        return np.array([is_punctuation(label) for label in self.labels], dtype=bool)
+
+
+def _byte_value(piece: str) -> int | None:
+    """The byte of a byte-fallback piece such as "<0xE5>", else None."""
+    if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+        try:
+            return int(piece[3:5], 16)
+        except ValueError:
+            return None
+    return None
+
+
+def _texts(pieces: Sequence[str]) -> list[tuple[list[int], str]]:
+    """(piece indices, text) in order: a run of byte-fallback pieces is decoded together into the characters
+    its bytes spell (a character's bytes are one UTF-8 sequence), every other piece stands alone."""
+    texts: list[tuple[list[int], str]] = []
+    run: list[int] = []
+    for index, piece in enumerate([*pieces, ""]):
+        if index < len(pieces) and _byte_value(piece) is not None:
+            run.append(index)
+            continue
+        if run:
+            texts.append((run, bytes(_byte_value(pieces[i]) for i in run).decode("utf-8", errors="replace")))
+            run = []
+        if index < len(pieces):
+            texts.append(([index], piece))
+    return texts
+
+
+def merge_pieces(pieces: Sequence[str]) -> Units:
+    """Group SentencePiece pieces into words (spaced scripts), characters (CJK) and punctuation marks."""
+    labels: list[str] = []
+    kinds: list[str] = []
+    members: list[list[int]] = [[] for _ in pieces]  # per piece: the units it covers
+    pending: list[int] = []  # lone "▁" pieces: they belong to the unit that follows (or, at the end, precedes)
+    for indices, text in _texts(pieces):
+        if _is_special(text):
+            segments = [("special", text)]
+        else:
+            segments = _segments(text.replace(WORD_BOUNDARY, " ").strip())
+        if not segments:
+            pending.extend(indices)
+            continue
+        starts_word = text.startswith(WORD_BOUNDARY) or bool(pending)
+        covered = []
+        for position, (kind, segment) in enumerate(segments):
+            if position == 0 and not starts_word and kinds and kinds[-1] == kind == "word":
+                labels[-1] += segment
+            else:
+                labels.append(segment)
+                kinds.append(kind)
+            covered.append(len(labels) - 1)
+        for index in indices:
+            members[index] = covered
+        for lone in pending:
+            members[lone] = covered[:1]
+        pending = []
+    if pending and not labels:
+        labels.append(WORD_BOUNDARY)
+    for lone in pending:
+        members[lone] = [len(labels) - 1]
+    shares = np.zeros((len(pieces), len(labels)), dtype=np.float64)
+    for piece_index, covered in enumerate(members):
+        shares[piece_index, covered] = 1.0 / len(covered)
+    return Units(labels, shares)
+
+
+def merge_attention(attention: np.ndarray, src: Units, tgt: Units) -> np.ndarray:
+    """(..., T, S) piece attention -> (..., T', S') unit attention: summed over a source unit's pieces, averaged
+    over a target unit's pieces (weighted by their shares), so rows that summed to 1 still do."""
+    target_average = tgt.shares.T / tgt.shares.sum(axis=0)[:, None]
+    return np.einsum("ut,...ts,sv->...uv", target_average, np.asarray(attention, dtype=np.float64), src.shares)
+
+
+def row_entropy(attention: np.ndarray) -> np.ndarray:
+    """Entropy (nats) of each row over the last axis: 0 when all weight is on one position, log n when uniform."""
+    p = np.clip(np.asarray(attention, dtype=np.float64), 0.0, None)
+    return -(np.where(p > 0, p * np.log(np.where(p > 0, p, 1.0)), 0.0)).sum(axis=-1)
+
+
+def coverage(attention: np.ndarray) -> np.ndarray:
+    """Total attention each source position receives over all target rows of a (T, S) map."""
+    return np.asarray(attention, dtype=np.float64).sum(axis=-2)
+
+
+def uncovered(attention: np.ndarray, src_labels: Sequence[str], threshold: float = COVERAGE_THRESHOLD) -> list[int]:
+    """Source units (not "</s>", not punctuation) whose coverage is below `threshold`: likely left untranslated."""
+    received = coverage(attention)
+    return [
+        i for i, label in enumerate(src_labels)
+        if label != EOS_PIECE and not is_punctuation(label) and received[i] < threshold
+    ]
+
+
+def agreement(
+    first_tgt: Sequence[str], first_argmax: Sequence[int], second_tgt: Sequence[str], second_argmax: Sequence[int],
+) -> tuple[float | None, int]:
+    """Share of target words on which two models' alignments point at the same source unit, and how many were
+    compared. The two translations may differ: their target words are matched by a longest-common-subsequence
+    alignment (difflib, no junk heuristics), "</s>" excluded, and only matched words are compared; with identical
+    translations that is every target word. None when no word matches."""
+    first = [w for w in first_tgt if w != EOS_PIECE]
+    second = [w for w in second_tgt if w != EOS_PIECE]
+    matcher = difflib.SequenceMatcher(a=first, b=second, autojunk=False)
+    pairs = [(block.a + k, block.b + k) for block in matcher.get_matching_blocks() for k in range(block.size)]
+    if not pairs:
+        return None, 0
+    same = sum(first_argmax[i] == second_argmax[j] for i, j in pairs)
+    return same / len(pairs), len(pairs)

@@ -1,0 +1,141 @@
+"""The attention inspector: word merging keeps rows distributions, the diagnostics mean what they say, and
+`python -m seq2seq.inspect` draws the three tiny checkpoints of conftest.py side by side with legible Chinese."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pytest
+from matplotlib.image import imread
+
+from seq2seq import inspect as inspect_cli
+from seq2seq.attention import agreement, merge_attention, merge_pieces, row_entropy, uncovered
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+SENTENCE = "我是一个学生。"
+ZH = ["▁我", "是", "一个", "学生", "。", "</s>"]
+EN = ["▁I", "'", "m", "▁a", "▁stud", "ent", ".", "</s>"]
+
+
+def _rows(rows: int, cols: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).dirichlet(np.ones(cols), size=rows)
+
+
+def test_english_merges_into_words_and_chinese_splits_into_characters():
+    assert merge_pieces(EN).labels == ["I'm", "a", "student", ".", "</s>"]
+    assert merge_pieces(ZH).labels == ["我", "是", "一", "个", "学", "生", "。", "</s>"]
+    assert merge_pieces(["▁", "▁iPhone", "很", "好", "▁"]).labels == ["iPhone", "很", "好"]
+
+
+def test_merged_rows_still_sum_to_one():
+    src, tgt = merge_pieces(ZH), merge_pieces(EN)
+    merged = merge_attention(_rows(len(EN), len(ZH)), src, tgt)
+    assert merged.shape == (len(tgt.labels), len(src.labels))
+    np.testing.assert_allclose(merged.sum(axis=-1), 1.0, atol=1e-9)
+    layers = merge_attention(np.stack([_rows(len(EN), len(ZH), seed) for seed in range(6)]).reshape(2, 3, 8, 6), src, tgt)
+    np.testing.assert_allclose(layers.sum(axis=-1), 1.0, atol=1e-9)
+
+
+def test_merging_sums_sources_and_averages_targets():
+    attention = np.zeros((len(EN), len(ZH)))
+    attention[4, 3] = 1.0  # "▁stud" -> "学生"
+    attention[5, 0] = 1.0  # "ent" -> "▁我"
+    merged = merge_attention(attention, merge_pieces(ZH), merge_pieces(EN))
+    student = merged[2]  # the average of its two pieces' rows; 学生's weight split between 学 and 生
+    np.testing.assert_allclose(student[[0, 4, 5]], [0.5, 0.25, 0.25])
+
+
+def test_uniform_row_has_entropy_log_n_and_a_peak_zero():
+    np.testing.assert_allclose(row_entropy(np.full((3, 7), 1 / 7)), math.log(7))
+    assert row_entropy(np.eye(4)).tolist() == [0.0] * 4
+
+
+def test_coverage_flags_the_source_word_that_is_skipped():
+    labels = ["我", "是", "学", "生", "。", "</s>"]
+    attention = np.full((5, 6), 0.02)
+    for row, column in enumerate([0, 1, 3, 4, 5]):  # 学 never gets more than the background
+        attention[row, column] = 0.9
+    attention /= attention.sum(axis=1, keepdims=True)
+    assert [labels[i] for i in uncovered(attention, labels, 0.3)] == ["学"]
+    assert uncovered(np.full((6, 6), 1 / 6), labels, 0.3) == []
+
+
+def test_agreement_compares_matched_target_words_only():
+    assert agreement(["I", "am", "</s>"], [0, 1, 2], ["I", "am", "</s>"], [0, 2, 2]) == (0.5, 2)
+    share, compared = agreement(["I", "am", "a", "student"], [0, 1, 2, 3], ["I", "'m", "a", "student"], [0, 1, 3, 3])
+    assert compared == 3 and share == pytest.approx(2 / 3)
+    assert agreement(["yes"], [0], ["no"], [0]) == (None, 0)
+
+
+def _inspect(capsysbinary, *args) -> tuple[int, str, str]:
+    code = inspect_cli.main([str(a) for a in args])
+    captured = capsysbinary.readouterr()
+    return code, captured.out.decode("utf-8"), captured.err.decode("utf-8")
+
+
+def _three(checkpoints) -> list:
+    return [arg for name in ("rnn", "bahdanau", "transformer") for arg in ("--checkpoint", checkpoints[name])]
+
+
+def test_three_models_side_by_side_with_chinese_glyphs(checkpoints, tmp_path, capsysbinary, caplog):
+    out, report = tmp_path / "student.png", tmp_path / "student.json"
+    with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.WARNING):
+        warnings.simplefilter("always")
+        code, stdout, stderr = _inspect(capsysbinary, *_three(checkpoints), SENTENCE, "--out", out, "--words",
+                                        "--json", report)
+    assert code == 0, stderr
+    messages = [str(w.message) for w in caught] + [r.getMessage() for r in caplog.records]
+    assert not [m for m in messages if "missing" in m.lower()], messages  # every glyph, Chinese included, drawn
+    png = out.read_bytes()
+    assert png.startswith(PNG_MAGIC) and imread(io.BytesIO(png), format="png").shape[1] > 600
+    document = json.loads(report.read_text(encoding="utf-8"))
+    rnn, bahdanau, transformer = document["models"]
+    assert rnn["has_attention"] is False and "no attention" in stdout
+    assert bahdanau["source_words"] == ["我", "是", "一", "个", "学", "生", "。", "</s>"]
+    assert len(transformer["layer_head_entropy"]) == 1 and len(transformer["layer_head_entropy"][0]) == 2
+    assert [p["models"] for p in document["agreement"]] == [[bahdanau["model"], transformer["model"]]]
+    for model in (bahdanau, transformer):
+        assert len(model["row_entropy"]) == len(model["target_words"])
+        assert max(model["row_entropy"]) <= model["uniform_entropy"] + 1e-6
+        assert model["model"] in stdout
+
+
+def test_heads_and_layer_views(checkpoints, tmp_path, capsysbinary):
+    transformer = checkpoints["transformer"]
+    code, _, stderr = _inspect(capsysbinary, "--checkpoint", transformer, "--checkpoint", checkpoints["bahdanau"],
+                               SENTENCE, "--heads", "--layer", "1", "--out", tmp_path / "heads.png")
+    assert code == 0, stderr
+    assert (tmp_path / "heads.png").read_bytes().startswith(PNG_MAGIC)
+    code, _, stderr = _inspect(capsysbinary, "--checkpoint", transformer, SENTENCE, "--layer", "5")
+    assert code == 2 and "--layer 5" in stderr and stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize("problem", ["missing", "garbage"])
+def test_unusable_checkpoint_is_one_line_and_exit_2(checkpoints, tmp_path, problem):
+    path = tmp_path / "broken.pt"
+    if problem == "garbage":
+        path.write_text("not a checkpoint\n")
+    run = subprocess.run([sys.executable, "-m", "seq2seq.inspect", "--checkpoint", str(checkpoints["rnn"]),
+                          "--checkpoint", str(path), SENTENCE], capture_output=True, timeout=300)
+    assert run.returncode == 2
+    stderr = run.stderr.decode("utf-8")
+    assert stderr.startswith("error:") and str(path) in stderr and stderr.count("\n") == 1
+
+
+def test_language_pairs_must_match(checkpoints, tmp_path, capsysbinary):
+    import torch
+
+    payload = torch.load(checkpoints["bahdanau"], weights_only=False)
+    payload["config"]["data"] = {**payload["config"]["data"], "src_lang": "en", "tgt_lang": "zh"}
+    flipped = tmp_path / "en_zh.pt"
+    torch.save(payload, flipped)
+    code, _, stderr = _inspect(capsysbinary, "--checkpoint", checkpoints["transformer"], "--checkpoint", flipped,
+                               SENTENCE)
+    assert code == 2 and "different language pairs" in stderr
