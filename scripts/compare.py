@@ -1,12 +1,16 @@
-"""Side-by-side comparison of finished runs: a markdown table and BLEU by source length, overlaid.
+"""Side-by-side comparison of finished runs: a markdown table, BLEU by source length overlaid, and the models'
+attention on the same sentences.
 
     python -m seq2seq.train -m model=rnn,bahdanau,transformer
     python scripts/compare.py runs/tatoeba_zh_en
 
 Every `results.json` below the given folders is one run (the trainer writes it when a run ends); when a model was
 trained several times, the newest run of each data/model pair is used unless --all is given. Writes
-`comparison.md` and `bleu_by_length.png` into --out (default: the first folder given) and logs both to TensorBoard
-under `<out>/comparison`, so `tensorboard --logdir runs` shows them beside the runs.
+`comparison.md` and `bleu_by_length.png` into --out (default: the first folder given), and for each data set one
+`attention_<data>_<n>.png` per sentence of `attention_examples` (from the runs' configs, see configs/train.yaml):
+the runs' best checkpoints side by side, drawn and diagnosed as `python -m seq2seq.inspect` does, the diagnostics
+appended to comparison.md. All of it is logged to TensorBoard under `<out>/comparison`, so
+`tensorboard --logdir runs` shows it beside the runs.
 """
 
 from __future__ import annotations
@@ -20,7 +24,13 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
 from torch.utils.tensorboard import SummaryWriter  # noqa: E402
+
+from seq2seq import inspect as inspector  # noqa: E402
+from seq2seq.board import add_figure  # noqa: E402
+from seq2seq.checkpoint import CheckpointError  # noqa: E402
+from seq2seq.cli import UsageError  # noqa: E402
 
 COLUMNS = (
     ("run", "{}"),
@@ -89,6 +99,42 @@ def length_figure(runs: list[dict], keep_all: bool) -> plt.Figure:
     return fig
 
 
+def run_checkpoint(run: dict) -> Path | None:
+    """The checkpoint a run's test used (best.pt), or its last one when training stopped before a best."""
+    folder = Path(run["run_dir"]) / "checkpoints"
+    return next((path for path in (folder / "best.pt", folder / "last.pt") if path.is_file()), None)
+
+
+def attention_comparison(runs: list[dict], out: Path, writer: SummaryWriter) -> list[str]:
+    """One side-by-side figure per attention example and data set; returns the markdown of the diagnostics."""
+    markdown = []
+    for data in sorted({run["data"] for run in runs}):
+        paths = [path for run in runs if run["data"] == data and (path := run_checkpoint(run)) is not None]
+        if not paths:
+            print(f"compare: no checkpoints in the {data} runs; skipping the attention figures", file=sys.stderr)
+            continue
+        try:
+            models = inspector.load_models(paths, torch.device("cpu"))
+        except (CheckpointError, UsageError) as error:
+            print(f"compare: skipping the {data} attention figures: {error}", file=sys.stderr)
+            continue
+        examples = [str(s) for s in models[0][1].config.get("attention_examples") or []]
+        for number, sentence in enumerate(examples):
+            inspected = [inspector.inspect_model(path, loaded, sentence, None, torch.device("cpu"))
+                         for path, loaded in models]
+            view = inspector.View()
+            reports = inspector.diagnose(inspected, view, inspector.analysis.COVERAGE_THRESHOLD)
+            table = inspector.format_table(reports, inspector.agreements(reports), inspector.analysis.COVERAGE_THRESHOLD)
+            markdown += [f"### {data}: {sentence}", "", f"![attention](attention_{data}_{number}.png)", "",
+                         "```", table, "```", ""]
+            figure = inspector.comparison_figure(inspected, sentence, view, words=False)
+            figure.savefig(out / f"attention_{data}_{number}.png")
+            add_figure(writer, f"comparison/attention/{data}_{number}", figure, 0)
+            code_block = "\n".join(f"    {line}" for line in table.splitlines())  # markdown: keep the columns
+            writer.add_text(f"comparison/attention_diagnostics/{data}_{number}", code_block)
+    return markdown
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("folders", nargs="+", type=Path, help="run folders or folders that contain runs")
@@ -104,15 +150,18 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
 
     table = markdown_table(runs, args.all)
-    (out / "comparison.md").write_text(table + "\n")
     figure = length_figure(runs, args.all)
     figure.savefig(out / "bleu_by_length.png")
 
     with SummaryWriter(log_dir=str(out / "comparison")) as writer:
         writer.add_text("comparison/table", table)
         writer.add_figure("comparison/bleu_by_length", figure)
+        attention = attention_comparison(runs, out, writer)
+    sections = [table, "", "## Attention", "", *attention] if attention else [table]
+    (out / "comparison.md").write_text("\n".join(sections) + "\n", encoding="utf-8")
     print(table)
-    print(f"\nwrote {out / 'comparison.md'} and {out / 'bleu_by_length.png'}", file=sys.stderr)
+    print(f"\nwrote {out / 'comparison.md'}, {out / 'bleu_by_length.png'} and "
+          f"{sum(line.startswith('![') for line in attention)} attention figure(s)", file=sys.stderr)
 
 
 if __name__ == "__main__":

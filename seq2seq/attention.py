@@ -171,6 +171,21 @@ def uncovered(attention: np.ndarray, src_labels: Sequence[str], threshold: float
     ]
 
 
+def training_summary(layers: np.ndarray, src_pieces: Sequence[str], tgt_pieces: Sequence[str],
+                     threshold: float = COVERAGE_THRESHOLD) -> dict[str, np.ndarray | float]:
+    """Word-level scalars of one sentence for the training curves: the mean row entropy of every layer and head
+    (L, H) of a (L, H, T, S) map, that of their mean map, and the share of source words it leaves uncovered."""
+    src, tgt = merge_pieces(src_pieces), merge_pieces(tgt_pieces)
+    maps = merge_attention(layers, src, tgt)
+    mean_map = maps.mean(axis=(0, 1))
+    words = [label for label in src.labels if label != EOS_PIECE and not is_punctuation(label)]
+    return {
+        "layer_head_entropy": row_entropy(maps).mean(axis=-1),
+        "entropy": float(row_entropy(mean_map).mean()),
+        "uncovered_share": len(uncovered(mean_map, src.labels, threshold)) / max(len(words), 1),
+    }
+
+
 def agreement(
     first_tgt: Sequence[str], first_argmax: Sequence[int], second_tgt: Sequence[str], second_argmax: Sequence[int],
 ) -> tuple[float | None, int]:

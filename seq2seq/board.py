@@ -14,6 +14,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
+from seq2seq.attention import training_summary
 from seq2seq.data.tokenizer import BOS_ID, EOS_ID, Tokenizer
 from seq2seq.decoding import decode
 from seq2seq.models.base import Seq2SeqModel
@@ -69,7 +70,8 @@ def add_figure(writer: SummaryWriter, tag: str, figure, step: int) -> None:
 def log_attention(writer: SummaryWriter, model: Seq2SeqModel, model_name: str, src_tok: Tokenizer,
                   tgt_tok: Tokenizer, sentences: list[str], device: torch.device, max_len_a: float, max_len_b: int,
                   step: int) -> None:
-    """Greedy translations of the fixed sentences, then a teacher-forced pass over them for the maps."""
+    """Greedy translations of the fixed sentences, then a teacher-forced pass over them for the maps, and their
+    word-level entropy (per layer and head) and coverage as scalars, averaged over the sentences."""
     if not model.has_attention:
         writer.add_text(
             "attention",
@@ -81,6 +83,7 @@ def log_attention(writer: SummaryWriter, model: Seq2SeqModel, model_name: str, s
     was_training = model.training
     model.eval()
     limit = source_token_limit(model, max_len_a, max_len_b)
+    summaries = []
     for i, sentence in enumerate(sentences):
         ids = src_tok.encode(sentence)[:limit]
         if not ids:
@@ -96,6 +99,8 @@ def log_attention(writer: SummaryWriter, model: Seq2SeqModel, model_name: str, s
         tgt_pieces = tgt_tok.pieces(hypothesis.tokens) + ["</s>"]
         title = f"{sentence} → {tgt_tok.decode(hypothesis.tokens)}"
         tag = f"attention/{i:02d}"
+        all_maps = attention["cross_layers"][:, 0] if "cross_layers" in attention else attention["cross"][0][None, None]
+        summaries.append(training_summary(all_maps.float().cpu().numpy(), src_pieces, tgt_pieces))
         if "cross_layers" in attention:  # transformer: (L, 1, H, T, S)
             layers = attention["cross_layers"][:, 0].float().cpu()
             for layer, heads in enumerate(layers, start=1):
@@ -107,6 +112,19 @@ def log_attention(writer: SummaryWriter, model: Seq2SeqModel, model_name: str, s
             figure = attention_figure(attention["cross"][0].float().cpu(), src_pieces, tgt_pieces, title)
             add_figure(writer, tag, figure, step)
     model.train(was_training)
+    if summaries:
+        log_attention_scalars(writer, summaries, step)
+
+
+def log_attention_scalars(writer: SummaryWriter, summaries: list[dict], step: int) -> None:
+    """Curves of how sharp the attention gets (entropy in nats, words as units) and how much of the source it
+    leaves untouched (share of source words whose coverage is under the inspector's default threshold)."""
+    writer.add_scalar("attention/entropy", float(np.mean([s["entropy"] for s in summaries])), step)
+    writer.add_scalar("attention/uncovered_share", float(np.mean([s["uncovered_share"] for s in summaries])), step)
+    grid = np.mean([s["layer_head_entropy"] for s in summaries], axis=0)
+    if grid.size > 1:
+        for (layer, head), value in np.ndenumerate(grid):
+            writer.add_scalar(f"attention/entropy_by_head/layer_{layer + 1}_head_{head}", float(value), step)
 
 
 def log_test(writer: SummaryWriter, scores: dict[str, Any], buckets: list[dict[str, Any]], step: int) -> None:

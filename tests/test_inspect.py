@@ -10,6 +10,7 @@ import math
 import subprocess
 import sys
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -139,3 +140,59 @@ def test_language_pairs_must_match(checkpoints, tmp_path, capsysbinary):
     code, _, stderr = _inspect(capsysbinary, "--checkpoint", checkpoints["transformer"], "--checkpoint", flipped,
                                SENTENCE)
     assert code == 2 and "different language pairs" in stderr
+
+
+class _RecordingWriter:
+    """Stands in for a SummaryWriter: keeps the scalars, ignores images and text."""
+
+    def __init__(self) -> None:
+        self.scalars: dict[str, float] = {}
+
+    def add_scalar(self, tag: str, value: float, step: int) -> None:
+        self.scalars[tag] = value
+
+    def add_image(self, *args, **kwargs) -> None:
+        pass
+
+    def add_text(self, *args, **kwargs) -> None:
+        pass
+
+
+def test_validation_logs_entropy_per_layer_and_head_and_coverage(checkpoints):
+    from seq2seq import board
+    from seq2seq.checkpoint import load_model
+
+    loaded = load_model(checkpoints["transformer"])
+    writer = _RecordingWriter()
+    board.log_attention(writer, loaded.model, "transformer", loaded.src_tokenizer, loaded.tgt_tokenizer,
+                        [SENTENCE, "他昨天去了图书馆。"], "cpu", 1.2, 10, step=7)
+    assert set(writer.scalars) == {
+        "attention/entropy", "attention/uncovered_share",
+        "attention/entropy_by_head/layer_1_head_0", "attention/entropy_by_head/layer_1_head_1",
+    }
+    assert 0 <= writer.scalars["attention/uncovered_share"] <= 1
+    assert 0 < writer.scalars["attention/entropy"] <= math.log(len(SENTENCE) + 1)
+
+
+def test_compare_script_draws_the_attention_examples(checkpoints, tmp_path):
+    import torch
+
+    for name in ("rnn", "bahdanau", "transformer"):
+        run_dir = tmp_path / "runs" / "tatoeba_zh_en" / name / "2026-01-01_00-00-00"
+        (run_dir / "checkpoints").mkdir(parents=True)
+        payload = torch.load(checkpoints[name], weights_only=False)
+        payload["config"]["attention_examples"] = [SENTENCE]
+        torch.save(payload, run_dir / "checkpoints" / "best.pt")
+        (run_dir / "results.json").write_text(json.dumps({
+            "data": "tatoeba_zh_en", "model": name, "parameters": 1000, "train_minutes": 1.0, "steps": 60,
+            "target_tokens_per_s": 100.0, "valid_bleu": 1.0, "valid_chrf": 2.0, "test_bleu": 1.0, "test_chrf": 2.0,
+            "test_bleu_by_length": [{"bucket": "1-4", "bleu": 1.0, "count": 3}],
+        }))
+    script = Path(__file__).resolve().parents[1] / "scripts" / "compare.py"
+    run = subprocess.run([sys.executable, str(script), str(tmp_path / "runs")], capture_output=True, timeout=300)
+    assert run.returncode == 0, run.stderr.decode()
+    figure = tmp_path / "runs" / "attention_tatoeba_zh_en_0.png"
+    assert figure.read_bytes().startswith(PNG_MAGIC)
+    markdown = (tmp_path / "runs" / "comparison.md").read_text(encoding="utf-8")
+    assert f"### tatoeba_zh_en: {SENTENCE}" in markdown and "no attention" in markdown
+    assert list((tmp_path / "runs" / "comparison").glob("events.out.tfevents.*"))
