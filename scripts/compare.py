@@ -123,8 +123,9 @@ def attention_comparison(runs: list[dict], out: Path, writer: SummaryWriter) -> 
             inspected = [inspector.inspect_model(path, loaded, sentence, None, torch.device("cpu"))
                          for path, loaded in models]
             view = inspector.View()
-            reports = inspector.diagnose(inspected, view, inspector.analysis.COVERAGE_THRESHOLD)
-            table = inspector.format_table(reports, inspector.agreements(reports), inspector.analysis.COVERAGE_THRESHOLD)
+            threshold = inspector.analysis.COVERAGE_THRESHOLD
+            reports = inspector.diagnose(inspected, view, threshold)
+            table = inspector.format_table(reports, inspector.agreements(reports), threshold)
             markdown += [f"### {data}: {sentence}", "", f"![attention](attention_{data}_{number}.png)", "",
                          "```", table, "```", ""]
             figure = inspector.comparison_figure(inspected, sentence, view, words=False)

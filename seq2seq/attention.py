@@ -151,6 +151,13 @@ def merge_attention(attention: np.ndarray, src: Units, tgt: Units) -> np.ndarray
     return np.einsum("ut,...ts,sv->...uv", target_average, np.asarray(attention, dtype=np.float64), src.shares)
 
 
+def layer_head_maps(maps: dict) -> np.ndarray:
+    """(L, H, T, S) float32 cross-attention of the first sentence of a teacher-forced `ModelOutput.attention`:
+    every layer and head of the Transformer, Bahdanau's additive attention as one layer with one head."""
+    cross = maps["cross_layers"][:, 0] if "cross_layers" in maps else maps["cross"][0][None, None]
+    return cross.float().cpu().numpy()
+
+
 def row_entropy(attention: np.ndarray) -> np.ndarray:
     """Entropy (nats) of each row over the last axis: 0 when all weight is on one position, log n when uniform."""
     p = np.clip(np.asarray(attention, dtype=np.float64), 0.0, None)

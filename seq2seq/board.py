@@ -14,7 +14,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
-from seq2seq.attention import training_summary
+from seq2seq.attention import layer_head_maps, training_summary
 from seq2seq.data.tokenizer import BOS_ID, EOS_ID, Tokenizer
 from seq2seq.decoding import decode
 from seq2seq.models.base import Seq2SeqModel
@@ -99,8 +99,7 @@ def log_attention(writer: SummaryWriter, model: Seq2SeqModel, model_name: str, s
         tgt_pieces = tgt_tok.pieces(hypothesis.tokens) + ["</s>"]
         title = f"{sentence} → {tgt_tok.decode(hypothesis.tokens)}"
         tag = f"attention/{i:02d}"
-        all_maps = attention["cross_layers"][:, 0] if "cross_layers" in attention else attention["cross"][0][None, None]
-        summaries.append(training_summary(all_maps.float().cpu().numpy(), src_pieces, tgt_pieces))
+        summaries.append(training_summary(layer_head_maps(attention), src_pieces, tgt_pieces))
         if "cross_layers" in attention:  # transformer: (L, 1, H, T, S)
             layers = attention["cross_layers"][:, 0].float().cpu()
             for layer, heads in enumerate(layers, start=1):

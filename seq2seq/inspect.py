@@ -41,7 +41,8 @@ from seq2seq.predict import source_token_limit
 from seq2seq.runtime import DEVICES, RuntimeSettingError, resolve_device
 
 NO_ATTENTION_NOTE = (
-    "no attention:\nthe decoder sees the source only\nthrough the encoder's final state,\nso there is no alignment to draw"
+    "no attention:\nthe decoder sees the source only\nthrough the encoder's final state,\n"
+    "so there is no alignment to draw"
 )
 
 
@@ -118,9 +119,7 @@ def inspect_model(path: Path, loaded: LoadedModel, sentence: str, beam_size: int
     layers = None
     if model.has_attention:
         tgt_in = torch.tensor([[BOS_ID, *hypothesis.tokens]], device=device)
-        maps = model(src, src_mask, tgt_in, return_attention=True).attention
-        layers = maps["cross_layers"][:, 0] if "cross_layers" in maps else maps["cross"][0][None, None]
-        layers = layers.float().cpu().numpy()
+        layers = analysis.layer_head_maps(model(src, src_mask, tgt_in, return_attention=True).attention)
     return Inspected(
         label=model_label(path, loaded), family=str(loaded.config.model.name), checkpoint=path,
         translation=tgt_tok.decode(hypothesis.tokens), src_pieces=src_tok.pieces(ids + [EOS_ID]),

@@ -40,7 +40,8 @@ def test_merged_rows_still_sum_to_one():
     merged = merge_attention(_rows(len(EN), len(ZH)), src, tgt)
     assert merged.shape == (len(tgt.labels), len(src.labels))
     np.testing.assert_allclose(merged.sum(axis=-1), 1.0, atol=1e-9)
-    layers = merge_attention(np.stack([_rows(len(EN), len(ZH), seed) for seed in range(6)]).reshape(2, 3, 8, 6), src, tgt)
+    stacked = np.stack([_rows(len(EN), len(ZH), seed) for seed in range(6)]).reshape(2, 3, len(EN), len(ZH))
+    layers = merge_attention(stacked, src, tgt)
     np.testing.assert_allclose(layers.sum(axis=-1), 1.0, atol=1e-9)
 
 
