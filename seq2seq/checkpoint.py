@@ -37,8 +37,16 @@ class CheckpointError(Exception):
 def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
     """Write atomically, so a crash or kill during the save keeps the previous checkpoint intact."""
     payload = {"format_version": FORMAT_VERSION, "seq2seq_version": __version__, **payload}
-    with atomic_write(path) as handle:
-        torch.save(payload, handle)
+    try:
+        with atomic_write(path) as handle:
+            torch.save(payload, handle)
+    except (OSError, RuntimeError) as error:  # torch reports a failed write (e.g. a full disk) as RuntimeError
+        cause = error.strerror if isinstance(error, OSError) and error.strerror else str(error).splitlines()[0]
+        kept = f"the previous {Path(path).name} is intact" if Path(path).exists() else "nothing was written"
+        raise CheckpointError(
+            f"cannot write checkpoint {path}: {cause}; {kept}. Free disk space or fix the permissions, then "
+            "continue with trainer.resume=auto."
+        ) from error
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import shlex
 import sys
 from pathlib import Path
 from typing import Any
@@ -28,49 +29,30 @@ from seq2seq.data.corpus import CorpusError
 from seq2seq.models import build_model
 from seq2seq.optim import SCHEDULES
 from seq2seq.runtime import RuntimeSettingError, resolve_device, resolve_precision
+from seq2seq.runs import (
+    LAST_CHECKPOINT, RunFolderError, RunLock, StopSignals, TrainingInterrupted, accept_run, buffer_log_records, check_creatable,
+    data_source, remove_if_empty, remove_stale_temporaries, run_folder,
+)
 from seq2seq.trainer import ConfigError, Trainer, TrainingError
+from seq2seq.training_state import check_resumable
 
 log = logging.getLogger("seq2seq.train")
 
-LAST_CHECKPOINT = Path("checkpoints") / "last.pt"
 
 
 # ----------------------------------------------------------------------------- run folders
 
 
-def newest_run(base: Path) -> Path | None:
-    """The run folder under `base` (runs/<data>/<model>) whose checkpoints/last.pt was written last."""
-    candidates = [path for path in base.glob(f"*/{LAST_CHECKPOINT}") if path.is_file()]
-    if not candidates:
-        return None
-    return max(candidates, key=lambda path: path.stat().st_mtime).parent.parent
-
-
-def run_folder(root: str, group: str, stamp: str, resume: Any) -> Path:
-    """Where a run writes: a new <root>/<group>/<stamp>, or, when resuming, the folder of the run it continues
-    (trainer.resume=auto: the newest run of this data/model; a checkpoint path inside a run folder: that run)."""
-    base = Path(root) / group
-    if resume == "auto":
-        found = newest_run(base)
-        if found is not None:
-            return found
-    elif resume:
-        checkpoint = Path(str(resume)).expanduser()
-        if checkpoint.parent.name == "checkpoints" and (checkpoint.parent.parent / ".hydra").is_dir():
-            return checkpoint.parent.parent
-    return base / stamp
-
-
 def _register_resolvers() -> None:
     """hydra.run.dir / hydra.sweep.subdir in configs/train.yaml call these, so a resumed run keeps its folder."""
-    OmegaConf.register_new_resolver(
-        "seq2seq_run_dir", lambda root, group, stamp, resume: str(run_folder(root, group, stamp, resume)), replace=True
-    )
-    OmegaConf.register_new_resolver(
-        "seq2seq_run_subdir",
-        lambda root, group, stamp, resume: os.path.relpath(run_folder(root, group, stamp, resume), root),
-        replace=True,
-    )
+    def run_dir(root: str, group: str, stamp: str, resume: Any, data: Any) -> str:
+        return str(run_folder(root, group, stamp, resume, data_source(data)))
+
+    def run_subdir(root: str, group: str, stamp: str, resume: Any, data: Any) -> str:
+        return os.path.relpath(run_dir(root, group, stamp, resume, data), root)
+
+    OmegaConf.register_new_resolver("seq2seq_run_dir", run_dir, replace=True)
+    OmegaConf.register_new_resolver("seq2seq_run_subdir", run_subdir, replace=True)
 
 
 _register_resolvers()
@@ -86,8 +68,8 @@ def resume_checkpoint(cfg: DictConfig, run_dir: Path) -> Path | None:
         if candidate.is_file():
             return candidate
         log.info(
-            "trainer.resume=auto: no earlier run of %s/%s has %s; starting a new run",
-            cfg.data.name, cfg.model.name, LAST_CHECKPOINT,
+            "trainer.resume=auto: no earlier run of %s/%s on %s has %s; starting a new run",
+            cfg.data.name, cfg.model.name, data_source(cfg.data), LAST_CHECKPOINT,
         )
         return None
     path = Path(str(resume)).expanduser()
@@ -128,8 +110,9 @@ def validate_config(cfg: DictConfig) -> None:
 
     for key in ("max_steps", "max_epochs", "patience", "valid_max_sentences"):
         need(t[key] is None or _positive_int(t[key]), f"trainer.{key}={t[key]!r} must be a positive integer or null")
-    need(t.time_limit_minutes is None or (_number(t.time_limit_minutes) and t.time_limit_minutes > 0),
-         f"trainer.time_limit_minutes={t.time_limit_minutes!r} must be a positive number or null")
+    for key in ("time_limit_minutes", "save_every_minutes"):
+        need(t.get(key) is None or (_number(t.get(key)) and t.get(key) > 0),
+             f"trainer.{key}={t.get(key)!r} must be a positive number or null")
     need(bool(t.max_steps or t.max_epochs or t.time_limit_minutes),
          "set at least one of trainer.max_steps, trainer.max_epochs or trainer.time_limit_minutes, or training never ends")
     for key in ("eval_every", "log_every", "max_tokens", "accumulate", "max_nonfinite_steps", "valid_beam_size",
@@ -197,24 +180,73 @@ def _fail(error: BaseException | str, status: int, trainer: Trainer | None) -> N
     sys.exit(status)
 
 
+def _resume_command(checkpoint: Path) -> str:
+    """The command line that continues this run from `checkpoint`."""
+    overrides = [shlex.quote(a) for a in sys.argv[1:] if not a.startswith(("trainer.resume=", "hydra.run.dir="))]
+    return " ".join(["python -m seq2seq.train", *overrides, f"trainer.resume={shlex.quote(str(checkpoint))}"])
+
+
 @hydra.main(version_base="1.3", config_path="../configs", config_name="train")
-def main(cfg: DictConfig) -> None:
-    trainer = None
+def _train(cfg: DictConfig) -> None:
+    """Check the config and the checkpoint, lock and accept the run folder, then train. Nothing is written into
+    the run folder before the run is accepted, so a rejected launch leaves an earlier run as it was."""
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    buffered = buffer_log_records()
+    trainer = lock = None
+    accepted = False
     try:
         validate_config(cfg)
-        run_dir = Path(HydraConfig.get().runtime.output_dir)
-        trainer = Trainer(cfg, run_dir, resume_checkpoint(cfg, run_dir))
-        trainer.fit()
+        checkpoint = resume_checkpoint(cfg, run_dir)
+        if checkpoint is not None:
+            check_resumable(checkpoint, cfg)
+        if distributed.env_info().is_main:
+            lock = RunLock(run_dir)
+        trainer = Trainer(cfg, run_dir, checkpoint)
+        if trainer.is_main:
+            for stale in remove_stale_temporaries(trainer.run_dir):
+                log.info("removed %s, left by a process killed while saving", stale)
+            lock.record_holder()
+            accept_run(trainer.run_dir, cfg, list(HydraConfig.get().overrides.task), checkpoint, buffered)
+        else:
+            logging.getLogger().removeHandler(buffered)
+        accepted = True
+        with StopSignals() as stops:
+            trainer.fit(stops)
         if trainer.is_main:
             log.info("run folder: %s", trainer.run_dir.resolve())
-    except (ConfigError, CheckpointError, CorpusError) as error:
+    except TrainingInterrupted as stop:
+        _fail(f"{stop}. Continue with:\n  {_resume_command(stop.checkpoint)}", stop.status, trainer)
+    except (ConfigError, CheckpointError, CorpusError, RunFolderError) as error:
+        if not accepted:
+            if lock is not None:
+                lock.release(remove=True)
+            remove_if_empty(run_dir)
         _fail(error, 2, trainer)
+    except OSError as error:
+        where = f" {error.filename}" if error.filename else ""
+        _fail(f"cannot write{where}: {error.strerror or error}. Free space or fix the permissions, then run "
+              "again (trainer.resume=auto continues from the last checkpoint).", 2, trainer)
     except TrainingError as error:
         _fail(error, 1, trainer)
     except KeyboardInterrupt:
-        _fail("interrupted; trainer.resume=auto continues from the last validation's checkpoints/last.pt", 130, trainer)
+        _fail("interrupted before the current step finished; nothing was saved since the last checkpoint", 130,
+              trainer)
     trainer.close()
     distributed.cleanup()
+
+
+def main() -> None:
+    """Console entry: an explicit hydra.run.dir / hydra.sweep.dir that cannot be created is one line, not the
+    traceback Hydra would print when it creates the folder."""
+    for argument in sys.argv[1:]:
+        setting, _, value = argument.partition("=")
+        if setting in ("hydra.run.dir", "hydra.sweep.dir") and value and "${" not in value:
+            try:
+                check_creatable(Path(value).expanduser(), setting)
+            except RunFolderError as error:
+                print(f"error: {error}", file=sys.stderr, flush=True)
+                sys.exit(2)
+    _train()
 
 
 if __name__ == "__main__":

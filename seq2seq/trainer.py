@@ -17,7 +17,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import sys
 import time
 from collections.abc import Iterator
@@ -36,6 +35,7 @@ from seq2seq.data.batching import Batch, TokenBatchSampler, collate, make_loader
 from seq2seq.data.prepare import PreparedData, prepare_data
 from seq2seq.models import build_model, count_parameters
 from seq2seq.models.base import Seq2SeqModel
+from seq2seq.runs import StopSignals, TrainingInterrupted, share_main_rank_folder
 from seq2seq.runtime import (
     RuntimeSettingError, configure_device, resolve_device, resolve_precision, rng_state,
     seed_everything, set_rng_state,
@@ -86,7 +86,8 @@ class Trainer:
         self.dist = distributed.init_distributed(self.device.type)
         self.is_main = self.dist.is_main
         if self.dist.enabled:
-            self._share_run_dir()
+            self.run_dir = share_main_rank_folder(self.run_dir)
+            self.ckpt_dir = self.run_dir / "checkpoints"
         if not self.is_main:
             logging.getLogger().setLevel(logging.WARNING)
         self._configure_threads()
@@ -146,16 +147,6 @@ class Trainer:
 
     # ------------------------------------------------------------------ setup
 
-    def _share_run_dir(self) -> None:
-        """Each torchrun process composed its own timestamped folder; all follow rank 0's, and a rank whose own
-        folder differs (its clock ticked over) removes it when it holds nothing but Hydra's files."""
-        shared = Path(distributed.broadcast_object(str(self.run_dir)))
-        if shared != self.run_dir:
-            own = self.run_dir
-            if own.is_dir() and all(entry.name == ".hydra" or entry.suffix == ".log" for entry in own.iterdir()):
-                shutil.rmtree(own, ignore_errors=True)
-            self.run_dir, self.ckpt_dir = shared, shared / "checkpoints"
-
     def _configure_threads(self) -> None:
         """trainer.num_threads, else OMP_NUM_THREADS (torchrun sets 1 per process unless told otherwise), else
         PyTorch's default (one thread per physical core) split between the processes on this machine."""
@@ -170,17 +161,12 @@ class Trainer:
         if not self.is_main:
             distributed.barrier()
         try:
-            prepared = prepare_data(self.cfg, log=self._data_log)
+            prepared = prepare_data(self.cfg, log=log.info if self.is_main else lambda message: None)
         except ValueError as error:  # e.g. a vocabulary too small for the corpus' characters
             raise ConfigError(f"cannot prepare data={self.cfg.data.name}: {error}") from error
         if self.is_main:
             distributed.barrier()
         return prepared
-
-    def _data_log(self, message: str) -> None:
-        """The cleaning report and cache location, logged once (by rank 0)."""
-        if self.is_main:
-            log.info("%s", message)
 
     def _total_steps(self) -> int | None:
         """Updates the run will make when it is bounded by steps or epochs (for the cosine schedule and the ETA)."""
@@ -273,6 +259,9 @@ class Trainer:
             if self.tcfg.time_limit_minutes:
                 left = max(float(self.tcfg.time_limit_minutes) * 60 - self._elapsed(), 0.0)
                 postfix["time left"] = f"{left / 60:.1f}min"
+                # The bar's total (and so its ETA) is the step the time limit will stop at, at this pace.
+                reachable = step + int(left * stats.steps / max(elapsed, 1e-9))
+                progress.total = min(reachable, self.total_steps or reachable)
             progress.set_postfix(postfix, refresh=False)
         if nonfinite:
             log.warning(
@@ -301,8 +290,34 @@ class Trainer:
             return True
         return bool(self.tcfg.max_epochs) and self.state.epoch >= int(self.tcfg.max_epochs)
 
-    def fit(self) -> dict[str, Any]:
-        """Train until a limit is reached, then validate, average, test and write results.json (rank 0)."""
+    def _save_last(self) -> Path:
+        """Write checkpoints/last.pt at the current step without validating (interrupts, save_every_minutes)."""
+        rng_states = self._rng_states()
+        path = self.ckpt_dir / "last.pt"
+        if self.is_main:
+            self.state.elapsed_seconds = self._elapsed()
+            save_checkpoint(path, self.training.payload(self.state, rng_states, {}))
+            log.info("step %d: saved %s", self.state.step, path)
+        distributed.barrier()
+        self._saved_at = time.perf_counter()
+        return path
+
+    def _decide(self, boundary: bool, stops: StopSignals | None) -> str | None:
+        """After a step: "signal", "time_limit_minutes", "save" (trainer.save_every_minutes) or None. Under DDP
+        only at log boundaries, where rank 0's answer is broadcast."""
+        if self.dist.enabled and not boundary:
+            return None
+        if stops is not None and stops.received:
+            return "signal"
+        if self._time_is_up():
+            return "time_limit_minutes"
+        minutes = self.tcfg.get("save_every_minutes")
+        return "save" if minutes and time.perf_counter() - self._saved_at >= float(minutes) * 60 else None
+
+    def fit(self, stops: StopSignals | None = None) -> dict[str, Any]:
+        """Train until a limit is reached, then validate, average, test and write results.json (rank 0). A signal
+        in `stops` saves last.pt after the current step and raises TrainingInterrupted (see `_decide`)."""
+        self._saved_at = time.perf_counter()
         self._elapsed_base = self.state.elapsed_seconds
         self._session_start = time.perf_counter()
         if self._budget_reached() or self._time_is_up():
@@ -340,12 +355,19 @@ class Trainer:
                     boundary = step % log_every == 0 or step % eval_every == 0
                     if boundary:
                         self._log_interval(progress)
-                    stop = "time_limit_minutes" if (boundary or not self.dist.enabled) and self._time_is_up() else None
+                    stop = self._decide(boundary, stops)
                     if step % eval_every == 0:
                         stop = self._validate_and_save() or stop
                     if boundary and self.dist.enabled:
-                        stop = distributed.broadcast_object(stop)
-                    if stop:
+                        stop = distributed.broadcast_object(stop)  # rank 0 decides for all
+                    if stop in ("signal", "save"):
+                        path = self._save_last()
+                    if stop == "signal":
+                        raise TrainingInterrupted(
+                            f"{stops.name or 'a signal'} stopped training at step {step}; saved {path}", path,
+                            128 + (stops.received or 2),
+                        )
+                    if stop and stop != "save":
                         reason = stop
                         break
             finally:

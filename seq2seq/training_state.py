@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from seq2seq.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from seq2seq.data.tokenizer import Tokenizer
+from seq2seq.runs import data_source
 
 TRAINING_KEYS = ("optimizer", "scheduler", "rng", "train_state")
 
@@ -95,14 +96,32 @@ class Training:
             self.model.load_state_dict(payload["model"])
             self.optimizer.load_state_dict(payload["optimizer"])
         except (RuntimeError, ValueError, KeyError) as error:
+            first = str(error).strip().splitlines()[-1].strip()[:200]  # torch lists every key; one says enough
             raise CheckpointError(
-                f"{path} does not fit the configured model {self.cfg.model.name} ({error}). Resume with the "
+                f"{path} does not fit the configured {self.cfg.model.name} model ({first}). Resume with the "
                 "model settings the checkpoint was trained with (see its run's .hydra/config.yaml)."
             ) from error
         self.scheduler.load_state_dict(payload["scheduler"])
         if self.scaler is not None and payload.get("scaler"):
             self.scaler.load_state_dict(payload["scaler"])
         return TrainState(**payload["train_state"]), payload["rng"]
+
+
+def check_resumable(path: Path, cfg: DictConfig) -> None:
+    """Refuse, before anything is built or written, a checkpoint of another model family, data or tokenizer,
+    naming the first setting that differs (the full weight check follows in `Training.restore`)."""
+    saved = OmegaConf.create(load_checkpoint(path, map_location="cpu")["config"])
+    pairs = [("model.name", saved.model.name, cfg.model.name), ("data.name", saved.data.name, cfg.data.name),
+             ("data source", data_source(saved.data), data_source(cfg.data))]
+    pairs += [(f"data.{key}", saved.data.get(key), cfg.data.get(key)) for key in ("src_lang", "tgt_lang")]
+    pairs += [(f"tokenizer.{key}", saved.tokenizer.get(key), value) for key, value in cfg.tokenizer.items()]
+    for setting, theirs, ours in pairs:
+        if theirs != ours:
+            raise CheckpointError(
+                f"cannot resume from {path}: it is a {saved.model.name} model on {saved.data.name}, and {setting} "
+                f"differs (checkpoint: {theirs}, this run: {ours}). Resume with that run's settings (its "
+                ".hydra/config.yaml), or start a new run without trainer.resume."
+            )
 
 
 def average_state_dicts(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:

@@ -12,7 +12,8 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from seq2seq.paths import CONFIG_DIR, PROJECT_ROOT
-from seq2seq.train import newest_run, run_folder, validate_config
+from seq2seq.runs import newest_run, run_folder
+from seq2seq.train import validate_config
 from seq2seq.runtime import cpu_has_native_bf16
 from seq2seq.trainer import ConfigError
 
@@ -141,9 +142,10 @@ def test_unknown_keys_are_rejected_by_hydra():
     assert "max_stepz" in result.stderr and "Traceback" not in result.stderr
 
 
-def _fake_run(base: Path, stamp: str, mtime: float, with_checkpoint: bool = True) -> Path:
+def _fake_run(base: Path, stamp: str, mtime: float, with_checkpoint: bool = True, corpus: str = "a.tsv") -> Path:
     run = base / stamp
     (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "config.yaml").write_text(f"data:\n  format: tsv\n  path: {corpus}\n")
     if with_checkpoint:
         (run / "checkpoints").mkdir()
         (run / "checkpoints" / "last.pt").write_bytes(b"x")
@@ -156,19 +158,24 @@ def test_resume_auto_continues_the_newest_run_with_a_last_checkpoint(tmp_path):
     older = _fake_run(base, "2024-01-01_10-00-00", 1_000)
     newer = _fake_run(base, "2024-01-02_10-00-00", 2_000)
     _fake_run(base, "2024-01-03_10-00-00", 3_000, with_checkpoint=False)  # crashed before its first validation
+    other_corpus = _fake_run(base, "2024-01-04_10-00-00", 4_000, corpus="b.tsv")
     root = str(tmp_path / "runs")
-    assert newest_run(base) == newer
-    assert run_folder(root, "tatoeba_zh_en/transformer", "NOW", "auto") == newer
-    assert run_folder(root, "tatoeba_zh_en/transformer", "NOW", None) == base / "NOW"
-    assert run_folder(root, "tatoeba_zh_en/rnn", "NOW", "auto") == Path(root) / "tatoeba_zh_en/rnn/NOW"
+    fresh = base / f"NOW_{os.getpid()}"
+    assert newest_run(base) == other_corpus
+    assert newest_run(base, "a.tsv") == newer  # resume=auto continues a run of the same corpus only
+    assert run_folder(root, "tatoeba_zh_en/transformer", "NOW", "auto", "a.tsv") == newer
+    assert run_folder(root, "tatoeba_zh_en/transformer", "NOW", "auto", "c.tsv") == fresh
+    assert run_folder(root, "tatoeba_zh_en/transformer", "NOW", None) == fresh
+    assert run_folder(root, "tatoeba_zh_en/rnn", "NOW", "auto") == Path(root) / f"tatoeba_zh_en/rnn/NOW_{os.getpid()}"
     # resume=PATH inside a run folder continues that run; a checkpoint elsewhere starts a new folder
     assert run_folder(root, "tatoeba_zh_en/transformer", "NOW", str(older / "checkpoints" / "last.pt")) == older
-    assert run_folder(root, "tatoeba_zh_en/transformer", "NOW", str(tmp_path / "copy.pt")) == base / "NOW"
+    assert run_folder(root, "tatoeba_zh_en/transformer", "NOW", str(tmp_path / "copy.pt")) == fresh
 
 
 def test_hydra_run_dir_follows_resume_auto(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    run = _fake_run(tmp_path / "runs" / "tatoeba_zh_en" / "bahdanau", "2024-05-05_05-05-05", 1_000)
+    run = _fake_run(tmp_path / "runs" / "tatoeba_zh_en" / "bahdanau", "2024-05-05_05-05-05", 1_000,
+                    corpus="null\n  mirror_path: tatoeba-cmn-eng/cmn-eng.tsv")
     with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
         cfg = compose("train", overrides=["model=bahdanau", "trainer.resume=auto"], return_hydra_config=True)
         fresh = compose("train", overrides=["model=bahdanau"], return_hydra_config=True)

@@ -1,0 +1,233 @@
+"""Run folders and the life of a run: unique names, one live writer, a launch history, and stops that keep the work.
+
+A run lives in runs/<data>/<model>/<timestamp>_<pid>/. The pid suffix keeps two runs started in the same second
+apart; `run.lock` (an flock the operating system drops when the process dies, so kill -9 leaves no stale lock)
+keeps a second process, e.g. a second `trainer.resume=auto`, from writing into a run that is in use. Nothing is
+written into a run folder before the run is accepted (config checked, checkpoint compatible): Hydra only creates
+the folder, `accept_run` then writes `.hydra/config.yaml` (first launch), appends to `.hydra/launches.jsonl` (every
+launch, with its overrides) and opens `train.log`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import logging
+import logging.handlers
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from seq2seq import distributed
+
+LAST_CHECKPOINT = Path("checkpoints") / "last.pt"
+LOCK_FILE = "run.lock"
+LAUNCHES = Path(".hydra") / "launches.jsonl"
+LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"
+
+
+class RunFolderError(Exception):
+    """A run folder that cannot be used: in use by another process, or not writable."""
+
+
+# ----------------------------------------------------------------------------- where a run writes
+
+
+def data_source(data: Any) -> str:
+    """What a run was trained on, beyond the data config's name: the corpus file or the hub dataset."""
+    if data.get("format") == "hub":
+        return f"hub:{data.get('hub_name')}/{data.get('hub_config')}"
+    return str(data.get("path") or data.get("mirror_path"))
+
+
+def newest_run(base: Path, source: str | None = None) -> Path | None:
+    """The run folder under `base` (runs/<data>/<model>) whose checkpoints/last.pt was written last, among the
+    runs trained on `source` (see `data_source`; None: any)."""
+    candidates = [path.parent.parent for path in base.glob(f"*/{LAST_CHECKPOINT}") if path.is_file()]
+    if source is not None:
+        candidates = [run for run in candidates if _run_source(run) == source]
+    if not candidates:
+        return None
+    return max(candidates, key=lambda run: (run / LAST_CHECKPOINT).stat().st_mtime)
+
+
+def _run_source(run: Path) -> str | None:
+    try:
+        return data_source(OmegaConf.load(run / ".hydra" / "config.yaml").data)
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def run_folder(root: str, group: str, stamp: str, resume: Any, source: str | None = None) -> Path:
+    """Where a run writes: a new <root>/<group>/<stamp>_<pid>, or, when resuming, the folder of the run it continues
+    (trainer.resume=auto: the newest run of this data/model/corpus; a checkpoint inside a run folder: that run)."""
+    base = Path(root) / group
+    if resume == "auto":
+        found = newest_run(base, source)
+        if found is not None:
+            return found
+    elif resume:
+        checkpoint = Path(str(resume)).expanduser()
+        if checkpoint.parent.name == "checkpoints" and (checkpoint.parent.parent / ".hydra").is_dir():
+            return checkpoint.parent.parent
+    return base / f"{stamp}_{os.getpid()}"
+
+
+def check_creatable(folder: Path, setting: str) -> None:
+    """Create `folder` (as Hydra is about to) or raise RunFolderError naming the path and the cause."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise RunFolderError(
+            f"cannot create the run folder {folder}: {error.strerror or error}. Choose a writable place with "
+            f"{setting}=/some/writable/folder."
+        ) from error
+
+
+def remove_if_empty(folder: Path) -> None:
+    """Take back the folder Hydra created for a run that was rejected before it wrote anything."""
+    with contextlib.suppress(OSError):
+        folder.rmdir()
+
+
+def share_main_rank_folder(run_dir: Path) -> Path:
+    """Under torchrun every process composed a folder of its own (the pid differs): all follow rank 0's, and the
+    others take back theirs, which Hydra created empty."""
+    shared = Path(distributed.broadcast_object(str(run_dir)))
+    if shared != run_dir:
+        remove_if_empty(run_dir)
+    return shared
+
+
+def remove_stale_temporaries(run_dir: Path) -> list[Path]:
+    """Delete half-written checkpoint files (`.<name>.*.tmp`) left by a process killed mid-save. Only call this
+    while holding the run's lock: then no live writer owns them."""
+    stale = [path for path in (run_dir / "checkpoints").rglob(".*.tmp") if path.is_file()]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
+
+
+# ----------------------------------------------------------------------------- one writer per run
+
+
+class RunLock:
+    """An exclusive flock on <run>/run.lock for the life of this process; the file records the holder's pid."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = run_dir / LOCK_FILE
+        created = not self.path.exists()
+        try:
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as error:
+            raise RunFolderError(f"cannot open {self.path}: {error.strerror or error}.") from error
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as error:
+            holder = os.pread(self._fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(self._fd)
+            if error.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise RunFolderError(f"cannot lock {self.path}: {error.strerror or error}.") from error
+            raise RunFolderError(
+                f"run {run_dir} is in use by pid {holder}; wait for it to finish (or stop it), or start a new run "
+                "without trainer.resume."
+            ) from error
+        self._created = created
+
+    def release(self, remove: bool = False) -> None:
+        """Drop the lock; `remove` also deletes a lock file this process created (a run rejected at its start)."""
+        if remove and self._created:
+            self.path.unlink(missing_ok=True)
+        os.close(self._fd)
+
+    def record_holder(self) -> None:
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, f"{os.getpid()}\n".encode(), 0)
+
+
+# ----------------------------------------------------------------------------- accepting a launch
+
+
+def buffer_log_records() -> logging.handlers.MemoryHandler:
+    """Hold log records until the run is accepted; `accept_run` then writes them to train.log."""
+    handler = logging.handlers.MemoryHandler(capacity=10_000, flushLevel=logging.CRITICAL + 1)
+    logging.getLogger().addHandler(handler)
+    return handler
+
+
+def accept_run(run_dir: Path, cfg: DictConfig, overrides: list[str], resumed_from: Path | None,
+               buffered: logging.handlers.MemoryHandler) -> None:
+    """The run is going ahead: keep its config (first launch), record this launch, and start train.log."""
+    hydra_dir = run_dir / ".hydra"
+    hydra_dir.mkdir(parents=True, exist_ok=True)
+    if not (hydra_dir / "config.yaml").exists():
+        OmegaConf.save(cfg, hydra_dir / "config.yaml")
+        (hydra_dir / "overrides.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(list(overrides))))
+    launch = {
+        "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "pid": os.getpid(),
+        "command": sys.argv,
+        "overrides": list(overrides),
+        "resumed_from": str(resumed_from) if resumed_from else None,
+    }
+    with open(run_dir / LAUNCHES, "a", encoding="utf-8") as history:
+        history.write(json.dumps(launch, ensure_ascii=False) + "\n")
+    file_handler = logging.FileHandler(run_dir / "train.log", encoding="utf-8")
+    file_handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    root = logging.getLogger()
+    buffered.setTarget(file_handler)
+    buffered.flush()
+    root.removeHandler(buffered)
+    buffered.close()
+    root.addHandler(file_handler)
+
+
+# ----------------------------------------------------------------------------- stopping on a signal
+
+
+class TrainingInterrupted(Exception):
+    """SIGINT/SIGTERM stopped training after a step; `checkpoint` holds that step, `status` is 128 + the signal."""
+
+    def __init__(self, message: str, checkpoint: Path, status: int) -> None:
+        super().__init__(message)
+        self.checkpoint = checkpoint
+        self.status = status
+
+
+class StopSignals:
+    """SIGINT and SIGTERM (Ctrl-C, schedulers, torchrun) ask the training loop to stop after the current step
+    and save; a second Ctrl-C stops at once."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignals:
+        for number in (signal.SIGINT, signal.SIGTERM):
+            self._previous[number] = signal.signal(number, self._handle)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
+
+    def _handle(self, number: int, frame: object) -> None:
+        if self.received is not None and number == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.received = number
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        logging.getLogger("seq2seq.train").warning(
+            "%s received: stopping after this step and saving checkpoints/last.pt (Ctrl-C again to stop at once)",
+            signal.Signals(number).name,
+        )
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.received).name if self.received else ""
