@@ -242,7 +242,8 @@ def run_interactive(args: argparse.Namespace, loaded: LoadedModel, options: dict
           file=sys.stderr)
     while True:
         try:
-            line = input("> ")
+            print("> ", end="", file=sys.stderr, flush=True)  # the prompt is not output: stdout holds translations only
+            line = input()
         except (EOFError, KeyboardInterrupt):
             print(file=sys.stderr)
             return

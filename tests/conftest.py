@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import os
 import random
+import subprocess
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -117,3 +120,70 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     """Tests marked `cuda` (the GPU suite, `pytest -m cuda`) are skipped where torch sees no GPU."""
     if item.get_closest_marker("cuda") and not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU (torch.cuda.is_available() is False)")
+
+
+# ----------------------------------------------------------------------------- training workspaces
+
+SLICE_LINES = 3000
+
+# Model files for training subprocesses (Workspace). The Chinese side of 3000 pairs has ~1000 characters at
+# coverage 0.98, plus 260 byte/special pieces.
+TINY_MODEL_FILES = {
+    "tiny_rnn": "name: rnn\ncell: gru\nembed_dim: 32\nhidden_size: 32\nencoder_layers: 1\ndecoder_layers: 1\n"
+    "bidirectional: true\ndropout: 0.1\ntie_output: false\n",
+    "tiny_bahdanau": "name: bahdanau\ncell: gru\nembed_dim: 32\nhidden_size: 32\nencoder_layers: 1\ndecoder_layers: 1\n"
+    "attention_dim: 32\ndropout: 0.1\ntie_output: false\n",
+    "tiny_transformer": "name: transformer\nd_model: 32\nnum_heads: 2\nencoder_layers: 2\ndecoder_layers: 2\n"
+    "ff_dim: 64\ndropout: 0.1\nattention_dropout: 0.1\nnorm_first: true\npositional: sinusoidal\n"
+    "max_positions: 256\ntie_output: true\nshare_embeddings: false\n",
+}
+
+
+@dataclass
+class Workspace:
+    """A folder with a slice of the corpus and tiny model configs, where `seq2seq.train` runs as a subprocess."""
+
+    root: Path
+    env: dict[str, str]
+    overrides: list[str]
+
+    def train(
+        self, *args: str, launcher: list[str] | None = None, multirun: bool = False, timeout: float = 600
+    ) -> subprocess.CompletedProcess:
+        flags = ["--multirun"] if multirun else []
+        command = (launcher or [sys.executable, "-m"]) + ["seq2seq.train", *flags, *self.overrides, *args]
+        return subprocess.run(command, cwd=self.root, env=self.env, capture_output=True, text=True, timeout=timeout)
+
+    def popen(self, *args: str, launcher: list[str] | None = None) -> subprocess.Popen:
+        command = (launcher or [sys.executable, "-m"]) + ["seq2seq.train", *self.overrides, *args]
+        return subprocess.Popen(command, cwd=self.root, env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory, corpus_path) -> Workspace:
+    root = tmp_path_factory.mktemp("train")
+    with open(corpus_path, encoding="utf-8", errors="replace") as source, open(root / "slice.tsv", "w", encoding="utf-8") as out:
+        for _, line in zip(range(SLICE_LINES), source):
+            out.write(line)
+    model_dir = root / "configs" / "model"
+    model_dir.mkdir(parents=True)
+    for name, text in TINY_MODEL_FILES.items():
+        (model_dir / f"{name}.yaml").write_text(text)
+    env = {**os.environ, "SEQ2SEQ_CACHE": str(root / "cache"), "HYDRA_FULL_ERROR": "0", "PYTHONUNBUFFERED": "1"}
+    overrides = [
+        f"hydra.searchpath=[file://{root / 'configs'}]",
+        f"data.path={root / 'slice.tsv'}",
+        "data.split.valid_size=40",
+        "data.split.test_size=40",
+        "tokenizer.src_vocab_size=1500",
+        "tokenizer.tgt_vocab_size=400",
+        "tokenizer.character_coverage=0.98",
+        "trainer.max_tokens=1024",
+        "trainer.log_every=5",
+        "trainer.num_threads=1",
+        "trainer.valid_max_sentences=20",
+        "trainer.test_beam_size=2",
+        "trainer.num_attention_samples=1",
+        "attention_examples=['我是一个学生。']",
+    ]
+    return Workspace(root, env, overrides)

@@ -114,6 +114,13 @@ def test_empty_input_gives_empty_output(checkpoints, capsysbinary, monkeypatch):
         assert _main(capsysbinary, translate_cli, "--checkpoint", checkpoints["transformer"])[:2] == (0, expected)
 
 
+def test_interactive_prompts_go_to_stderr(checkpoints, capsysbinary, monkeypatch):
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO("你好\n我是一个学生。\nquit\n".encode())))
+    code, out, err = _main(capsysbinary, translate_cli, "--checkpoint", checkpoints["transformer"], "--interactive")
+    assert code == 0 and len(out) == 2 and not any(line.startswith(">") for line in out)
+    assert err.count("> ") == 3
+
+
 def test_missing_checkpoint_exits_2_without_traceback(tmp_path):
     path = tmp_path / "runs" / "best.pt"
     run = _cli("translate", "--checkpoint", path, "你好")
