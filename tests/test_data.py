@@ -78,7 +78,7 @@ def test_real_corpus_counts_and_split(corpus_path, monkeypatch):
 
     assert report.source == str(corpus_path)
     assert report.read == 29_980
-    assert report.dropped == dict(malformed=1, invalid_utf8=0, empty=0, too_long=0, bad_ratio=0, duplicate=6)
+    assert report.dropped == dict(malformed=1, invalid_utf8=0, nul_byte=0, empty=0, too_long=0, bad_ratio=0, duplicate=6)
     assert report.kept == 29_973
     assert report.read == report.kept + sum(report.dropped.values())
     assert report.malformed_lines == [13]
@@ -112,16 +112,18 @@ def test_planted_flaws_are_counted_exactly(tmp_path, cache):
         ("  " + good[2][0].replace(".", "．") + "\t" + good[2][1] + "  ").encode(),  # 52 duplicate after NFKC + strip
         "Attribution kept out\t有署名\tCC-BY 2.0 (France) Attribution: tatoeba.org".encode(),  # 53 kept, 3 columns
         '"Who? ""Tom."""\t谁？汤姆。\r'.encode(),  # 54 kept, CSV-quoted, CRLF
+        b"NUL \x00 inside\t\xe7\xa9\xba",  # 55 NUL byte
     ]
     path = tmp_path / "flawed.tsv"
     path.write_bytes(b"\n".join(lines + planted) + b"\n")
 
     splits, report = load_corpus(tatoeba_cfg(path=str(path), **{"split.valid_size": 5, "split.test_size": 5}).data)
 
-    assert report.read == 54
-    assert report.dropped == dict(malformed=3, invalid_utf8=2, empty=2, too_long=1, bad_ratio=1, duplicate=3)
+    assert report.read == 55
+    assert report.dropped == dict(malformed=3, invalid_utf8=2, nul_byte=1, empty=2, too_long=1, bad_ratio=1, duplicate=3)
     assert report.malformed_lines == [41, 42, 43]
     assert report.invalid_utf8_lines == [44, 45]
+    assert report.nul_byte_lines == [55] and "nul_byte" in report.summary()
     assert report.kept == 42 == report.read - sum(report.dropped.values())
     assert sum(report.split_sizes.values()) == 42 and report.split_sizes["test"] == 5
     kept = {pair for split in splits.values() for pair in zip(split["src"], split["tgt"])}
@@ -208,19 +210,62 @@ def test_hub_unreachable_is_a_clear_error(monkeypatch):
         load_corpus(hub_cfg())
 
 
-def test_hub_splits_are_kept_and_validation_doubles_as_test(monkeypatch):
+def test_hub_evaluation_splits_are_kept_whole_and_a_missing_test_is_carved(monkeypatch):
     def rows(pairs):
         return datasets.Dataset.from_dict({"translation": [{"en": en, "zh": zh} for en, zh in pairs]})
 
-    pairs = synthetic_pairs(50)
-    fake = datasets.DatasetDict({"train": rows(pairs[:40] + pairs[:2]), "validation": rows(pairs[40:])})
+    pairs = synthetic_pairs(250)
+    validation = pairs[200:] + pairs[200:202] + [("", ""), (" Spaced  out ", "全角．")]  # duplicates, empty, odd
+    fake = datasets.DatasetDict({"train": rows(pairs[:200] + pairs[:2]), "validation": rows(validation)})
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(corpus_module.datasets, "load_dataset", lambda name, config: fake)
-    splits, report = load_corpus(hub_cfg())
-    assert report.read == 52 and report.dropped["duplicate"] == 2
-    assert report.split_sizes == {"train": 40, "valid": 10, "test": 10}
-    assert list(splits["test"]["tgt"]) == [en for en, _ in pairs[40:]]
-    assert any("validation split is used as test" in note for note in report.notes)
+    with pytest.raises(CorpusError, match="no test split: set data.split.test_size .* data.test_path"):
+        load_corpus(hub_cfg())
+
+    cfg = hub_cfg()
+    cfg.split.test_size = 20
+    splits, report = load_corpus(cfg)
+    assert report.read == 256 and report.dropped["duplicate"] == 2
+    assert report.split_sizes == {"train": 180, "valid": 54, "test": 20}
+    assert list(splits["valid"]["tgt"]) == [en for en, _ in validation]  # nothing dropped, nothing normalised
+    assert list(splits["valid"]["src"]) == [zh for _, zh in validation]
+    assert not set(splits["test"]["src"]) & set(splits["valid"]["src"])
+    assert not set(splits["test"]["src"]) & set(splits["train"]["src"])
+    assert any("test carved from training" in note for note in report.notes)
+
+
+def test_local_valid_and_test_files_are_kept_whole(tmp_path):
+    pairs = synthetic_pairs(400)
+    train = write_tsv(tmp_path / "train.tsv", pairs[:300])
+    valid = write_tsv(tmp_path / "valid.tsv", pairs[300:340])
+    test_pairs = pairs[340:] + pairs[340:343] + [("", "")] + [("long " * 400, "长" * 2000), ("  ＡＢＣ  x ", "全角")]
+    test = tmp_path / "test.tsv"
+    test.write_text("".join("\n" if not en else f"{en}\t{zh}\n" for en, zh in test_pairs), encoding="utf-8")
+    cfg = tatoeba_cfg(path=str(train), valid_path=str(valid), test_path=str(test))
+    splits, report = load_corpus(cfg.data)
+    assert report.split_sizes == {"train": 300, "valid": 40, "test": len(test_pairs)}
+    assert list(splits["test"]["tgt"]) == [en for en, _ in test_pairs]
+    assert list(splits["test"]["src"]) == [zh for _, zh in test_pairs]
+    assert report.read == report.kept + sum(report.dropped.values())
+
+    cfg = tatoeba_cfg(path=str(train), test_path=str(test), **{"split.valid_size": 30})  # valid carved, test given
+    splits, report = load_corpus(cfg.data)
+    assert report.split_sizes == {"train": 270, "valid": 30, "test": len(test_pairs)}
+    assert any("valid carved from training" in note for note in report.notes)
+
+    bad = tmp_path / "bad.tsv"
+    bad.write_text("ok\t好\nno tab here\n", encoding="utf-8")
+    with pytest.raises(CorpusError, match="line 2 has 1 tab-separated fields"):
+        load_corpus(tatoeba_cfg(path=str(train), test_path=str(bad)).data)
+
+
+@pytest.mark.parametrize("content", [b"", b"\x00\x01\x02\xff\xfe" * 50, b"no tabs at all\nnone here either\n"])
+def test_unreadable_corpus_says_no_pair_could_be_read(tmp_path, content):
+    path = tmp_path / "corpus.tsv"
+    path.write_bytes(content)
+    with pytest.raises(CorpusError, match="no pair could be read") as error:
+        load_corpus(tatoeba_cfg(path=str(path)).data)
+    assert "valid_size" not in str(error.value) and "dropped" in str(error.value)
 
 
 # ------------------------------------------------------------------------------------------------ split
@@ -232,18 +277,40 @@ def linked_pairs(count: int) -> tuple[list[str], list[str]]:
     return [f"s{rng.randrange(count // 2)}" for _ in range(count)], [f"t{rng.randrange(count)}" for _ in range(count)]
 
 
-def test_grouped_split_is_disjoint_sized_and_seeded():
-    src, tgt = linked_pairs(2000)
-    parts = grouped_split(src, tgt, valid_size=200, test_size=150, seed=7)
-    assert sorted(sum(parts.values(), [])) == list(range(2000))
-    assert 190 <= len(parts["valid"]) <= 200 and 140 <= len(parts["test"]) <= 150
+def assert_no_shared_sentence(parts: dict, src, tgt) -> None:
     for side in (src, tgt):
         owners = {}
         for name, rows in parts.items():
-            for row in rows:
+            for row in rows.tolist():
                 assert owners.setdefault(side[row], name) == name, f"{side[row]} is in {owners[side[row]]} and {name}"
-    assert grouped_split(src, tgt, 200, 150, seed=7) == parts
-    assert grouped_split(src, tgt, 200, 150, seed=8)["test"] != parts["test"]
+
+
+def test_grouped_split_is_disjoint_sized_and_seeded():
+    src, tgt = linked_pairs(2000)
+    parts = grouped_split(src, tgt, valid_size=200, test_size=150, seed=7)
+    assert sorted(np.concatenate(list(parts.values())).tolist()) == list(range(2000))
+    assert 190 <= len(parts["valid"]) <= 200 and 140 <= len(parts["test"]) <= 150
+    assert_no_shared_sentence(parts, src, tgt)
+    again = grouped_split(src, tgt, 200, 150, seed=7)
+    assert all(np.array_equal(again[name], parts[name]) for name in parts)
+    assert not np.array_equal(grouped_split(src, tgt, 200, 150, seed=8)["test"], parts["test"])
+
+
+def test_connected_groups_follow_chains():
+    # pairs 0-1 share a source, 1-2 a target, 2-3 a source: one chain; 4 alone; 5-6 share a target
+    src = ["a", "a", "b", "b", "c", "d", "e"]
+    tgt = ["x", "y", "y", "z", "w", "v", "v"]
+    labels = corpus_module.connected_groups(corpus_module.hash_texts(src), corpus_module.hash_texts(tgt))
+    assert len(set(labels[:4].tolist())) == 1 and len(set(labels.tolist())) == 3 and labels[5] == labels[6]
+
+
+@pytest.mark.corpus
+def test_grouped_split_of_the_real_corpus_shares_no_sentence(corpus_path):
+    rows = [line.split("\t") for line in corpus_path.read_text(encoding="utf-8").splitlines()]
+    src, tgt = [row[1] for row in rows if len(row) >= 2], [row[0] for row in rows if len(row) >= 2]
+    parts = grouped_split(src, tgt, valid_size=1500, test_size=1500, seed=1234)
+    assert len(parts["test"]) == 1500 and len(parts["valid"]) == 1500
+    assert_no_shared_sentence(parts, src, tgt)
 
 
 def test_load_corpus_split_is_deterministic(tmp_path):

@@ -168,31 +168,37 @@ class TokenBatchSampler(Sampler[list[int]]):
 
 
 class _Examples(torch.utils.data.Dataset):
-    """The id columns of a split as numpy views, so fetching a batch costs no Arrow or Python-list conversion."""
+    """The id columns of a split as flat numpy arrays plus row offsets: a few bytes per token and per row, and no
+    Python object per row, so a split of millions of pairs costs little memory; a row is sliced when fetched."""
 
     def __init__(self, dataset: datasets.Dataset) -> None:
         table = dataset.with_format("arrow")[:]
-        self.src_ids, self.src_lengths = _ragged(table.column("src_ids"))
-        self.tgt_ids, self.tgt_lengths = _ragged(table.column("tgt_ids"))
+        self.src_values, self.src_offsets = _flat(table.column("src_ids"))
+        self.tgt_values, self.tgt_offsets = _flat(table.column("tgt_ids"))
+        self.src_lengths, self.tgt_lengths = np.diff(self.src_offsets), np.diff(self.tgt_offsets)
         names = table.column_names
-        self.index = table.column("index").to_numpy() if "index" in names else np.arange(len(self.src_ids))
+        self.index = table.column("index").to_numpy() if "index" in names else np.arange(len(self.src_lengths))
 
     def __len__(self) -> int:
-        return len(self.src_ids)
+        return len(self.src_lengths)
 
     def __getitem__(self, i: int) -> dict:
-        return {"src_ids": self.src_ids[i], "tgt_ids": self.tgt_ids[i], "index": int(self.index[i])}
+        return {
+            "src_ids": self.src_values[self.src_offsets[i] : self.src_offsets[i + 1]],
+            "tgt_ids": self.tgt_values[self.tgt_offsets[i] : self.tgt_offsets[i + 1]],
+            "index": int(self.index[i]),
+        }
 
     def __getitems__(self, indices: list[int]) -> list[dict]:
         return [self[i] for i in indices]
 
 
-def _ragged(column) -> tuple[list[np.ndarray], np.ndarray]:
-    """A list<int> Arrow column -> per-row numpy views of one flat array, and the row lengths."""
+def _flat(column) -> tuple[np.ndarray, np.ndarray]:
+    """A list<int> Arrow column -> its values as one flat numpy array and the row offsets into it."""
     array = column.combine_chunks()
-    offsets = array.offsets.to_numpy()
+    offsets = array.offsets.to_numpy().astype(np.int64)
     values = array.values.to_numpy()
-    return [values[start:end] for start, end in zip(offsets[:-1].tolist(), offsets[1:].tolist())], np.diff(offsets)
+    return values[offsets[0] : offsets[-1]], offsets - offsets[0]
 
 
 def make_loader(

@@ -10,26 +10,32 @@ keyed by language), then takes the same path: pick src/tgt, clean, split.
     doubled, as some copies have, is unquoted (see `_unquote`).
   - json / csv / parquet: local files, `load_dataset(format, data_files=...)`.
   - hub: `load_dataset(hub_name, hub_config)`; its own splits are kept.
+
+Cleaning is for training data only. A corpus's own validation and test splits (hub splits, or local files given
+as data.valid_path / data.test_path) are kept whole: every line, in order, with its text unchanged, so scores are
+comparable with published ones. A split the corpus lacks is carved from training by the grouped split (sizes from
+data.split), never borrowed from the other evaluation split.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
-import random
 import re
 import socket
 import sys
 import urllib.parse
 import urllib.request
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import datasets
 import huggingface_hub.constants
+import numpy as np
+import xxhash
 from datasets.exceptions import DatasetsError
 
 from seq2seq import __version__
@@ -37,7 +43,7 @@ from seq2seq.data.tokenizer import normalize_text
 from seq2seq.atomic import atomic_write
 from seq2seq.paths import cache_dir, data_dir, data_mirror
 
-DROP_REASONS = ("malformed", "invalid_utf8", "empty", "too_long", "bad_ratio", "duplicate")
+DROP_REASONS = ("malformed", "invalid_utf8", "nul_byte", "empty", "too_long", "bad_ratio", "duplicate")
 FORMATS = ("tsv", "json", "csv", "parquet", "hub")
 LINES_LISTED = 20  # line numbers kept per kind of bad line; the counts are always complete
 DOWNLOAD_TIMEOUT_S = 30
@@ -65,12 +71,18 @@ class CleaningReport:
     dropped: dict[str, int] = field(default_factory=lambda: dict.fromkeys(DROP_REASONS, 0))
     malformed_lines: list[int] = field(default_factory=list)
     invalid_utf8_lines: list[int] = field(default_factory=list)
+    nul_byte_lines: list[int] = field(default_factory=list)
     split_sizes: dict[str, int] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
+    def _listed(self, reason: str) -> list[int] | None:
+        return {
+            "malformed": self.malformed_lines, "invalid_utf8": self.invalid_utf8_lines, "nul_byte": self.nul_byte_lines
+        }.get(reason)
+
     def drop(self, reason: str, line: int | None = None) -> None:
         self.dropped[reason] += 1
-        listed = {"malformed": self.malformed_lines, "invalid_utf8": self.invalid_utf8_lines}.get(reason)
+        listed = self._listed(reason)
         if listed is not None and line is not None and len(listed) < LINES_LISTED:
             listed.append(line)
 
@@ -79,7 +91,7 @@ class CleaningReport:
         lines = [f"corpus {self.source}: read {self.read:,}, kept {self.kept:,}, dropped {total:,}"]
         for reason in DROP_REASONS:
             detail = ""
-            numbers = {"malformed": self.malformed_lines, "invalid_utf8": self.invalid_utf8_lines}.get(reason)
+            numbers = self._listed(reason)
             if numbers:
                 more = ", ..." if self.dropped[reason] > len(numbers) else ""
                 detail = f" (line {', '.join(map(str, numbers))}{more})"
@@ -159,26 +171,78 @@ def _download(url: str, member: str | None, target: Path) -> None:
 
 
 def load_corpus(data_cfg: Any) -> tuple[datasets.DatasetDict, CleaningReport]:
-    """Cleaned "train", "valid" and "test" splits with columns "src" and "tgt", and the report of what was dropped."""
+    """"train", "valid" and "test" splits with columns "src" and "tgt", and the report of what was dropped.
+
+    Only training data is cleaned; the corpus's own valid/test splits come back whole (see the module docstring).
+    """
     if data_cfg.format not in FORMATS:
         raise CorpusError(f"data.format must be one of {', '.join(FORMATS)}; got {data_cfg.format!r}.")
     report = CleaningReport()
     raw = _load_hub(data_cfg, report) if data_cfg.format == "hub" else _load_local(data_cfg, report)
-    cleaned = {name: _clean(split, data_cfg, report, name) for name, split in raw.items()}
-    report.kept = sum(len(split) for split in cleaned.values())
-    splits = _assign_splits(cleaned, data_cfg, report)
-    report.split_sizes = {name: len(split) for name, split in splits.items()}
+    if "train" not in raw:
+        raise CorpusError(f"{report.source} has splits {sorted(raw)} but no 'train' split.")
+    given = {name: _pick(raw[alias], data_cfg, report) for name, alias in _evaluation_splits(raw).items()}
+    given.update(_given_files(data_cfg, report))
+    train = _clean(_pick(raw["train"], data_cfg, report), data_cfg, report)
+    report.kept = len(train) + sum(len(split) for split in given.values())
+    if not report.kept:
+        raise CorpusError(
+            f"no pair could be read from {report.source}:\n{report.summary()}\n"
+            "Check data.format, data.columns and data.src_lang/tgt_lang against the file."
+        )
+    splits = _assign_splits(train, given, data_cfg, report)
+    report.split_sizes = {name: len(splits[name]) for name in ("train", "valid", "test")}
     return datasets.DatasetDict(splits), report
 
 
 def load_tsv_pairs(path: Path, data_cfg: Any) -> tuple[datasets.Dataset, CleaningReport]:
-    """One manythings-layout TSV read and cleaned exactly as for training, but not split (for evaluation sets)."""
+    """One manythings-layout TSV read whole for evaluation: every line kept, in order, texts as given."""
     if not path.is_file():
         raise CorpusError(f"{path} does not exist or is not a file.")
     report = CleaningReport(source=str(path))
-    dataset = _clean(_read_tsv(path, list(data_cfg.columns or ()), report), data_cfg, report, "eval")
-    report.kept = len(dataset)
+    dataset = _pick(_read_whole_tsv(path, list(data_cfg.columns or ()), report), data_cfg, report)
+    report.read = report.kept = len(dataset)
     return dataset, report
+
+
+def _evaluation_splits(raw: datasets.DatasetDict) -> dict[str, str]:
+    """Our split name -> the corpus's own split name, for the evaluation splits it has."""
+    found = {}
+    valid = next((name for name in ("validation", "valid", "dev") if name in raw), None)
+    if valid is not None:
+        found["valid"] = valid
+    if "test" in raw:
+        found["test"] = "test"
+    return found
+
+
+def _given_files(data_cfg: Any, report: CleaningReport) -> dict[str, datasets.Dataset]:
+    """data.valid_path / data.test_path read whole, in data.format (by file suffix for a hub corpus)."""
+    given = {}
+    for name in ("valid", "test"):
+        value = data_cfg.get(f"{name}_path")
+        if not value:
+            continue
+        path = Path(str(value)).expanduser()
+        if not path.is_file():
+            raise CorpusError(f"data.{name}_path={path} is not a file. Point it at the {name} file, or unset it.")
+        fmt = data_cfg.format if data_cfg.format != "hub" else _SUFFIX_FORMATS.get(path.suffix.lower())
+        if fmt is None:
+            raise CorpusError(
+                f"data.{name}_path={path}: cannot tell its format from the suffix; use one of "
+                f"{', '.join(sorted(_SUFFIX_FORMATS))}."
+            )
+        if fmt == "tsv":
+            dataset = _read_whole_tsv(path, list(data_cfg.columns or ()), report)
+        else:
+            dataset = _load_file(path, fmt)
+        report.read += len(dataset)
+        given[name] = _pick(dataset, data_cfg, report)
+        report.notes.append(f"{name} split: {path}, {len(dataset):,} pairs kept whole")
+    return given
+
+
+_SUFFIX_FORMATS = {".tsv": "tsv", ".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 
 
 def _load_local(data_cfg: Any, report: CleaningReport) -> datasets.DatasetDict:
@@ -186,46 +250,86 @@ def _load_local(data_cfg: Any, report: CleaningReport) -> datasets.DatasetDict:
     report.source = str(path)
     if data_cfg.format == "tsv":
         return datasets.DatasetDict({"train": _read_tsv(path, list(data_cfg.columns or ()), report)})
+    loaded = _load_file(path, data_cfg.format)
+    report.read = len(loaded)
+    return datasets.DatasetDict({"train": loaded})
+
+
+def _load_file(path: Path, fmt: str) -> datasets.Dataset:
     try:
-        loaded = datasets.load_dataset(
-            data_cfg.format, data_files={"train": str(path)}, cache_dir=str(cache_dir() / "hf_datasets")
+        return datasets.load_dataset(
+            fmt, data_files={"train": str(path)}, split="train", cache_dir=str(cache_dir() / "hf_datasets")
         )
     except (OSError, ValueError, DatasetsError) as error:
-        raise CorpusError(f"cannot read {path} as {data_cfg.format}: {error}. Check data.format.") from error
-    report.read = sum(len(split) for split in loaded.values())
-    return loaded
+        raise CorpusError(f"cannot read {path} as {fmt}: {error}. Check data.format.") from error
+
+
+def _check_columns(columns: list[str]) -> None:
+    if len(columns) < 2 or len(set(columns)) != len(columns):
+        raise CorpusError(f"data.columns must name each TSV column by language, e.g. [en, zh]; got {columns}.")
 
 
 def _read_tsv(path: Path, columns: list[str], report: CleaningReport) -> datasets.Dataset:
-    """Rows of `columns` (plus an ignored attribution column); bad lines are counted, never fatal."""
-    if len(columns) < 2 or len(set(columns)) != len(columns):
-        raise CorpusError(f"data.columns must name each TSV column by language, e.g. [en, zh]; got {columns}.")
+    """Training rows of `columns` (plus an ignored attribution column); bad lines are counted, never fatal."""
+    _check_columns(columns)
     rows: dict[str, list[str]] = {name: [] for name in columns}
     unquoted = 0
+    for number, raw in _tsv_lines(path):
+        report.read += 1
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            report.drop("invalid_utf8", number)
+            continue
+        if "\x00" in line:
+            report.drop("nul_byte", number)
+            continue
+        fields = line.split("\t")
+        if len(fields) not in (len(columns), len(columns) + 1):
+            report.drop("malformed", number)
+            continue
+        for name, value in zip(columns, fields):
+            text = _unquote(value)
+            if text is not value:
+                unquoted += 1
+            rows[name].append(text)
+    if unquoted:
+        report.notes.append(f"{unquoted} CSV-quoted fields unquoted")
+    return _string_dataset(rows)
+
+
+def _read_whole_tsv(path: Path, columns: list[str], report: CleaningReport) -> datasets.Dataset:
+    """An evaluation TSV, one row per line: an empty line is an empty pair, bytes that are not UTF-8 become
+    U+FFFD (counted in a note). A non-empty line with the wrong number of fields cannot be kept whole: error."""
+    _check_columns(columns)
+    rows: dict[str, list[str]] = {name: [] for name in columns}
+    replaced = 0
+    for number, raw in _tsv_lines(path):
+        line = raw.decode("utf-8", errors="replace")
+        replaced += "\ufffd" in line and "\ufffd".encode() not in raw
+        fields = line.split("\t") if line else [""] * len(columns)
+        if len(fields) not in (len(columns), len(columns) + 1):
+            raise CorpusError(
+                f"{path} line {number} has {len(fields)} tab-separated fields; an evaluation file is kept "
+                f"whole, so every line needs {len(columns)} ({', '.join(columns)}). Fix the file."
+            )
+        for name, value in zip(columns, fields):
+            rows[name].append(_unquote(value))
+    if replaced:
+        report.notes.append(f"{path}: {replaced} lines with invalid UTF-8 kept, the bad bytes shown as U+FFFD")
+    return _string_dataset(rows)
+
+
+def _tsv_lines(path: Path) -> Iterator[tuple[int, bytes]]:
+    """(line number, bytes without the line break and a leading BOM), streamed."""
     with open(path, "rb") as handle:
         for number, raw in enumerate(handle, start=1):
             raw = raw.rstrip(b"\r\n")
-            if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
-                raw = raw[3:]
-            report.read += 1
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                report.drop("invalid_utf8", number)
-                continue
-            fields = line.split("\t")
-            if len(fields) not in (len(columns), len(columns) + 1):
-                report.drop("malformed", number)
-                continue
-            for name, value in zip(columns, fields):
-                text = _unquote(value)
-                if text is not value:
-                    unquoted += 1
-                rows[name].append(text)
-    if unquoted:
-        report.notes.append(f"{unquoted} CSV-quoted fields unquoted")
-    features = datasets.Features({name: datasets.Value("string") for name in columns})
-    return datasets.Dataset.from_dict(rows, features=features)
+            yield number, raw[3:] if number == 1 and raw.startswith(b"\xef\xbb\xbf") else raw
+
+
+def _string_dataset(rows: dict[str, list[str]]) -> datasets.Dataset:
+    return datasets.Dataset.from_dict(rows, features=datasets.Features({name: datasets.Value("string") for name in rows}))
 
 
 def _unquote(value: str) -> str:
@@ -281,49 +385,74 @@ def _unreachable(endpoint: str) -> str | None:
     return None
 
 
-def _clean(dataset: datasets.Dataset, data_cfg: Any, report: CleaningReport, split: str) -> datasets.Dataset:
-    """Columns -> "src"/"tgt", normalised; drops counted in `report` in this order: empty, too_long, bad_ratio,
-    duplicate (exact pair, first occurrence kept)."""
+def _pick(dataset: datasets.Dataset, data_cfg: Any, report: CleaningReport) -> datasets.Dataset:
+    """Columns -> "src"/"tgt" strings as given (a missing side becomes ""); nothing is dropped."""
     src_lang, tgt_lang = data_cfg.src_lang, data_cfg.tgt_lang
     names = dataset.column_names
     if "translation" in names:
-        def pick(batch: dict[str, list]) -> tuple[list, list]:
+        def pick(batch: dict[str, list]) -> dict[str, list]:
             pairs = [pair or {} for pair in batch["translation"]]
-            return [pair.get(src_lang) for pair in pairs], [pair.get(tgt_lang) for pair in pairs]
+            return {"src": [pair.get(src_lang) or "" for pair in pairs], "tgt": [pair.get(tgt_lang) or "" for pair in pairs]}
     elif src_lang in names and tgt_lang in names:
-        def pick(batch: dict[str, list]) -> tuple[list, list]:
-            return batch[src_lang], batch[tgt_lang]
+        def pick(batch: dict[str, list]) -> dict[str, list]:
+            return {"src": [text or "" for text in batch[src_lang]], "tgt": [text or "" for text in batch[tgt_lang]]}
     else:
         raise CorpusError(
             f"{report.source} has columns {names}; expected a 'translation' column or columns named "
             f"{src_lang!r} and {tgt_lang!r} (data.src_lang/tgt_lang; for TSV files, data.columns)."
         )
     return dataset.map(
-        _cleaner(pick, data_cfg.clean, report),
+        pick,
         batched=True,
         batch_size=10_000,
         remove_columns=names,
-        features=datasets.Features({"src": datasets.Value("string"), "tgt": datasets.Value("string")}),
+        features=_PAIR_FEATURES,
         load_from_cache_file=False,
-        new_fingerprint=hashlib.sha256(f"{dataset._fingerprint} {split} {data_cfg}".encode()).hexdigest()[:32],
-        desc=f"cleaning {split}",
+        new_fingerprint=hashlib.sha256(f"{dataset._fingerprint} pick {src_lang} {tgt_lang}".encode()).hexdigest()[:32],
+        desc="reading pairs",
     )
 
 
-def _cleaner(pick: Callable, clean_cfg: Any, report: CleaningReport) -> Callable[[dict], dict]:
-    """A batched map function that normalises, filters and deduplicates, counting into `report`.
+_PAIR_FEATURES = datasets.Features({"src": datasets.Value("string"), "tgt": datasets.Value("string")})
 
-    Duplicates are found by a 64-bit hash of the pair so memory stays small on hub-sized corpora.
-    """
+
+def _clean(dataset: datasets.Dataset, data_cfg: Any, report: CleaningReport) -> datasets.Dataset:
+    """Training pairs normalised; drops counted in `report` in this order: nul_byte, empty, too_long, bad_ratio,
+    then duplicate (exact pair after normalisation, first occurrence kept, found on 64-bit hashes in numpy)."""
+    cleaned = dataset.map(
+        _cleaner(data_cfg.clean, report),
+        batched=True,
+        batch_size=10_000,
+        features=_PAIR_FEATURES,
+        load_from_cache_file=False,
+        new_fingerprint=hashlib.sha256(f"{dataset._fingerprint} clean {data_cfg}".encode()).hexdigest()[:32],
+        desc="cleaning train",
+    )
+    if not data_cfg.clean.deduplicate or not len(cleaned):
+        return cleaned
+    src_hash, tgt_hash = hash_column(cleaned, "src"), hash_column(cleaned, "tgt")
+    pair_hash = src_hash ^ (tgt_hash * np.uint64(0x9E3779B97F4A7C15))
+    _, first = np.unique(pair_hash, return_index=True)
+    duplicates = len(cleaned) - len(first)
+    if not duplicates:
+        return cleaned
+    report.dropped["duplicate"] += duplicates
+    return cleaned.select(np.sort(first)).flatten_indices()
+
+
+def _cleaner(clean_cfg: Any, report: CleaningReport) -> Callable[[dict], dict]:
+    """A batched map function that normalises and filters, counting into `report`."""
     form = clean_cfg.normalization
     max_chars = int(clean_cfg.max_chars)
     max_ratio = float(clean_cfg.max_length_ratio)
-    seen: set[int] | None = set() if clean_cfg.deduplicate else None
 
     def clean(batch: dict[str, list]) -> dict[str, list]:
         kept_src, kept_tgt = [], []
-        for src, tgt in zip(*pick(batch)):
-            src, tgt = normalize_text(src or "", form), normalize_text(tgt or "", form)
+        for src, tgt in zip(batch["src"], batch["tgt"]):
+            if "\x00" in src or "\x00" in tgt:
+                report.drop("nul_byte")
+                continue
+            src, tgt = normalize_text(src, form), normalize_text(tgt, form)
             if not src or not tgt:
                 report.drop("empty")
                 continue
@@ -334,12 +463,6 @@ def _cleaner(pick: Callable, clean_cfg: Any, report: CleaningReport) -> Callable
             if max(src_units, tgt_units) > max_ratio * max(min(src_units, tgt_units), 1):
                 report.drop("bad_ratio")
                 continue
-            if seen is not None:
-                key = hash((src, tgt))
-                if key in seen:
-                    report.drop("duplicate")
-                    continue
-                seen.add(key)
             kept_src.append(src)
             kept_tgt.append(tgt)
         return {"src": kept_src, "tgt": kept_tgt}
@@ -347,79 +470,101 @@ def _cleaner(pick: Callable, clean_cfg: Any, report: CleaningReport) -> Callable
     return clean
 
 
-def grouped_split(src: list[str], tgt: list[str], valid_size: int, test_size: int, seed: int) -> dict[str, list[int]]:
-    """Row indices of train/valid/test such that pairs sharing a source or a target sentence stay together.
+def hash_texts(texts: Iterable[str]) -> np.ndarray:
+    """64-bit xxh3 hashes of UTF-8 texts: stable across processes and runs (unlike `hash`)."""
+    return np.fromiter((xxhash.xxh3_64_intdigest(text.encode("utf-8")) for text in texts), dtype=np.uint64)
 
-    Pairs are joined (union-find) into connected groups; groups are shuffled by `seed` and each goes to test if
-    it still fits in `test_size`, else to valid if it fits in `valid_size`, else to train. Singletons dominate,
-    so test and valid end up at (or within a few pairs of) their sizes; large groups land in train.
+
+def hash_column(dataset: datasets.Dataset, column: str) -> np.ndarray:
+    """`hash_texts` of a string column, read a slice at a time so no whole column becomes Python strings."""
+    table = dataset.with_format("arrow")
+    parts = [hash_texts(table[start : start + 100_000].column(column).to_pylist()) for start in range(0, len(dataset), 100_000)]
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint64)
+
+
+def connected_groups(src_hash: np.ndarray, tgt_hash: np.ndarray) -> np.ndarray:
+    """A group label per pair: pairs sharing a source or a target hash (directly or through others) share it.
+
+    Label propagation with pointer jumping over the bipartite graph source-sentence -- target-sentence, all in
+    numpy: each round gives both ends of every pair the smaller label and then short-cuts label chains, so the
+    rounds grow with the logarithm of a group's diameter, not with the corpus.
     """
-    parent = list(range(len(src)))
+    if not len(src_hash):
+        return np.zeros(0, dtype=np.int64)
+    _, src_node = np.unique(src_hash, return_inverse=True)
+    _, tgt_node = np.unique(tgt_hash, return_inverse=True)
+    src_node, tgt_node = src_node.ravel(), tgt_node.ravel() + (src_node.max() + 1)
+    labels = np.arange(tgt_node.max() + 1)
+    while True:
+        lower = np.minimum(labels[src_node], labels[tgt_node])
+        updated = labels.copy()
+        np.minimum.at(updated, src_node, lower)
+        np.minimum.at(updated, tgt_node, lower)
+        while not np.array_equal(jumped := updated[updated], updated):
+            updated = jumped
+        if np.array_equal(updated, labels):
+            return labels[src_node]
+        labels = updated
 
-    def root(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
 
-    for sentences in (src, tgt):
-        first: dict[str, int] = {}
-        for i, sentence in enumerate(sentences):
-            j = first.setdefault(sentence, i)
-            if j != i:
-                parent[root(i)] = root(j)
-    groups: dict[int, list[int]] = {}
-    for i in range(len(src)):
-        groups.setdefault(root(i), []).append(i)
-    ordered = list(groups.values())
-    random.Random(seed).shuffle(ordered)
-    parts: dict[str, list[int]] = {"train": [], "valid": [], "test": []}
-    for group in ordered:
-        if len(parts["test"]) + len(group) <= test_size:
-            parts["test"] += group
-        elif len(parts["valid"]) + len(group) <= valid_size:
-            parts["valid"] += group
-        else:
-            parts["train"] += group
-    return {name: sorted(indices) for name, indices in parts.items()}
+def grouped_split(
+    src: Sequence[str] | np.ndarray, tgt: Sequence[str] | np.ndarray, valid_size: int, test_size: int, seed: int
+) -> dict[str, np.ndarray]:
+    """Sorted row indices of train/valid/test such that pairs sharing a source or a target sentence stay together.
+
+    `src`/`tgt` are the sentences or their `hash_texts`. Pairs are joined into connected groups; groups are
+    shuffled by `seed` and each goes to test if it still fits in `test_size`, else to valid if it fits in
+    `valid_size`, else to train. Singletons dominate, so test and valid end up at (or within a few pairs of)
+    their sizes; large groups land in train.
+    """
+    src_hash = src if isinstance(src, np.ndarray) else hash_texts(src)
+    tgt_hash = tgt if isinstance(tgt, np.ndarray) else hash_texts(tgt)
+    _, group, sizes = np.unique(connected_groups(src_hash, tgt_hash), return_inverse=True, return_counts=True)
+    target = np.zeros(len(sizes), dtype=np.int8)  # 0 train, 1 valid, 2 test
+    left = {1: valid_size, 2: test_size}
+    order = np.random.default_rng(seed).permutation(len(sizes))
+    for start in range(0, len(order), 65_536):
+        if not left[1] and not left[2]:
+            break
+        for g in order[start : start + 65_536].tolist():
+            size = int(sizes[g])
+            part = 2 if size <= left[2] else 1 if size <= left[1] else 0
+            if part:
+                target[g] = part
+                left[part] -= size
+    codes = target[group.ravel()]
+    return {name: np.flatnonzero(codes == code) for code, name in enumerate(("train", "valid", "test"))}
 
 
 def _assign_splits(
-    cleaned: dict[str, datasets.Dataset], data_cfg: Any, report: CleaningReport
+    train: datasets.Dataset, given: dict[str, datasets.Dataset], data_cfg: Any, report: CleaningReport
 ) -> dict[str, datasets.Dataset]:
-    """One split: grouped split by data.split. Several (hub): keep them, mapping validation/dev -> valid."""
-    if len(cleaned) == 1:
-        return _split_single(next(iter(cleaned.values())), data_cfg.split, report)
-    if "train" not in cleaned:
-        raise CorpusError(f"{report.source} has splits {sorted(cleaned)} but no 'train' split.")
-    valid = next((cleaned[name] for name in ("validation", "valid", "dev") if name in cleaned), None)
-    test = cleaned.get("test")
-    if valid is None and test is None:
-        return _split_single(cleaned["train"], data_cfg.split, report)
-    if test is None:
-        report.notes.append("the corpus has no test split: the validation split is used as test too")
-        test = valid
-    if valid is None:
-        report.notes.append("the corpus has no validation split: the test split is used for validation too")
-        valid = test
-    return {"train": cleaned["train"], "valid": valid, "test": test}
-
-
-def _split_single(dataset: datasets.Dataset, split_cfg: Any, report: CleaningReport) -> dict[str, datasets.Dataset]:
-    if split_cfg.valid_size is None or split_cfg.test_size is None:
-        raise CorpusError(f"{report.source} has a single split: set data.split.valid_size and data.split.test_size.")
-    valid_size, test_size = int(split_cfg.valid_size), int(split_cfg.test_size)
-    if valid_size < 1 or test_size < 1 or valid_size + test_size >= len(dataset):
+    """The given valid/test splits as they are; a missing one is carved from training by the grouped split."""
+    missing = [name for name in ("valid", "test") if name not in given]
+    if not missing:
+        return {"train": train, **given}
+    sizes = {name: data_cfg.split.get(f"{name}_size") for name in missing}
+    for name, size in sizes.items():
+        if size is None or int(size) < 1:
+            raise CorpusError(
+                f"{report.source} has no {name} split: set data.split.{name}_size to carve one from training "
+                f"(grouped split), or give data.{name}_path=FILE."
+            )
+    wanted = sum(int(size) for size in sizes.values())
+    if wanted >= len(train):
         raise CorpusError(
-            f"{report.source} has {len(dataset):,} pairs after cleaning: too few for valid_size={valid_size} and "
-            f"test_size={test_size} plus a training split. Lower data.split.valid_size/test_size."
+            f"{report.source} has {len(train):,} training pairs after cleaning: too few to carve "
+            + " and ".join(f"{name}_size={size}" for name, size in sizes.items())
+            + " plus a training split. Lower data.split."
+            + "/".join(f"{name}_size" for name in sizes) + "."
         )
-    columns = dataset.with_format("arrow")[:]
-    indices = grouped_split(
-        columns.column("src").to_pylist(), columns.column("tgt").to_pylist(), valid_size, test_size, int(split_cfg.seed)
+    parts = grouped_split(
+        hash_column(train, "src"), hash_column(train, "tgt"),
+        int(sizes.get("valid") or 0), int(sizes.get("test") or 0), int(data_cfg.split.seed),
     )
     report.notes.append(
-        f"split by connected groups of shared sentences, seed {split_cfg.seed}: no source or target sentence "
-        "is in two splits"
+        f"{' and '.join(missing)} carved from training by connected groups of shared sentences, seed "
+        f"{data_cfg.split.seed}: no source or target sentence is in two of these splits"
     )
-    return {name: dataset.select(rows).flatten_indices() for name, rows in indices.items()}
+    carved = {name: train.select(rows).flatten_indices() for name, rows in parts.items()}
+    return {"train": carved["train"], "valid": given.get("valid", carved["valid"]), "test": given.get("test", carved["test"])}

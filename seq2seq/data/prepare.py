@@ -13,7 +13,8 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ from seq2seq.data.tokenizer import Tokenizer, build_tokenizers
 from seq2seq.paths import cache_dir
 
 MAX_SENTENCE_TOKENS = 256  # longer token sequences are truncated, so one odd line cannot blow up a batch
-DATA_FORMAT = 1  # bump when cleaning, splitting or tokenizing changes, so old caches are not reused
+DATA_FORMAT = 2  # bump when cleaning, splitting or tokenizing changes, so old caches are not reused
 RESULT_KEYS = ("format", "columns", "src_lang", "tgt_lang", "hub_name", "hub_config", "split", "clean")
 
 @dataclass
@@ -37,6 +38,7 @@ class PreparedData:
     tgt_tokenizer: Tokenizer
     report: CleaningReport
     cache_path: Path
+    stage_seconds: dict[str, float] = field(default_factory=dict)  # of this build; empty when loaded from cache
 
 
 def prepare_data(cfg: Any, log: Callable[[str], None] = print) -> PreparedData:
@@ -65,10 +67,15 @@ def _cache_key(cfg: Any) -> str:
         "tokenizer": OmegaConf.to_container(cfg.tokenizer, resolve=True),
     }
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
+    files = [cfg.data.get("valid_path"), cfg.data.get("test_path")]
     if cfg.data.format != "hub":
-        with open(find_corpus(cfg.data), "rb") as handle:
-            for chunk in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(chunk)
+        files.insert(0, find_corpus(cfg.data))
+    for file in files:
+        if file and Path(str(file)).expanduser().is_file():
+            with open(Path(str(file)).expanduser(), "rb") as handle:
+                for chunk in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(chunk)
+        digest.update(b"\0")
     return digest.hexdigest()[:32]
 
 
@@ -89,8 +96,18 @@ def _load_cached(path: Path) -> PreparedData | None:
 
 
 def _build(cfg: Any, path: Path) -> PreparedData:
+    clock = [time.perf_counter()]
+    stage_seconds: dict[str, float] = {}
+
+    def lap(stage: str) -> None:
+        now = time.perf_counter()
+        stage_seconds[stage] = now - clock[0]
+        clock[0] = now
+
     splits, report = load_corpus(cfg.data)
+    lap("read, clean, split")
     src_tokenizer, tgt_tokenizer = build_tokenizers(splits["train"], cfg.tokenizer, cache_dir())
+    lap("train SentencePiece")
     truncated = {"count": 0}
 
     def encode(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
@@ -129,7 +146,10 @@ def _build(cfg: Any, path: Path) -> PreparedData:
     if truncated["count"]:
         report.notes.append(f"{truncated['count']} token sequences truncated to {MAX_SENTENCE_TOKENS} tokens")
     _save(path, tokenized, src_tokenizer, tgt_tokenizer, report)
-    return PreparedData(datasets.load_from_disk(str(path / "splits")), src_tokenizer, tgt_tokenizer, report, path)
+    lap("tokenize, save")
+    return PreparedData(
+        datasets.load_from_disk(str(path / "splits")), src_tokenizer, tgt_tokenizer, report, path, stage_seconds
+    )
 
 
 def _save(

@@ -12,12 +12,12 @@ import hashlib
 import io
 import json
 import os
-import random
 import unicodedata
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import sentencepiece as spm
 
 from seq2seq.atomic import atomic_write
@@ -89,7 +89,7 @@ def build_tokenizers(train: datasets.Dataset, tok_cfg: Any, cache_dir: Path) -> 
     With `tok_cfg.joint` one model (of `src_vocab_size`) is trained on both sides and returned twice.
     """
     folder = Path(cache_dir) / "tokenizers"
-    columns = train.with_format("arrow")[:]
+    columns = _sample_rows(train, int(tok_cfg.max_sentences))
     src, tgt = columns.column("src").to_pylist(), columns.column("tgt").to_pylist()
     if tok_cfg.joint:
         joint = _cached_model(src + tgt, tok_cfg, int(tok_cfg.src_vocab_size), folder)
@@ -113,7 +113,7 @@ def _cached_model(sentences: list[str], tok_cfg: Any, vocab_size: int, folder: P
             return Tokenizer.from_proto(path.read_bytes())
         except (OSError, RuntimeError, ValueError):
             pass  # an unreadable cache entry is simply retrained and overwritten
-    proto = _train_sentencepiece(_sample(sentences, int(tok_cfg.max_sentences)), settings)
+    proto = _train_sentencepiece([sentence for sentence in sentences if sentence], settings)
     with atomic_write(path) as handle:
         handle.write(proto)
     return Tokenizer.from_proto(proto)
@@ -135,12 +135,14 @@ def _trainer_settings(tok_cfg: Any, vocab_size: int) -> dict[str, Any]:
     }
 
 
-def _sample(sentences: list[str], max_sentences: int) -> list[str]:
-    """At most `max_sentences` non-empty sentences, a seeded sample so the same data gives the same model."""
-    sentences = [sentence for sentence in sentences if sentence]
-    if len(sentences) > max_sentences:
-        sentences = random.Random(0).sample(sentences, max_sentences)
-    return sentences
+def _sample_rows(train: datasets.Dataset, max_sentences: int):
+    """All rows, or a seeded sample of `max_sentences` rows in corpus order (an Arrow table): SentencePiece
+    training time grows with its input, and only the sample ever becomes Python strings."""
+    table = train.with_format("arrow")
+    if len(train) <= max_sentences:
+        return table[:]
+    rows = np.sort(np.random.default_rng(0).choice(len(train), size=max_sentences, replace=False))
+    return table[rows.tolist()]
 
 
 def _train_sentencepiece(sentences: list[str], settings: dict[str, Any]) -> bytes:
