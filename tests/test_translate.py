@@ -285,18 +285,23 @@ def test_evaluate_matches_sacrebleu_on_a_copied_checkpoint(checkpoints, corpus_p
     assert translated == hypotheses
 
 
-def test_evaluate_tsv_is_cleaned_like_training(checkpoints, corpus_path, tmp_path, capsysbinary):
+def test_evaluate_tsv_is_kept_whole(checkpoints, corpus_path, tmp_path, capsysbinary):
+    """Evaluation files are scored as given: duplicates and empty sides stay; a line without its columns is an error."""
     pairs = corpus_pairs(corpus_path, 40)[:12]
     lines = [f"{en}\t{zh}\tCC-BY 2.0 (France) Attribution: tatoeba.org" for zh, en in pairs]
-    lines += [lines[0], "a line without any tab", f"{pairs[1][1]}\t"]  # duplicate, malformed, empty side
+    lines += [lines[0], f"{pairs[1][1]}\t"]  # a duplicate and an empty source side
     tsv = tmp_path / "extra.tsv"
     tsv.write_text("\n".join(lines) + "\n", encoding="utf-8")
     scores = tmp_path / "scores.json"
     code, _, err = _main(capsysbinary, evaluate_cli, "--checkpoint", checkpoints["bahdanau"], "--tsv", tsv,
                          "--beam-size", "1", "--json", scores)
     assert code == 0, err
-    assert json.loads(scores.read_text())["sentences"] == len(pairs)
-    assert "duplicate" in err and "malformed" in err
+    assert json.loads(scores.read_text())["sentences"] == len(lines)
+
+    tsv.write_text("\n".join(lines + ["a line without any tab"]) + "\n", encoding="utf-8")
+    code, out, err = _main(capsysbinary, evaluate_cli, "--checkpoint", checkpoints["bahdanau"], "--tsv", tsv)
+    assert (code, out) == (2, [])
+    assert f"line {len(lines) + 1}" in err and "Traceback" not in err
 
 
 @pytest.mark.corpus
