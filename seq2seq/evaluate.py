@@ -3,7 +3,7 @@
     seq2seq-evaluate --checkpoint best.pt                          # the test split it was trained with
     seq2seq-evaluate --checkpoint best.pt --split valid --beam-size 1
     seq2seq-evaluate --checkpoint best.pt --src test.zh --ref test.en --output hyps.en --json scores.json
-    seq2seq-evaluate --checkpoint best.pt --tsv other-cmn-eng.tsv  # manythings layout, cleaned as in training
+    seq2seq-evaluate --checkpoint best.pt --tsv other-cmn-eng.tsv  # manythings layout, every line scored as given
 
 Prints sacreBLEU BLEU and chrF with their signatures, and BLEU by source length (SentencePiece tokens). The
 checkpoint carries its tokenizers and data config, so it works when copied alone; --split rebuilds the split from
