@@ -17,6 +17,7 @@ import argparse
 import json
 import logging
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -76,19 +77,17 @@ def load_pairs(args: argparse.Namespace, loaded: LoadedModel) -> tuple[list[str]
         data_cfg.path = str(args.data_path)
     try:
         if args.tsv is not None:
-            dataset, report = load_tsv_pairs(args.tsv, data_cfg)
+            pairs, report = load_tsv_pairs(args.tsv, data_cfg)
             print(report.summary(), file=sys.stderr)
-            where = str(args.tsv)
-        else:
-            split = args.split or "test"
-            splits, report = load_corpus(data_cfg)
+            return pairs.texts("src"), pairs.texts("tgt"), str(args.tsv)
+        split = args.split or "test"
+        with tempfile.TemporaryDirectory(prefix="seq2seq-evaluate-") as folder:
+            splits, report = load_corpus(data_cfg, Path(folder))
             log.info(report.summary())
-            dataset = splits[split]
-            where = f"{split} split of {data_cfg.name}"
+            return splits[split].texts("src"), splits[split].texts("tgt"), f"{split} split of {data_cfg.name}"
     except CorpusError as error:
         hint = "" if args.tsv is not None else " (seq2seq-evaluate: --data-path FILE points --split at the corpus file)"
         raise UsageError(f"{error}{hint}") from error
-    return list(dataset["src"]), list(dataset["tgt"]), where
 
 
 def evaluate(args: argparse.Namespace) -> dict:

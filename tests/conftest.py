@@ -87,13 +87,10 @@ def _train(model: torch.nn.Module, examples: list[dict], steps: int = 60) -> Non
 def checkpoints(tmp_path_factory, corpus_path) -> dict[str, Path]:
     """Tiny rnn, bahdanau and transformer checkpoints from ~300 Tatoeba pairs, built once per session: tiny
     SentencePiece vocabularies, a few dozen training steps, saved with the configs training would write."""
-    import datasets
-
     pairs = corpus_pairs(corpus_path)
     folder = tmp_path_factory.mktemp("checkpoints")
-    train = datasets.Dataset.from_dict({"src": [zh for zh, _ in pairs], "tgt": [en for _, en in pairs]})
     tok_cfg = OmegaConf.create(_config("transformer")["tokenizer"])
-    src_tok, tgt_tok = build_tokenizers(train, tok_cfg, folder / "cache")
+    src_tok, tgt_tok = build_tokenizers([zh for zh, _ in pairs], [en for _, en in pairs], tok_cfg, folder / "cache")
     examples = [
         {"src_ids": src_tok.encode(zh), "tgt_ids": tgt_tok.encode(en), "index": i} for i, (zh, en) in enumerate(pairs)
     ]

@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 import os
 import random
+import subprocess
+import sys
+import tempfile
 import zipfile
 from pathlib import Path
 
@@ -17,9 +20,12 @@ from omegaconf import OmegaConf
 
 from seq2seq.data.prepare import prepare_data
 from seq2seq.data import corpus as corpus_module
+from seq2seq.data import split as split_module
 from seq2seq.data import tokenizer as tokenizer_module
 from seq2seq.data.batching import TokenBatchSampler, collate, make_loader
-from seq2seq.data.corpus import CorpusError, find_corpus, grouped_split, length_units, load_corpus
+from seq2seq.data.clean import length_units
+from seq2seq.data.corpus import CorpusError, find_corpus, load_corpus
+from seq2seq.data.split import grouped_split
 from seq2seq.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Tokenizer, build_tokenizers, normalize_text
 from seq2seq.paths import CONFIG_DIR
 
@@ -55,6 +61,20 @@ def synthetic_pairs(count: int, seed: int = 0) -> list[tuple[str, str]]:
     return list(pairs.items())
 
 
+class Split(dict):
+    """A split's texts as lists under "src" and "tgt"; len() is its number of pairs."""
+
+    def __len__(self) -> int:
+        return len(self["src"])
+
+
+def load_texts(data_cfg) -> tuple[dict[str, Split], corpus_module.CleaningReport]:
+    """`load_corpus` with every split's texts read into Python lists (the shards live in a temporary folder)."""
+    with tempfile.TemporaryDirectory() as folder:
+        splits, report = load_corpus(data_cfg, Path(folder))
+        return {name: Split(src=pairs.texts("src"), tgt=pairs.texts("tgt")) for name, pairs in splits.items()}, report
+
+
 def write_tsv(path: Path, pairs: list[tuple[str, str]]) -> Path:
     path.write_text("".join(f"{en}\t{zh}\n" for en, zh in pairs), encoding="utf-8")
     return path
@@ -74,7 +94,7 @@ def cache(tmp_path, monkeypatch) -> Path:
 @pytest.mark.corpus
 def test_real_corpus_counts_and_split(corpus_path, monkeypatch):
     monkeypatch.setenv("SEQ2SEQ_DATA_MIRROR", str(corpus_path.parents[1]))
-    splits, report = load_corpus(tatoeba_cfg().data)
+    splits, report = load_texts(tatoeba_cfg().data)
 
     assert report.source == str(corpus_path)
     assert report.read == 29_980
@@ -94,7 +114,10 @@ def test_real_corpus_counts_and_split(corpus_path, monkeypatch):
         assert not sets["valid"] & sets["test"]
 
 
-def test_planted_flaws_are_counted_exactly(tmp_path, cache):
+@pytest.mark.parametrize("chunk_bytes, num_proc", [(8 << 20, 1), (100, 2)], ids=["one-chunk", "many-chunks-2-procs"])
+def test_planted_flaws_are_counted_exactly(tmp_path, cache, monkeypatch, chunk_bytes, num_proc):
+    """Counts, line numbers and kept pairs do not depend on how the file is cut into chunks or on the processes."""
+    monkeypatch.setattr("seq2seq.data.clean.CHUNK_BYTES", chunk_bytes)
     good = synthetic_pairs(40)
     lines = [f"{en}\t{zh}".encode() for en, zh in good]
     planted = [
@@ -117,7 +140,8 @@ def test_planted_flaws_are_counted_exactly(tmp_path, cache):
     path = tmp_path / "flawed.tsv"
     path.write_bytes(b"\n".join(lines + planted) + b"\n")
 
-    splits, report = load_corpus(tatoeba_cfg(path=str(path), **{"split.valid_size": 5, "split.test_size": 5}).data)
+    cfg = tatoeba_cfg(path=str(path), num_proc=num_proc, **{"split.valid_size": 5, "split.test_size": 5})
+    splits, report = load_texts(cfg.data)
 
     assert report.read == 55
     assert report.dropped == dict(malformed=3, invalid_utf8=2, nul_byte=1, empty=2, too_long=1, bad_ratio=1, duplicate=3)
@@ -129,6 +153,7 @@ def test_planted_flaws_are_counted_exactly(tmp_path, cache):
     kept = {pair for split in splits.values() for pair in zip(split["src"], split["tgt"])}
     assert ("有署名", "Attribution kept out") in kept
     assert ("谁?汤姆。", 'Who? "Tom."') in kept  # NFKC folds full-width punctuation; CSV quoting undone
+    assert any("1 CSV-quoted fields unquoted" in note for note in report.notes)
 
 
 def test_normalization_and_length_units():
@@ -153,7 +178,7 @@ def test_local_json_csv_parquet_load_through_the_same_path(tmp_path, cache, fmt)
             table.to_parquet(str(path))
 
     cfg = tatoeba_cfg(format=fmt, path=str(path), **{"split.valid_size": 4, "split.test_size": 4})
-    splits, report = load_corpus(cfg.data)
+    splits, report = load_texts(cfg.data)
 
     assert report.read == 32 and report.kept == 30
     assert report.dropped["duplicate"] == 1 and report.dropped["empty"] == 1
@@ -198,7 +223,7 @@ def test_hub_offline_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(CorpusError, match="HF_HUB_OFFLINE is set and it is not in the local"):
-        load_corpus(hub_cfg())
+        load_texts(hub_cfg())
 
 
 def test_hub_unreachable_is_a_clear_error(monkeypatch):
@@ -207,7 +232,7 @@ def test_hub_unreachable_is_a_clear_error(monkeypatch):
     for proxy in ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY"):
         monkeypatch.delenv(proxy, raising=False)
     with pytest.raises(CorpusError, match="hub is unreachable .*HF_HUB_OFFLINE=1"):
-        load_corpus(hub_cfg())
+        load_texts(hub_cfg())
 
 
 def test_hub_evaluation_splits_are_kept_whole_and_a_missing_test_is_carved(monkeypatch):
@@ -220,11 +245,11 @@ def test_hub_evaluation_splits_are_kept_whole_and_a_missing_test_is_carved(monke
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(corpus_module.datasets, "load_dataset", lambda name, config: fake)
     with pytest.raises(CorpusError, match="no test split: set data.split.test_size .* data.test_path"):
-        load_corpus(hub_cfg())
+        load_texts(hub_cfg())
 
     cfg = hub_cfg()
     cfg.split.test_size = 20
-    splits, report = load_corpus(cfg)
+    splits, report = load_texts(cfg)
     assert report.read == 256 and report.dropped["duplicate"] == 2
     assert report.split_sizes == {"train": 180, "valid": 54, "test": 20}
     assert list(splits["valid"]["tgt"]) == [en for en, _ in validation]  # nothing dropped, nothing normalised
@@ -242,21 +267,21 @@ def test_local_valid_and_test_files_are_kept_whole(tmp_path):
     test = tmp_path / "test.tsv"
     test.write_text("".join("\n" if not en else f"{en}\t{zh}\n" for en, zh in test_pairs), encoding="utf-8")
     cfg = tatoeba_cfg(path=str(train), valid_path=str(valid), test_path=str(test))
-    splits, report = load_corpus(cfg.data)
+    splits, report = load_texts(cfg.data)
     assert report.split_sizes == {"train": 300, "valid": 40, "test": len(test_pairs)}
     assert list(splits["test"]["tgt"]) == [en for en, _ in test_pairs]
     assert list(splits["test"]["src"]) == [zh for _, zh in test_pairs]
     assert report.read == report.kept + sum(report.dropped.values())
 
     cfg = tatoeba_cfg(path=str(train), test_path=str(test), **{"split.valid_size": 30})  # valid carved, test given
-    splits, report = load_corpus(cfg.data)
+    splits, report = load_texts(cfg.data)
     assert report.split_sizes == {"train": 270, "valid": 30, "test": len(test_pairs)}
     assert any("valid carved from training" in note for note in report.notes)
 
     bad = tmp_path / "bad.tsv"
     bad.write_text("ok\t好\nno tab here\n", encoding="utf-8")
     with pytest.raises(CorpusError, match="line 2 has 1 tab-separated fields"):
-        load_corpus(tatoeba_cfg(path=str(train), test_path=str(bad)).data)
+        load_texts(tatoeba_cfg(path=str(train), test_path=str(bad)).data)
 
 
 @pytest.mark.parametrize("content", [b"", b"\x00\x01\x02\xff\xfe" * 50, b"no tabs at all\nnone here either\n"])
@@ -264,7 +289,7 @@ def test_unreadable_corpus_says_no_pair_could_be_read(tmp_path, content):
     path = tmp_path / "corpus.tsv"
     path.write_bytes(content)
     with pytest.raises(CorpusError, match="no pair could be read") as error:
-        load_corpus(tatoeba_cfg(path=str(path)).data)
+        load_texts(tatoeba_cfg(path=str(path)).data)
     assert "valid_size" not in str(error.value) and "dropped" in str(error.value)
 
 
@@ -300,7 +325,7 @@ def test_connected_groups_follow_chains():
     # pairs 0-1 share a source, 1-2 a target, 2-3 a source: one chain; 4 alone; 5-6 share a target
     src = ["a", "a", "b", "b", "c", "d", "e"]
     tgt = ["x", "y", "y", "z", "w", "v", "v"]
-    labels = corpus_module.connected_groups(corpus_module.hash_texts(src), corpus_module.hash_texts(tgt))
+    labels = split_module.connected_groups(split_module.hash_texts(src), split_module.hash_texts(tgt))
     assert len(set(labels[:4].tolist())) == 1 and len(set(labels.tolist())) == 3 and labels[5] == labels[6]
 
 
@@ -316,10 +341,10 @@ def test_grouped_split_of_the_real_corpus_shares_no_sentence(corpus_path):
 def test_load_corpus_split_is_deterministic(tmp_path):
     path = write_tsv(tmp_path / "c.tsv", synthetic_pairs(300))
     cfg = tatoeba_cfg(path=str(path), **{"split.valid_size": 30, "split.test_size": 30})
-    first, _ = load_corpus(cfg.data)
-    again, _ = load_corpus(cfg.data)
+    first, _ = load_texts(cfg.data)
+    again, _ = load_texts(cfg.data)
     cfg.data.split.seed = 99
-    other, _ = load_corpus(cfg.data)
+    other, _ = load_texts(cfg.data)
     assert all(list(first[name]["src"]) == list(again[name]["src"]) for name in first)
     assert list(first["test"]["src"]) != list(other["test"]["src"])
 
@@ -327,7 +352,7 @@ def test_load_corpus_split_is_deterministic(tmp_path):
 def test_too_small_corpus_for_the_split_sizes(tmp_path):
     path = write_tsv(tmp_path / "c.tsv", synthetic_pairs(20))
     with pytest.raises(CorpusError, match="too few"):
-        load_corpus(tatoeba_cfg(path=str(path)).data)
+        load_texts(tatoeba_cfg(path=str(path)).data)
 
 
 # -------------------------------------------------------------------------------------------- tokenizer
@@ -342,14 +367,14 @@ def tokenizer_cfg(**overrides: object):
 
 
 @pytest.fixture(scope="module")
-def train_split() -> datasets.Dataset:
+def train_split() -> Split:
     pairs = synthetic_pairs(3000)
-    return datasets.Dataset.from_dict({"src": [zh for _, zh in pairs], "tgt": [en for en, _ in pairs]})
+    return Split(src=[zh for _, zh in pairs], tgt=[en for en, _ in pairs])
 
 
 @pytest.fixture(scope="module")
 def tokenizers(train_split, tmp_path_factory) -> tuple[Tokenizer, Tokenizer]:
-    return build_tokenizers(train_split, tokenizer_cfg(), tmp_path_factory.mktemp("tok"))
+    return build_tokenizers(train_split["src"], train_split["tgt"], tokenizer_cfg(), tmp_path_factory.mktemp("tok"))
 
 
 @pytest.mark.parametrize(
@@ -385,28 +410,27 @@ def test_tokenizer_cache_reuses_models(train_split, tmp_path, monkeypatch):
     calls = []
     train = tokenizer_module._train_sentencepiece
     monkeypatch.setattr(tokenizer_module, "_train_sentencepiece", lambda *a: calls.append(1) or train(*a))
-    first = build_tokenizers(train_split, tokenizer_cfg(), tmp_path)
+    first = build_tokenizers(train_split["src"], train_split["tgt"], tokenizer_cfg(), tmp_path)
     models = sorted((tmp_path / "tokenizers").glob("*.model"))
     mtimes = [path.stat().st_mtime_ns for path in models]
     assert len(calls) == 2 and len(models) == 2
 
-    second = build_tokenizers(train_split, tokenizer_cfg(), tmp_path)
+    second = build_tokenizers(train_split["src"], train_split["tgt"], tokenizer_cfg(), tmp_path)
     assert len(calls) == 2, "a second build with the same data and settings must not retrain"
     assert [path.stat().st_mtime_ns for path in models] == mtimes
     assert [t.proto for t in second] == [t.proto for t in first]
 
-    build_tokenizers(train_split, tokenizer_cfg(tgt_vocab_size=310), tmp_path)
+    build_tokenizers(train_split["src"], train_split["tgt"], tokenizer_cfg(tgt_vocab_size=310), tmp_path)
     assert len(calls) == 3  # only the target model's settings changed
-    build_tokenizers(train_split.select(range(2000)), tokenizer_cfg(), tmp_path)
+    build_tokenizers(train_split["src"][:2000], train_split["tgt"][:2000], tokenizer_cfg(), tmp_path)
     assert len(calls) == 5  # other training data: both retrained
 
 
 def test_joint_tokenizer_and_soft_vocab_limit(train_split, tmp_path):
-    src, tgt = build_tokenizers(train_split, tokenizer_cfg(joint=True, model_type="bpe"), tmp_path)
+    src, tgt = build_tokenizers(train_split["src"], train_split["tgt"], tokenizer_cfg(joint=True, model_type="bpe"), tmp_path)
     assert src is tgt and src.vocab_size == 700
     assert src.decode(src.encode("我们 like the red book")) == "我们 like the red book"
-    tiny = train_split.select(range(40))
-    small, _ = build_tokenizers(tiny, tokenizer_cfg(src_vocab_size=5000, tgt_vocab_size=5000), tmp_path)
+    small, _ = build_tokenizers(train_split["src"][:40], train_split["tgt"][:40], tokenizer_cfg(src_vocab_size=5000, tgt_vocab_size=5000), tmp_path)
     assert 260 < small.vocab_size < 5000  # too little data for 5000 pieces: fewer, no failure
 
 
@@ -433,6 +457,25 @@ def test_sampler_budget_and_coverage():
     sampler.set_epoch(0)
     assert list(sampler) == batches
     assert list(TokenBatchSampler(src, tgt, 1000, shuffle=True, seed=3)) == batches
+
+
+@pytest.mark.parametrize("max_tokens", [1, 7, 40, 300])
+def test_sampler_cut_is_the_greedy_rule(max_tokens):
+    """Each batch takes rows, in sorted order, while (rows + 1) * longest side fits; compared with a plain loop."""
+    rng = np.random.default_rng(max_tokens)
+    src, tgt = rng.integers(0, 60, 3000), rng.integers(0, 60, 3000)
+    sampler = TokenBatchSampler(src, tgt, max_tokens, shuffle=True, seed=3)
+    order = np.lexsort((np.random.default_rng([3, 0, 0]).permutation(3000), tgt, src))
+    expected, batch, longest = [], [], 0
+    for row in order.tolist():
+        size = max(src[row], tgt[row]) + 1
+        if batch and (len(batch) + 1) * max(longest, size) > max_tokens:
+            expected.append(batch)
+            batch, longest = [], 0
+        batch.append(row)
+        longest = max(longest, size)
+    expected.append(batch)
+    assert sorted(map(tuple, sampler)) == sorted(map(tuple, expected))
 
 
 def test_sampler_sorts_without_shuffle_and_isolates_overlong_pairs():
@@ -510,7 +553,7 @@ def test_prepare_data_builds_then_reuses_the_cache(tmp_path, cache, monkeypatch)
     assert any("saved to" in line for line in logged) and any("read 600" in line for line in logged)
     train = first.splits["train"]
     assert set(train.column_names) == {"src", "tgt", "src_ids", "tgt_ids", "index"}
-    assert train.features["src_ids"].feature.dtype == "int32"
+    assert train.features["src_ids"].feature.dtype == "uint16"
     assert list(train["index"]) == list(range(len(train)))
     for row in train.select(range(50)):
         src_ids, tgt_ids = first.src_tokenizer.encode(row["src"]), first.tgt_tokenizer.encode(row["tgt"])
@@ -528,3 +571,26 @@ def test_prepare_data_builds_then_reuses_the_cache(tmp_path, cache, monkeypatch)
     assert list(again.splits["valid"]["src_ids"]) == list(first.splits["valid"]["src_ids"])
     assert again.src_tokenizer.proto == first.src_tokenizer.proto
     assert os.listdir(cache / "datasets") == [first.cache_path.name]  # no temporary folders left behind
+
+
+@pytest.mark.corpus
+def test_preparation_memory_does_not_grow_with_the_corpus(corpus_path, tmp_path):
+    """scripts/benchmark_data.py on synthetic Tatoeba corpora of 150k and 600k pairs (both cleaned by two worker
+    processes, the SentencePiece sample capped at the same size): memory grows by the numpy arrays of the split, a
+    little over 100 bytes per pair. A reader that holds the corpus as Python objects grew by about 1,200."""
+    script = Path(__file__).resolve().parents[1] / "scripts" / "benchmark_data.py"
+    env = {**os.environ, "SEQ2SEQ_DATA_MIRROR": str(corpus_path.parents[1])}
+    figures = {}
+    for pairs in (150_000, 600_000):
+        result = tmp_path / f"{pairs}.json"
+        subprocess.run(
+            [sys.executable, str(script), "--pairs", str(pairs), "--workdir", str(tmp_path), "--json", str(result),
+             "data.num_proc=2", "tokenizer.max_sentences=10000", "tokenizer.src_vocab_size=4000",
+             "tokenizer.tgt_vocab_size=2000"],
+            check=True, env=env, capture_output=True, timeout=600,
+        )
+        figures[pairs] = json.loads(result.read_text())
+        assert figures[pairs]["read"] == pairs
+    for measure in ("peak_tree_pss_mib", "peak_process_rss_mib"):
+        growth = (figures[600_000][measure] - figures[150_000][measure]) * 2**20 / 450_000
+        assert growth < 300, f"{measure} grew {growth:.0f} bytes per pair: {figures}"

@@ -121,61 +121,77 @@ class TokenBatchSampler(Sampler[list[int]]):
         self.rank = rank
         self.world_size = world_size
         self.epoch = 0
-        self._batches: list[list[int]] | None = None
+        self._order = np.zeros(0, dtype=np.int64)  # row numbers, sorted by length, cut into batches at...
+        self._bounds = np.zeros(1, dtype=np.int64)  # ...these positions: batch b is order[bounds[b]:bounds[b + 1]]
+        self._batch_ids: np.ndarray | None = None  # this rank's batches, in the order they are served
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-        self._batches = None
+        if epoch != self.epoch:
+            self.epoch = epoch
+            self._batch_ids = None
 
-    def _rank_batches(self) -> list[list[int]]:
-        if self._batches is None:
-            batches = self._cut()
+    def _rank_batches(self) -> np.ndarray:
+        if self._batch_ids is None:
+            self._order, self._bounds = self._cut()
+            count = len(self._bounds) - 1
+            batch_ids = np.arange(count)
             if self.shuffle:
-                order = np.random.default_rng([self.seed, self.epoch, 1]).permutation(len(batches))
-                batches = [batches[i] for i in order]
-            if self.world_size > 1 and batches:
-                total = -(-len(batches) // self.world_size) * self.world_size
-                batches = [batches[i % len(batches)] for i in range(total)][self.rank :: self.world_size]
-            self._batches = batches
-        return self._batches
+                batch_ids = np.random.default_rng([self.seed, self.epoch, 1]).permutation(count)
+            if self.world_size > 1 and count:
+                total = -(-count // self.world_size) * self.world_size
+                batch_ids = batch_ids[np.arange(total) % count][self.rank :: self.world_size]
+            self._batch_ids = batch_ids
+        return self._batch_ids
 
-    def _cut(self) -> list[list[int]]:
+    def _cut(self) -> tuple[np.ndarray, np.ndarray]:
+        """Rows in length order and the positions where one batch ends and the next begins: each batch takes rows
+        while (rows + 1) * longest side so far fits the budget. Found a batch at a time with numpy (the source side
+        only grows in this order, so a batch starting at row a holds at most max_tokens // size[a] rows)."""
+        count = len(self.src_sizes)
         if self.shuffle:
-            tie_break = np.random.default_rng([self.seed, self.epoch, 0]).permutation(len(self.src_sizes))
-            order = np.lexsort((tie_break, self.tgt_sizes, self.src_sizes))
+            tie_break = np.random.default_rng([self.seed, self.epoch, 0]).permutation(count)
         else:
-            order = np.lexsort((self.tgt_sizes, self.src_sizes))
-        batches: list[list[int]] = []
-        batch: list[int] = []
-        longest_src = longest_tgt = 0
-        src_sizes, tgt_sizes = self.src_sizes[order].tolist(), self.tgt_sizes[order].tolist()
-        for i, src_size, tgt_size in zip(order.tolist(), src_sizes, tgt_sizes):
-            longest_src, longest_tgt = max(longest_src, src_size), max(longest_tgt, tgt_size)
-            if batch and (len(batch) + 1) * max(longest_src, longest_tgt) > self.max_tokens:
-                batches.append(batch)
-                batch, longest_src, longest_tgt = [], src_size, tgt_size
-            batch.append(i)
-        if batch:
-            batches.append(batch)
-        return batches
+            tie_break = np.arange(count)
+        order = _sort_by_lengths(self.src_sizes, self.tgt_sizes, tie_break)
+        sizes = np.maximum(self.src_sizes, self.tgt_sizes)[order]
+        bounds, start = [0], 0
+        while start < len(sizes):
+            window = np.maximum.accumulate(sizes[start : start + self.max_tokens // int(sizes[start]) + 1])
+            over = np.flatnonzero(np.arange(1, len(window) + 1) * window > self.max_tokens)
+            start += max(int(over[0]) if len(over) else len(window), 1)
+            bounds.append(start)
+        return order, np.asarray(bounds, dtype=np.int64)
 
     def __iter__(self) -> Iterator[list[int]]:
-        for batch in self._rank_batches():
-            yield list(batch)
+        batch_ids = self._rank_batches()
+        order, bounds = self._order, self._bounds
+        for batch in batch_ids.tolist():
+            yield order[bounds[batch] : bounds[batch + 1]].tolist()
 
     def __len__(self) -> int:
         return len(self._rank_batches())
 
 
+def _sort_by_lengths(src: np.ndarray, tgt: np.ndarray, tie_break: np.ndarray) -> np.ndarray:
+    """Row order by source length, then target length, then `tie_break` (distinct values): one argsort of a packed
+    int64 key, several times faster than `np.lexsort` over three keys on millions of rows."""
+    tgt_bits, tie_bits = int(tgt.max(initial=0)).bit_length(), max(len(tie_break) - 1, 0).bit_length()
+    if int(src.max(initial=0)).bit_length() + tgt_bits + tie_bits > 62:
+        return np.lexsort((tie_break, tgt, src))
+    key = (src.astype(np.int64) << (tgt_bits + tie_bits)) | (tgt.astype(np.int64) << tie_bits) | tie_break
+    return np.argsort(key)
+
+
 class _Examples(torch.utils.data.Dataset):
-    """The id columns of a split as flat numpy arrays plus row offsets: a few bytes per token and per row, and no
-    Python object per row, so a split of millions of pairs costs little memory; a row is sliced when fetched."""
+    """The id columns of a split as numpy views of its memory-mapped Arrow chunks (values in their stored width,
+    uint16 for most vocabularies) plus lengths: no copy of the ids and no Python object per row, so a split of
+    millions of pairs costs a few bytes per row in memory, and a row is sliced out when it is fetched."""
 
     def __init__(self, dataset: datasets.Dataset) -> None:
         table = dataset.with_format("arrow")[:]
-        self.src_values, self.src_offsets = _flat(table.column("src_ids"))
-        self.tgt_values, self.tgt_offsets = _flat(table.column("tgt_ids"))
-        self.src_lengths, self.tgt_lengths = np.diff(self.src_offsets), np.diff(self.tgt_offsets)
+        self.src = _ListColumn(table.column("src_ids"))
+        self.tgt = _ListColumn(table.column("tgt_ids"))
+        self.src_lengths, self.tgt_lengths = self.src.lengths, self.tgt.lengths
         names = table.column_names
         self.index = table.column("index").to_numpy() if "index" in names else np.arange(len(self.src_lengths))
 
@@ -183,22 +199,27 @@ class _Examples(torch.utils.data.Dataset):
         return len(self.src_lengths)
 
     def __getitem__(self, i: int) -> dict:
-        return {
-            "src_ids": self.src_values[self.src_offsets[i] : self.src_offsets[i + 1]],
-            "tgt_ids": self.tgt_values[self.tgt_offsets[i] : self.tgt_offsets[i + 1]],
-            "index": int(self.index[i]),
-        }
+        return {"src_ids": self.src[i], "tgt_ids": self.tgt[i], "index": int(self.index[i])}
 
     def __getitems__(self, indices: list[int]) -> list[dict]:
         return [self[i] for i in indices]
 
 
-def _flat(column) -> tuple[np.ndarray, np.ndarray]:
-    """A list<int> Arrow column -> its values as one flat numpy array and the row offsets into it."""
-    array = column.combine_chunks()
-    offsets = array.offsets.to_numpy().astype(np.int64)
-    values = array.values.to_numpy()
-    return values[offsets[0] : offsets[-1]], offsets - offsets[0]
+class _ListColumn:
+    """A list<int> Arrow column of any number of chunks, read row by row without combining the chunks."""
+
+    def __init__(self, column) -> None:
+        self.values, self.offsets = [], []
+        for chunk in column.chunks:
+            self.values.append(chunk.values.to_numpy())
+            self.offsets.append(chunk.offsets.to_numpy())
+        self.lengths = np.concatenate([np.diff(offsets) for offsets in self.offsets]) if self.offsets else np.zeros(0, np.int64)
+        self.starts = np.cumsum([0] + [len(offsets) - 1 for offsets in self.offsets])
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        chunk = int(np.searchsorted(self.starts, i, side="right")) - 1
+        offsets, row = self.offsets[chunk], i - int(self.starts[chunk])
+        return self.values[chunk][offsets[row] : offsets[row + 1]]
 
 
 def make_loader(

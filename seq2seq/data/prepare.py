@@ -1,33 +1,41 @@
 """corpus -> cleaned grouped splits -> SentencePiece models -> tokenized Arrow splits (cached).
 
-`prepare_data(cfg)` is the one call the trainer makes. The first run reads, cleans, splits, trains the
-tokenizers and saves the tokenized splits under cache_dir()/datasets/<hash>; later runs with the same corpus
-content and the same data/tokenizer settings load that folder (memory-mapped) in about a second.
+`prepare_data(cfg)` is the one call the trainer makes. The first run reads, cleans and splits the corpus (on every
+core, into Arrow shards), trains the tokenizers on a seeded sample of the training split, tokenizes every split in
+parallel chunks and saves them under cache_dir()/datasets/<hash>; later runs with the same corpus content and the
+same data/tokenizer settings memory-map that folder in about a second. Token ids are stored as uint16 (uint32 for a
+vocabulary over 65,536), so a training split of millions of pairs costs a few bytes per token on disk and in memory.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import datasets
+import numpy as np
+import pyarrow as pa
+import xxhash
 from omegaconf import OmegaConf
 
-from seq2seq.data.corpus import CleaningReport, find_corpus, load_corpus
+from seq2seq.data.corpus import CleaningReport, CorpusError, find_corpus, load_corpus
+from seq2seq.data.shards import Pairs, resolve_num_proc, run_chunks, write_shard
 from seq2seq.data.tokenizer import Tokenizer, build_tokenizers
 from seq2seq.paths import cache_dir
 
 MAX_SENTENCE_TOKENS = 256  # longer token sequences are truncated, so one odd line cannot blow up a batch
-DATA_FORMAT = 2  # bump when cleaning, splitting or tokenizing changes, so old caches are not reused
+DATA_FORMAT = 3  # bump when cleaning, splitting or tokenizing changes, so old caches are not reused
 RESULT_KEYS = ("format", "columns", "src_lang", "tgt_lang", "hub_name", "hub_config", "split", "clean")
+SPLITS = ("train", "valid", "test")
+TOKENIZE_ROWS = 20_000  # rows per tokenizing task
 
 @dataclass
 class PreparedData:
@@ -58,7 +66,8 @@ def prepare_data(cfg: Any, log: Callable[[str], None] = print) -> PreparedData:
 
 
 def _cache_key(cfg: Any) -> str:
-    """Hash of the settings that shape the result and of the corpus content (local) or name (hub)."""
+    """Hash of the settings that shape the result and of the corpus content (local) or name (hub). xxh3 reads
+    gigabytes per second, so even a corpus of millions of lines is recognised in a fraction of a second."""
     data = OmegaConf.to_container(cfg.data, resolve=True)
     settings = {
         "format": DATA_FORMAT,
@@ -66,14 +75,14 @@ def _cache_key(cfg: Any) -> str:
         "data": {key: data.get(key) for key in RESULT_KEYS},
         "tokenizer": OmegaConf.to_container(cfg.tokenizer, resolve=True),
     }
-    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
+    digest = xxhash.xxh3_128(json.dumps(settings, sort_keys=True).encode())
     files = [cfg.data.get("valid_path"), cfg.data.get("test_path")]
     if cfg.data.format != "hub":
         files.insert(0, find_corpus(cfg.data))
     for file in files:
         if file and Path(str(file)).expanduser().is_file():
             with open(Path(str(file)).expanduser(), "rb") as handle:
-                for chunk in iter(lambda: handle.read(1 << 20), b""):
+                for chunk in iter(lambda: handle.read(16 << 20), b""):
                     digest.update(chunk)
         digest.update(b"\0")
     return digest.hexdigest()[:32]
@@ -84,18 +93,27 @@ def _load_cached(path: Path) -> PreparedData | None:
         return None
     try:
         meta = json.loads((path / "meta.json").read_text())
+        splits = datasets.DatasetDict(
+            {
+                name: datasets.concatenate_datasets(
+                    [datasets.Dataset.from_file(str(shard)) for shard in sorted((path / "splits" / name).glob("*.arrow"))]
+                )
+                for name in SPLITS
+            }
+        )
         return PreparedData(
-            splits=datasets.load_from_disk(str(path / "splits")),
+            splits=splits,
             src_tokenizer=Tokenizer.from_proto((path / "src.model").read_bytes()),
             tgt_tokenizer=Tokenizer.from_proto((path / "tgt.model").read_bytes()),
             report=CleaningReport.from_dict(meta["report"]),
             cache_path=path,
         )
-    except (OSError, ValueError, KeyError, TypeError, RuntimeError):
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError, pa.ArrowException):
         return None  # damaged or from an incompatible version: rebuilt and replaced
 
 
 def _build(cfg: Any, path: Path) -> PreparedData:
+    """Build in a temporary sibling folder and rename it into place, so a crash never leaves half a cache."""
     clock = [time.perf_counter()]
     stage_seconds: dict[str, float] = {}
 
@@ -104,71 +122,89 @@ def _build(cfg: Any, path: Path) -> PreparedData:
         stage_seconds[stage] = now - clock[0]
         clock[0] = now
 
-    splits, report = load_corpus(cfg.data)
-    lap("read, clean, split")
-    src_tokenizer, tgt_tokenizer = build_tokenizers(splits["train"], cfg.tokenizer, cache_dir())
-    lap("train SentencePiece")
-    truncated = {"count": 0}
-
-    def encode(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
-        src_ids = src_tokenizer.encode_batch(batch["src"])
-        tgt_ids = tgt_tokenizer.encode_batch(batch["tgt"])
-        for ids in src_ids + tgt_ids:
-            if len(ids) > MAX_SENTENCE_TOKENS:
-                truncated["count"] += 1
-                del ids[MAX_SENTENCE_TOKENS:]
-        return {"src_ids": src_ids, "tgt_ids": tgt_ids, "index": indices}
-
-    features = datasets.Features(
-        {
-            "src": datasets.Value("string"),
-            "tgt": datasets.Value("string"),
-            "src_ids": datasets.List(datasets.Value("int32")),
-            "tgt_ids": datasets.List(datasets.Value("int32")),
-            "index": datasets.Value("int64"),
-        }
-    )
-    tokenized = datasets.DatasetDict(
-        {
-            name: split.map(
-                encode,
-                batched=True,
-                batch_size=10_000,
-                with_indices=True,
-                features=features,
-                load_from_cache_file=False,
-                new_fingerprint=f"{path.name}-{name}",
-                desc=f"tokenizing {name}",
-            )
-            for name, split in splits.items()
-        }
-    )
-    if truncated["count"]:
-        report.notes.append(f"{truncated['count']} token sequences truncated to {MAX_SENTENCE_TOKENS} tokens")
-    _save(path, tokenized, src_tokenizer, tgt_tokenizer, report)
-    lap("tokenize, save")
-    return PreparedData(
-        datasets.load_from_disk(str(path / "splits")), src_tokenizer, tgt_tokenizer, report, path, stage_seconds
-    )
-
-
-def _save(
-    path: Path, splits: datasets.DatasetDict, src: Tokenizer, tgt: Tokenizer, report: CleaningReport
-) -> None:
-    """Write into a temporary sibling folder and rename it into place, so a crash never leaves half a cache."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
-        splits.save_to_disk(str(tmp / "splits"))
-        (tmp / "src.model").write_bytes(src.proto)
-        (tmp / "tgt.model").write_bytes(tgt.proto)
+        splits, report = load_corpus(cfg.data, tmp / "clean")
+        lap("read, clean, split")
+        src_sample, tgt_sample = _tokenizer_sample(splits["train"], int(cfg.tokenizer.max_sentences))
+        src_tokenizer, tgt_tokenizer = build_tokenizers(src_sample, tgt_sample, cfg.tokenizer, cache_dir())
+        del src_sample, tgt_sample
+        lap("train SentencePiece")
+        truncated = _tokenize(splits, src_tokenizer, tgt_tokenizer, tmp / "splits", resolve_num_proc(cfg.data.get("num_proc")))
+        if truncated:
+            report.notes.append(f"{truncated} token sequences truncated to {MAX_SENTENCE_TOKENS} tokens")
+        del splits
+        shutil.rmtree(tmp / "clean")
+        (tmp / "src.model").write_bytes(src_tokenizer.proto)
+        (tmp / "tgt.model").write_bytes(tgt_tokenizer.proto)
         (tmp / "meta.json").write_text(json.dumps({"report": report.to_dict()}, indent=1, ensure_ascii=False))
-        try:
-            os.replace(tmp, path)
-        except OSError:
-            if _load_cached(path) is not None:
-                return  # another process (e.g. a distributed rank) finished the same cache first
-            shutil.rmtree(path)  # a damaged cache that could not be loaded
-            os.replace(tmp, path)
+        _move_into_place(tmp, path)
+        lap("tokenize, save")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    prepared = _load_cached(path)
+    if prepared is None:
+        raise CorpusError(f"the tokenized splits written to {path} cannot be read back; delete the folder and rerun.")
+    prepared.stage_seconds = stage_seconds
+    return prepared
+
+
+def _tokenizer_sample(train: Pairs, max_sentences: int) -> tuple[list[str], list[str]]:
+    """All training pairs, or a seeded sample of `max_sentences` in corpus order: SentencePiece training time grows
+    with its input, and only the sample ever becomes Python strings."""
+    if len(train) > max_sentences:
+        train = train.select(np.sort(np.random.default_rng(0).choice(len(train), size=max_sentences, replace=False)))
+    return train.texts("src"), train.texts("tgt")
+
+
+def _tokenize(splits: dict[str, Pairs], src: Tokenizer, tgt: Tokenizer, folder: Path, num_proc: int) -> int:
+    """Every split tokenized in row chunks on `num_proc` processes into `folder`/<split>/*.arrow, with columns src,
+    tgt, src_ids, tgt_ids and index (the row number in the split); returns how many sequences were truncated."""
+    tasks = []
+    for name in SPLITS:
+        (folder / name).mkdir(parents=True)
+        tasks += [(name, start, min(start + TOKENIZE_ROWS, len(splits[name]))) for start in range(0, len(splits[name]), TOKENIZE_ROWS)]
+    work = partial(_tokenize_rows, splits, src, tgt, folder, 1 if num_proc > 1 else -1)
+    sizes = [stop - start for _, start, stop in tasks]
+    return sum(run_chunks(work, tasks, num_proc, "tokenizing", sizes))
+
+
+def _tokenize_rows(
+    splits: dict[str, Pairs], src: Tokenizer, tgt: Tokenizer, folder: Path, threads: int, task: tuple[str, int, int]
+) -> int:
+    """Worker: rows start..stop-1 of one split tokenized into one shard; returns the number of truncations."""
+    name, start, stop = task
+    table = splits[name].slice(start, stop)
+    src_ids = src.encode_batch(table.column("src").to_pylist(), threads)
+    tgt_ids = tgt.encode_batch(table.column("tgt").to_pylist(), threads)
+    truncated = 0
+    for ids in (*src_ids, *tgt_ids):
+        if len(ids) > MAX_SENTENCE_TOKENS:
+            truncated += 1
+            del ids[MAX_SENTENCE_TOKENS:]
+    shard = pa.table(
+        {
+            "src": table.column("src"),
+            "tgt": table.column("tgt"),
+            "src_ids": pa.array(src_ids, pa.list_(_id_type(src))),
+            "tgt_ids": pa.array(tgt_ids, pa.list_(_id_type(tgt))),
+            "index": pa.array(np.arange(start, stop, dtype=np.int64)),
+        }
+    )
+    write_shard(folder / name / f"{start // TOKENIZE_ROWS:06d}.arrow", shard)
+    return truncated
+
+
+def _id_type(tokenizer: Tokenizer) -> pa.DataType:
+    return pa.uint16() if tokenizer.vocab_size <= 1 << 16 else pa.uint32()
+
+
+def _move_into_place(tmp: Path, path: Path) -> None:
+    try:
+        os.replace(tmp, path)
+    except OSError:
+        if _load_cached(path) is not None:
+            return  # another process (e.g. a distributed rank) finished the same cache first
+        shutil.rmtree(path)  # a damaged cache that could not be loaded
+        os.replace(tmp, path)

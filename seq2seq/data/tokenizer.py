@@ -15,15 +15,11 @@ import os
 import unicodedata
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import numpy as np
 import sentencepiece as spm
 
 from seq2seq.atomic import atomic_write
-
-if TYPE_CHECKING:
-    import datasets
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 SPECIAL_IDS = {"pad_id": PAD_ID, "unk_id": UNK_ID, "bos_id": BOS_ID, "eos_id": EOS_ID}
@@ -70,9 +66,9 @@ class Tokenizer:
         """Normalised text -> piece ids, without BOS/EOS."""
         return self._processor.encode(normalize_text(text))
 
-    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        """`encode` over many texts at once (SentencePiece runs the batch in its own threads)."""
-        return self._processor.encode([normalize_text(text) for text in texts])
+    def encode_batch(self, texts: Sequence[str], num_threads: int = -1) -> list[list[int]]:
+        """`encode` over many texts at once, in SentencePiece's own threads (-1: one per core)."""
+        return self._processor.encode([normalize_text(text) for text in texts], num_threads=num_threads)
 
     def decode(self, ids: Iterable[int]) -> str:
         """Ids -> text; PAD/BOS/EOS are skipped, UNK (rare with byte fallback) renders as " ⁇ "."""
@@ -83,16 +79,16 @@ class Tokenizer:
         return [self._processor.id_to_piece(int(i)) for i in ids]
 
 
-def build_tokenizers(train: datasets.Dataset, tok_cfg: Any, cache_dir: Path) -> tuple[Tokenizer, Tokenizer]:
-    """Source and target tokenizers trained on `train` ("src"/"tgt" columns), cached in `cache_dir`/tokenizers.
+def build_tokenizers(
+    src: Sequence[str], tgt: Sequence[str], tok_cfg: Any, cache_dir: Path
+) -> tuple[Tokenizer, Tokenizer]:
+    """Source and target tokenizers trained on these training sentences, cached in `cache_dir`/tokenizers.
 
     With `tok_cfg.joint` one model (of `src_vocab_size`) is trained on both sides and returned twice.
     """
     folder = Path(cache_dir) / "tokenizers"
-    columns = _sample_rows(train, int(tok_cfg.max_sentences))
-    src, tgt = columns.column("src").to_pylist(), columns.column("tgt").to_pylist()
     if tok_cfg.joint:
-        joint = _cached_model(src + tgt, tok_cfg, int(tok_cfg.src_vocab_size), folder)
+        joint = _cached_model([*src, *tgt], tok_cfg, int(tok_cfg.src_vocab_size), folder)
         return joint, joint
     return (
         _cached_model(src, tok_cfg, int(tok_cfg.src_vocab_size), folder),
@@ -100,7 +96,7 @@ def build_tokenizers(train: datasets.Dataset, tok_cfg: Any, cache_dir: Path) -> 
     )
 
 
-def _cached_model(sentences: list[str], tok_cfg: Any, vocab_size: int, folder: Path) -> Tokenizer:
+def _cached_model(sentences: Sequence[str], tok_cfg: Any, vocab_size: int, folder: Path) -> Tokenizer:
     """Load the model for exactly these sentences and settings, or train it and store it atomically."""
     settings = _trainer_settings(tok_cfg, vocab_size)
     digest = hashlib.sha256(json.dumps({"format": TOKENIZER_FORMAT, **settings}, sort_keys=True).encode())
@@ -133,16 +129,6 @@ def _trainer_settings(tok_cfg: Any, vocab_size: int) -> dict[str, Any]:
         "normalization_rule_name": "identity",
         **SPECIAL_IDS,
     }
-
-
-def _sample_rows(train: datasets.Dataset, max_sentences: int):
-    """All rows, or a seeded sample of `max_sentences` rows in corpus order (an Arrow table): SentencePiece
-    training time grows with its input, and only the sample ever becomes Python strings."""
-    table = train.with_format("arrow")
-    if len(train) <= max_sentences:
-        return table[:]
-    rows = np.sort(np.random.default_rng(0).choice(len(train), size=max_sentences, replace=False))
-    return table[rows.tolist()]
 
 
 def _train_sentencepiece(sentences: list[str], settings: dict[str, Any]) -> bytes:
