@@ -55,7 +55,7 @@ def prepare_data(cfg: Any, log: Callable[[str], None] = print) -> PreparedData:
     path = cache_dir() / "datasets" / _cache_key(cfg)
     prepared = _load_cached(path)
     if prepared is None:
-        prepared = _build(cfg, path)
+        prepared = _build(cfg, path, log)
         log(prepared.report.summary())
         log(f"tokenized splits saved to {path}")
     else:
@@ -112,7 +112,7 @@ def _load_cached(path: Path) -> PreparedData | None:
         return None  # damaged or from an incompatible version: rebuilt and replaced
 
 
-def _build(cfg: Any, path: Path) -> PreparedData:
+def _build(cfg: Any, path: Path, log: Callable[[str], None]) -> PreparedData:
     """Build in a temporary sibling folder and rename it into place, so a crash never leaves half a cache."""
     clock = [time.perf_counter()]
     stage_seconds: dict[str, float] = {}
@@ -127,6 +127,7 @@ def _build(cfg: Any, path: Path) -> PreparedData:
     try:
         splits, report = load_corpus(cfg.data, tmp / "clean")
         lap("read, clean, split")
+        log(f"training SentencePiece on {min(len(splits['train']), int(cfg.tokenizer.max_sentences)):,} training pairs")
         src_sample, tgt_sample = _tokenizer_sample(splits["train"], int(cfg.tokenizer.max_sentences))
         src_tokenizer, tgt_tokenizer = build_tokenizers(src_sample, tgt_sample, cfg.tokenizer, cache_dir())
         del src_sample, tgt_sample
