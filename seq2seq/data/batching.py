@@ -213,7 +213,8 @@ class _ListColumn:
         for chunk in column.chunks:
             self.values.append(chunk.values.to_numpy())
             self.offsets.append(chunk.offsets.to_numpy())
-        self.lengths = np.concatenate([np.diff(offsets) for offsets in self.offsets]) if self.offsets else np.zeros(0, np.int64)
+        lengths = [np.diff(offsets) for offsets in self.offsets]
+        self.lengths = np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
         self.starts = np.cumsum([0] + [len(offsets) - 1 for offsets in self.offsets])
 
     def __getitem__(self, i: int) -> np.ndarray:

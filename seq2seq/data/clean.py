@@ -128,7 +128,8 @@ def clean_tsv(path: Path, layout: TsvLayout, clean_cfg: Any, folder: Path, num_p
 
 def clean_table(table: pa.Table, pick: PickPairs, clean_cfg: Any, folder: Path, num_proc: int) -> CleanedPairs:
     """An Arrow table (memory-mapped by `datasets`) cleaned in row-range chunks; `pick` gives its src/tgt texts."""
-    tasks = [(index, start, min(start + CHUNK_ROWS, len(table))) for index, start in enumerate(range(0, len(table), CHUNK_ROWS))]
+    starts = range(0, len(table), CHUNK_ROWS)
+    tasks = [(index, start, min(start + CHUNK_ROWS, len(table))) for index, start in enumerate(starts)]
     work = partial(_clean_rows, table, pick, PairCleaner(clean_cfg), folder)
     return _gather(run_chunks(work, tasks, num_proc, "cleaning train", [stop - start for _, start, stop in tasks]))
 
@@ -198,8 +199,10 @@ class _ChunkWriter:
         path = None
         if self.src:
             path = folder / f"clean-{index:06d}.arrow"
-            write_shard(path, pa.table({"src": pa.array(self.src, pa.string()), "tgt": pa.array(self.tgt, pa.string())}))
-        return _Chunk(path, self.read, self.dropped, self.lines, self.unquoted, hash_texts(self.src), hash_texts(self.tgt))
+            texts = {"src": pa.array(self.src, pa.string()), "tgt": pa.array(self.tgt, pa.string())}
+            write_shard(path, pa.table(texts))
+        hashes = hash_texts(self.src), hash_texts(self.tgt)
+        return _Chunk(path, self.read, self.dropped, self.lines, self.unquoted, *hashes)
 
 
 def _clean_tsv_range(
@@ -236,7 +239,9 @@ def _clean_tsv_range(
     return chunk.finish(folder, index)
 
 
-def _clean_rows(table: pa.Table, pick: PickPairs, cleaner: PairCleaner, folder: Path, task: tuple[int, int, int]) -> _Chunk:
+def _clean_rows(
+    table: pa.Table, pick: PickPairs, cleaner: PairCleaner, folder: Path, task: tuple[int, int, int]
+) -> _Chunk:
     """Worker: one row range of an Arrow table."""
     index, start, stop = task
     chunk = _ChunkWriter(cleaner)

@@ -93,12 +93,11 @@ def _load_cached(path: Path) -> PreparedData | None:
         return None
     try:
         meta = json.loads((path / "meta.json").read_text())
+        shards = {name: sorted((path / "splits" / name).glob("*.arrow")) for name in SPLITS}
         splits = datasets.DatasetDict(
             {
-                name: datasets.concatenate_datasets(
-                    [datasets.Dataset.from_file(str(shard)) for shard in sorted((path / "splits" / name).glob("*.arrow"))]
-                )
-                for name in SPLITS
+                name: datasets.concatenate_datasets([datasets.Dataset.from_file(str(shard)) for shard in files])
+                for name, files in shards.items()
             }
         )
         return PreparedData(
@@ -132,7 +131,8 @@ def _build(cfg: Any, path: Path, log: Callable[[str], None]) -> PreparedData:
         src_tokenizer, tgt_tokenizer = build_tokenizers(src_sample, tgt_sample, cfg.tokenizer, cache_dir())
         del src_sample, tgt_sample
         lap("train SentencePiece")
-        truncated = _tokenize(splits, src_tokenizer, tgt_tokenizer, tmp / "splits", resolve_num_proc(cfg.data.get("num_proc")))
+        num_proc = resolve_num_proc(cfg.data.get("num_proc"))
+        truncated = _tokenize(splits, src_tokenizer, tgt_tokenizer, tmp / "splits", num_proc)
         if truncated:
             report.notes.append(f"{truncated} token sequences truncated to {MAX_SENTENCE_TOKENS} tokens")
         del splits
@@ -165,7 +165,8 @@ def _tokenize(splits: dict[str, Pairs], src: Tokenizer, tgt: Tokenizer, folder: 
     tasks = []
     for name in SPLITS:
         (folder / name).mkdir(parents=True)
-        tasks += [(name, start, min(start + TOKENIZE_ROWS, len(splits[name]))) for start in range(0, len(splits[name]), TOKENIZE_ROWS)]
+        size = len(splits[name])
+        tasks += [(name, start, min(start + TOKENIZE_ROWS, size)) for start in range(0, size, TOKENIZE_ROWS)]
     work = partial(_tokenize_rows, splits, src, tgt, folder, 1 if num_proc > 1 else -1)
     sizes = [stop - start for _, start, stop in tasks]
     return sum(run_chunks(work, tasks, num_proc, "tokenizing", sizes))
