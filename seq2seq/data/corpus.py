@@ -170,24 +170,22 @@ def load_corpus(data_cfg: Any, folder: Path) -> tuple[dict[str, Pairs], Cleaning
         raise CorpusError(str(error)) from error
     folder.mkdir(parents=True, exist_ok=True)
     report = CleaningReport()
-    given: dict[str, Pairs] = {}
     if data_cfg.format == "hub":
         raw = _load_hub(data_cfg, report)
         if "train" not in raw:
             raise CorpusError(f"{report.source} has splits {sorted(raw)} but no 'train' split.")
         given = {name: _whole(_arrow(raw[alias]), data_cfg, report) for name, alias in _evaluation_splits(raw).items()}
         given.update(_given_files(data_cfg, report))
-        train = _arrow(raw["train"])
-        cleaned = clean_table(train, _picker(train.column_names, data_cfg, report), data_cfg.clean, folder, num_proc)
+        source: Path | pa.Table = _arrow(raw["train"])
     else:
         path = find_corpus(data_cfg)
         report.source = str(path)
         given = _given_files(data_cfg, report)
-        if data_cfg.format == "tsv":
-            cleaned = clean_tsv(path, _tsv_layout(data_cfg, report), data_cfg.clean, folder, num_proc)
-        else:
-            train = _arrow(_load_file(path, data_cfg.format))
-            cleaned = clean_table(train, _picker(train.column_names, data_cfg, report), data_cfg.clean, folder, num_proc)
+        source = path if data_cfg.format == "tsv" else _arrow(_load_file(path, data_cfg.format))
+    if isinstance(source, Path):
+        cleaned = clean_tsv(source, _tsv_layout(data_cfg, report), data_cfg.clean, folder, num_proc)
+    else:
+        cleaned = clean_table(source, _picker(source.column_names, data_cfg, report), data_cfg.clean, folder, num_proc)
     report.add_cleaning(cleaned)
     train, src_hash, tgt_hash = cleaned.pairs, cleaned.src_hash, cleaned.tgt_hash
     if data_cfg.clean.deduplicate and len(train):

@@ -8,6 +8,7 @@ what the parent had loaded (memory-mapped tables, tokenizers) without it being c
 
 from __future__ import annotations
 
+import copy
 import multiprocessing
 import os
 from collections.abc import Callable, Iterator, Sequence
@@ -107,8 +108,7 @@ class Pairs:
 
     def select(self, rows: np.ndarray) -> Pairs:
         """The pairs at positions `rows` (ascending) of this one."""
-        selected = Pairs([], [])
-        selected.shards, selected.starts = self.shards, self.starts
+        selected = copy.copy(self)
         selected.rows = rows if self.rows is None else self.rows[rows]
         return selected
 
