@@ -30,6 +30,8 @@ SMALL = {
                 "decoder_layers": 2, "bidirectional": True, "dropout": 0.1},
     "rnn_lstm": {"name": "rnn", "cell": "lstm", "embed_dim": 12, "hidden_size": 16, "encoder_layers": 1,
                  "decoder_layers": 2, "bidirectional": False, "dropout": 0.1, "tie_output": True},
+    "rnn_mean": {"name": "rnn", "embed_dim": 12, "hidden_size": 16, "encoder_layers": 1, "context": "mean"},
+    "rnn_max": {"name": "rnn", "cell": "lstm", "embed_dim": 12, "hidden_size": 16, "context": "max"},
     "bahdanau_gru": {"name": "bahdanau", "cell": "gru", "embed_dim": 12, "hidden_size": 16, "attention_dim": 10,
                      "dropout": 0.1},
     "bahdanau_lstm": {"name": "bahdanau", "cell": "lstm", "embed_dim": 12, "hidden_size": 16, "attention_dim": 10,
@@ -268,8 +270,9 @@ def test_fixed_context_rnn_sees_the_source_only_through_the_final_state(key: str
         assert not torch.allclose(logits_swapped, logits_a, atol=1e-3)
 
 
-def test_fixed_context_rnn_state_has_nothing_per_source_position() -> None:
-    model = small_model("rnn_gru")
+@pytest.mark.parametrize("key", ["rnn_gru", "rnn_mean", "rnn_max"])
+def test_fixed_context_rnn_state_has_nothing_per_source_position(key: str) -> None:
+    model = small_model(key)
     shapes = []
     for length in (3, 9):
         state = model.encode(*_source(length, seed=length))

@@ -7,7 +7,7 @@ from typing import Any
 
 from .bahdanau import BahdanauSeq2Seq
 from .base import DecoderState, ModelOutput, Seq2SeqModel, count_parameters, map_state
-from .rnn import RNNSeq2Seq
+from .rnn import CONTEXTS, RNNSeq2Seq
 from .transformer import TransformerSeq2Seq
 
 __all__ = [
@@ -38,6 +38,7 @@ MODEL_OPTIONS: dict[str, dict[str, str]] = {
         "encoder_layers": "size",
         "decoder_layers": "size",
         "bidirectional": "bool",
+        "context": "context",
         "dropout": "probability",
         "tie_output": "bool",
     },
@@ -67,7 +68,7 @@ MODEL_OPTIONS: dict[str, dict[str, str]] = {
     },
 }
 
-CHOICES = {"cell": ("gru", "lstm"), "positional": ("sinusoidal", "learned")}
+CHOICES = {"cell": ("gru", "lstm"), "positional": ("sinusoidal", "learned"), "context": CONTEXTS}
 
 
 def _check(name: str, key: str, kind: str, value: Any) -> None:

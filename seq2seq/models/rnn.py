@@ -1,7 +1,9 @@
 """Fixed-context encoder-decoder (Sutskever et al. 2014; Cho et al. 2014).
 
-The encoder reads the whole source and keeps only its top layer's final state (both directions when
-bidirectional). Bridged to the decoder's size with a Linear+tanh, that one vector ("context") is everything the
+The encoder reads the whole source and sums it up in one vector: its top layer's final state (both directions when
+bidirectional; `context="final"`, as in the papers), or the mean or element-wise maximum of its top layer's
+states over the source positions (`"mean"`, `"max"`: every position gets a gradient from the start, which speeds up
+learning). Bridged to the decoder's size with a Linear+tanh, that one vector ("context") is everything the
 decoder knows of the source: it initialises the decoder (one more Linear+tanh gives each decoder layer, and an
 LSTM's cell, its own start) and, as in Cho et al., it is concatenated to the decoder input and to the output
 layer at every step. There is no
@@ -25,6 +27,7 @@ from seq2seq.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
 from .base import DecoderState, ModelOutput, Seq2SeqModel
 
 RNN_CELLS = {"gru": nn.GRU, "lstm": nn.LSTM}
+CONTEXTS = ("final", "mean", "max")
 
 
 def recurrent_precision(x: torch.Tensor) -> tuple[contextlib.AbstractContextManager, torch.dtype]:
@@ -106,6 +109,7 @@ class RNNSeq2Seq(Seq2SeqModel):
         encoder_layers: int = 2,
         decoder_layers: int = 2,
         bidirectional: bool = True,
+        context: str = "final",
         dropout: float = 0.2,
         tie_output: bool = False,
         pad_id: int = PAD_ID,
@@ -113,7 +117,10 @@ class RNNSeq2Seq(Seq2SeqModel):
         eos_id: int = EOS_ID,
     ) -> None:
         super().__init__(pad_id=pad_id, bos_id=bos_id, eos_id=eos_id)
+        if context not in CONTEXTS:
+            raise ValueError(f"context={context!r} is not one of {', '.join(CONTEXTS)}")
         self.cell = cell
+        self.context = context
         self.decoder_layers = decoder_layers
         self.hidden_size = hidden_size
         self.encoder = RNNEncoder(
@@ -139,13 +146,22 @@ class RNNSeq2Seq(Seq2SeqModel):
 
     def encode(self, src: torch.Tensor, src_mask: torch.Tensor) -> DecoderState:
         """State = the context vector and the decoder's initial (B, layers, H) state(s); nothing per position."""
-        _, final = self.encoder(src, src_mask, need_outputs=False)
-        context = torch.tanh(self.bridge(final))
+        outputs, final = self.encoder(src, src_mask, need_outputs=self.context != "final")
+        context = torch.tanh(self.bridge(self._summary(outputs, final, src_mask)))
         init = torch.tanh(self.init_state(context)).view(src.size(0), -1, self.decoder_layers, self.hidden_size)
         state = {"context": context, "hidden": init[:, 0]}
         if self.cell == "lstm":
             state["cell"] = init[:, 1]
         return state
+
+    def _summary(self, outputs: torch.Tensor | None, final: torch.Tensor, src_mask: torch.Tensor) -> torch.Tensor:
+        """The one vector (B, dirs*H) the source is reduced to, by `self.context`; padding never counts."""
+        if self.context == "final":
+            return final
+        mask = src_mask.unsqueeze(-1)
+        if self.context == "mean":
+            return (outputs * mask).sum(dim=1) / mask.sum(dim=1)
+        return outputs.masked_fill(~mask, float("-inf")).amax(dim=1)
 
     def _decode(self, state: DecoderState, tokens: torch.Tensor) -> tuple[torch.Tensor, DecoderState]:
         """Run the decoder over tokens (B, T) from `state` -> logits (B, T, V) and the state after the last one."""
