@@ -45,8 +45,8 @@ from seq2seq.models import build_model, count_parameters
 from seq2seq.paths import CONFIG_DIR
 from seq2seq.predict import translate_sentences
 from seq2seq.runtime import (
-    AUTOCAST_DTYPES, RuntimeSettingError, configure_device, resolve_device, resolve_precision, seed_everything,
-    synchronize,
+    AUTOCAST_DTYPES, RuntimeSettingError, configure_device, device_name, resolve_device, resolve_precision,
+    seed_everything, synchronize,
 )
 from seq2seq.step import TrainStep
 
@@ -226,7 +226,7 @@ def main() -> None:
             )
 
     report = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
+        "device": device_name(device),
         "precision": precision,
         "compile": bool(cfg.trainer.compile),
         "model": cfg.model.name,
@@ -249,14 +249,6 @@ def main() -> None:
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
         print(f"wrote {args.json}", file=sys.stderr)
-
-
-def _cpu_name() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return "cpu"
 
 
 def print_table(report: dict) -> None:

@@ -55,8 +55,8 @@ def add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, help="at most this many sentences per batch (default: no limit)")
     parser.add_argument("--device", choices=DEVICES, default="auto", help="auto = the GPU when one is visible")
     parser.add_argument("--precision", choices=PRECISIONS, default="auto",
-                        help="auto = bf16 where the hardware has it (recent GPUs, AMX CPUs), fp16 on older GPUs, "
-                        "else fp32")
+                        help="auto = bf16 where the hardware has it (recent GPUs, CPUs with AMX or AVX512-BF16), "
+                        "fp16 on older GPUs, else fp32")
     parser.add_argument("--verbose", action="store_true", help="print speed (sentences/s, tokens/s) to stderr")
 
 

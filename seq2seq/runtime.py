@@ -102,6 +102,17 @@ def resolve_precision(name: str, device: torch.device, setting: str = "trainer.p
     return name
 
 
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU's model name from /proc/cpuinfo, for benchmark reports."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return "cpu"
+
+
 def configure_device(device: torch.device) -> None:
     """TF32 matrix products for the fp32 parts on GPUs (the usual trade; autocast regions are unaffected)."""
     if device.type == "cuda":
