@@ -43,12 +43,12 @@ from seq2seq.checkpoint import load_model
 from seq2seq.data.batching import Batch, collate
 from seq2seq.models import build_model, count_parameters
 from seq2seq.paths import CONFIG_DIR
-from seq2seq.predict import translate_sentences
+from seq2seq.inference.predict import translate_sentences
 from seq2seq.runtime import (
     AUTOCAST_DTYPES, RuntimeSettingError, configure_device, device_name, resolve_device, resolve_precision,
     seed_everything, synchronize,
 )
-from seq2seq.step import TrainStep
+from seq2seq.training.step import TrainStep
 
 
 def parse_args() -> argparse.Namespace:

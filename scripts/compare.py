@@ -28,7 +28,7 @@ import torch  # noqa: E402
 from torch.utils.tensorboard import SummaryWriter  # noqa: E402
 
 from seq2seq import inspect as inspector  # noqa: E402
-from seq2seq.board import add_figure  # noqa: E402
+from seq2seq.training.board import add_figure  # noqa: E402
 from seq2seq.checkpoint import CheckpointError  # noqa: E402
 from seq2seq.cli import UsageError  # noqa: E402
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from seq2seq import decoding
+from seq2seq.inference import search
 from seq2seq.checkpoint import LoadedModel, load_model
 from seq2seq.runtime import DEVICES, PRECISIONS, RuntimeSettingError, resolve_device, resolve_precision
 
@@ -46,10 +46,10 @@ def one_line(text: str) -> str:
 def add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
     """Options shared with `seq2seq.evaluate`; defaults (None) fall back to the checkpoint's trainer settings."""
     parser.add_argument("--checkpoint", required=True, type=Path, help="checkpoint file (best.pt or last.pt of a run)")
-    parser.add_argument("--beam-size", type=int, help=f"beam width, 1 = greedy (default: trainer.test_beam_size or {decoding.BEAM_SIZE})")
+    parser.add_argument("--beam-size", type=int, help=f"beam width, 1 = greedy (default: trainer.test_beam_size or {search.BEAM_SIZE})")
     parser.add_argument("--length-penalty", type=float, help="GNMT length penalty exponent (default: as in training)")
-    parser.add_argument("--max-len-a", type=float, help=f"outputs stop at a * source length + b tokens: a (default {decoding.MAX_LEN_A})")
-    parser.add_argument("--max-len-b", type=int, help=f"outputs stop at a * source length + b tokens: b (default {decoding.MAX_LEN_B})")
+    parser.add_argument("--max-len-a", type=float, help=f"outputs stop at a * source length + b tokens: a (default {search.MAX_LEN_A})")
+    parser.add_argument("--max-len-b", type=int, help=f"outputs stop at a * source length + b tokens: b (default {search.MAX_LEN_B})")
     parser.add_argument("--max-tokens", type=int, default=4096,
                         help="token budget of a batch: sentences x longest source (default 4096)")
     parser.add_argument("--batch-size", type=int, help="at most this many sentences per batch (default: no limit)")
@@ -68,10 +68,10 @@ def decoding_options(args: argparse.Namespace, loaded: LoadedModel, device: torc
         return value if value is not None else trainer.get(key, default)
 
     options = {
-        "beam_size": int(pick(args.beam_size, "test_beam_size", decoding.BEAM_SIZE)),
-        "length_penalty": float(pick(args.length_penalty, "length_penalty", decoding.LENGTH_PENALTY)),
-        "max_len_a": float(pick(args.max_len_a, "max_len_a", decoding.MAX_LEN_A)),
-        "max_len_b": int(pick(args.max_len_b, "max_len_b", decoding.MAX_LEN_B)),
+        "beam_size": int(pick(args.beam_size, "test_beam_size", search.BEAM_SIZE)),
+        "length_penalty": float(pick(args.length_penalty, "length_penalty", search.LENGTH_PENALTY)),
+        "max_len_a": float(pick(args.max_len_a, "max_len_a", search.MAX_LEN_A)),
+        "max_len_b": int(pick(args.max_len_b, "max_len_b", search.MAX_LEN_B)),
         "max_tokens": args.max_tokens,
         "max_sentences": args.batch_size,
         "device": device,

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from seq2seq.checkpoint import CheckpointError, LoadedModel
 from seq2seq.metrics import bleu_by_length, corpus_scores
-from seq2seq.predict import translate_sentences
+from seq2seq.inference.predict import translate_sentences
 from seq2seq.cli import UsageError, add_decoding_arguments, decoding_options, load, one_line, read_file_lines
 
 log = logging.getLogger("seq2seq.evaluate")

@@ -11,7 +11,7 @@ weights the decoder used, see `Seq2SeqModel.forward`). Rows are the target piece
 What is drawn: Bahdanau's additive attention; for the Transformer the mean over all decoder layers and heads
 (--layer N: the mean over the heads of layer N; --heads: one map per head of --layer, default the last layer).
 The fixed-context RNN has no attention and gets a panel that says so. --words draws words and CJK characters
-instead of SentencePiece pieces (see seq2seq/attention.py). The diagnostics are computed on words either way, on
+instead of SentencePiece pieces (see seq2seq/analysis/diagnostics.py). The diagnostics are computed on words either way, on
 the map that is drawn, so models with different vocabularies compare; see `diagnose` for their definitions.
 """
 
@@ -29,15 +29,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from seq2seq import attention as analysis
-from seq2seq import decoding
+from seq2seq.analysis import diagnostics as analysis
+from seq2seq.inference import search
 from seq2seq.atomic import atomic_write
 from seq2seq.checkpoint import CheckpointError, LoadedModel, load_model
 from seq2seq.cli import UsageError
 from seq2seq.data.tokenizer import BOS_ID, EOS_ID
-from seq2seq.decoding import decode
-from seq2seq.plotting import Panel, figure_to_png, side_by_side_figure
-from seq2seq.predict import source_token_limit
+from seq2seq.inference.search import decode
+from seq2seq.analysis.plotting import Panel, figure_to_png, side_by_side_figure
+from seq2seq.inference.predict import source_token_limit
 from seq2seq.runtime import DEVICES, RuntimeSettingError, resolve_device
 
 NO_ATTENTION_NOTE = (
@@ -104,16 +104,16 @@ def inspect_model(path: Path, loaded: LoadedModel, sentence: str, beam_size: int
     """Beam-search translation of `sentence`, then a teacher-forced pass over it for every layer's attention."""
     model, src_tok, tgt_tok = loaded.model, loaded.src_tokenizer, loaded.tgt_tokenizer
     trainer = loaded.config.get("trainer", {}) or {}
-    max_len_a = float(trainer.get("max_len_a", decoding.MAX_LEN_A))
-    max_len_b = int(trainer.get("max_len_b", decoding.MAX_LEN_B))
+    max_len_a = float(trainer.get("max_len_a", search.MAX_LEN_A))
+    max_len_b = int(trainer.get("max_len_b", search.MAX_LEN_B))
     ids = src_tok.encode(sentence)[: source_token_limit(model, max_len_a, max_len_b)]
     if not ids:
         raise UsageError("the sentence is empty after normalisation; give a sentence to translate.")
     src = torch.tensor([ids + [EOS_ID]], device=device)
     src_mask = torch.ones_like(src, dtype=torch.bool)
     hypothesis = decode(
-        model, src, src_mask, beam_size=beam_size or int(trainer.get("test_beam_size", decoding.BEAM_SIZE)),
-        length_penalty=float(trainer.get("length_penalty", decoding.LENGTH_PENALTY)), max_len_a=max_len_a,
+        model, src, src_mask, beam_size=beam_size or int(trainer.get("test_beam_size", search.BEAM_SIZE)),
+        length_penalty=float(trainer.get("length_penalty", search.LENGTH_PENALTY)), max_len_a=max_len_a,
         max_len_b=max_len_b,
     )[0][0]
     layers = None

@@ -23,18 +23,18 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from seq2seq import distributed
+from seq2seq.training import distributed
 from seq2seq.checkpoint import CheckpointError
 from seq2seq.data.corpus import CorpusError
 from seq2seq.models import build_model
-from seq2seq.optim import SCHEDULES
+from seq2seq.training.optim import SCHEDULES
 from seq2seq.runtime import RuntimeSettingError, resolve_device, resolve_precision
-from seq2seq.runs import (
+from seq2seq.training.runs import (
     LAST_CHECKPOINT, RunFolderError, RunLock, StopSignals, TrainingInterrupted, accept_run, buffer_log_records, check_creatable,
     data_source, remove_if_empty, remove_stale_temporaries, run_folder,
 )
-from seq2seq.trainer import ConfigError, Trainer, TrainingError
-from seq2seq.training_state import check_resumable
+from seq2seq.training.trainer import ConfigError, Trainer, TrainingError
+from seq2seq.training.state import check_resumable
 
 log = logging.getLogger("seq2seq.train")
 

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from seq2seq.checkpoint import CheckpointError, LoadedModel
 from seq2seq.cli import UsageError, add_decoding_arguments, decoding_options, load, one_line, read_file_lines, read_lines
-from seq2seq.predict import Translation, translate_sentences
+from seq2seq.inference.predict import Translation, translate_sentences
 
 log = logging.getLogger("seq2seq.translate")
 
@@ -93,7 +93,7 @@ class AttentionOutput:
         if self.show:
             print(alignment_text(translation), file=sys.stderr)
         if self.plot is not None:
-            from seq2seq.plotting import attention_figure, figure_to_png
+            from seq2seq.analysis.plotting import attention_figure, figure_to_png
 
             figure = attention_figure(
                 hypothesis.attention, translation.src_pieces, hypothesis.attention_pieces,

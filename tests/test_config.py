@@ -12,10 +12,10 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from seq2seq.paths import CONFIG_DIR, PROJECT_ROOT
-from seq2seq.runs import newest_run, run_folder
+from seq2seq.training.runs import newest_run, run_folder
 from seq2seq.train import validate_config
 from seq2seq.runtime import cpu_has_native_bf16
-from seq2seq.trainer import ConfigError
+from seq2seq.training.trainer import ConfigError
 
 DATA_CONFIGS = sorted(path.stem for path in (CONFIG_DIR / "data").glob("*.yaml"))
 MODEL_CONFIGS = sorted(path.stem for path in (CONFIG_DIR / "model").glob("*.yaml"))

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from seq2seq.decoding import Hypothesis, beam_search, decode, greedy_decode, length_penalty_factor
+from seq2seq.inference.search import Hypothesis, beam_search, decode, greedy_decode, length_penalty_factor
 from seq2seq.models import build_model
 from seq2seq.models.base import DecoderState, ModelOutput, Seq2SeqModel, masked_softmax
 

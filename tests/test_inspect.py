@@ -17,7 +17,7 @@ import pytest
 from matplotlib.image import imread
 
 from seq2seq import inspect as inspect_cli
-from seq2seq.attention import agreement, merge_attention, merge_pieces, row_entropy, uncovered
+from seq2seq.analysis.diagnostics import agreement, merge_attention, merge_pieces, row_entropy, uncovered
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 SENTENCE = "我是一个学生。"
@@ -160,7 +160,7 @@ class _RecordingWriter:
 
 
 def test_validation_logs_entropy_per_layer_and_head_and_coverage(checkpoints):
-    from seq2seq import board
+    from seq2seq.training import board
     from seq2seq.checkpoint import load_model
 
     loaded = load_model(checkpoints["transformer"])

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from seq2seq.decoding import greedy_decode
+from seq2seq.inference.search import greedy_decode
 from seq2seq.models import (
     BahdanauSeq2Seq,
     RNNSeq2Seq,

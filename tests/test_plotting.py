@@ -12,7 +12,7 @@ from matplotlib.figure import Figure
 from matplotlib.ft2font import FT2Font
 from matplotlib.image import imread
 
-from seq2seq.plotting import attention_figure, cjk_font_path, display_piece, figure_to_png, head_grid_figure
+from seq2seq.analysis.plotting import attention_figure, cjk_font_path, display_piece, figure_to_png, head_grid_figure
 
 SRC = ["▁我", "是", "一个", "学生", "。"]
 TGT = ["▁I", "▁am", "▁a", "▁student", "."]

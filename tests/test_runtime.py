@@ -196,7 +196,7 @@ def test_train_step_with_a_gradient_scaler_runs_on_the_cpu():
     """The branch fp16 training takes (loss scaling, unscale before clipping, the scaler's step), on the CPU."""
     from omegaconf import OmegaConf
 
-    from seq2seq.step import TrainStep
+    from seq2seq.training.step import TrainStep
 
     cfg = OmegaConf.create({
         "optim": {"lr": 1e-3, "betas": [0.9, 0.98], "eps": 1e-9, "weight_decay": 0.0, "schedule": "constant",

@@ -22,11 +22,11 @@ import torch
 from torch import nn
 
 from seq2seq.checkpoint import load_checkpoint, load_model
-from seq2seq.optim import build_optimizer, lr_multiplier, parameter_groups
-from seq2seq.predict import translate_sentences
-from seq2seq.distributed import weights_digest
-from seq2seq.step import token_loss
-from seq2seq.training_state import average_state_dicts
+from seq2seq.training.optim import build_optimizer, lr_multiplier, parameter_groups
+from seq2seq.inference.predict import translate_sentences
+from seq2seq.training.distributed import weights_digest
+from seq2seq.training.step import token_loss
+from seq2seq.training.state import average_state_dicts
 
 from conftest import Workspace
 
@@ -270,11 +270,11 @@ DDP_WORKER = """
 import sys
 import torch
 from omegaconf import OmegaConf
-from seq2seq import distributed
+from seq2seq.training import distributed
 from seq2seq.data.batching import collate
 from seq2seq.models import build_model
-from seq2seq.optim import build_optimizer, build_scheduler
-from seq2seq.step import TrainStep, token_loss, wrap_model
+from seq2seq.training.optim import build_optimizer, build_scheduler
+from seq2seq.training.step import TrainStep, token_loss, wrap_model
 
 MODEL = {"name": "transformer", "d_model": 16, "num_heads": 2, "encoder_layers": 1, "decoder_layers": 1,
          "ff_dim": 32, "dropout": 0.0, "attention_dropout": 0.0, "tie_output": False}

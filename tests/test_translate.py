@@ -22,7 +22,7 @@ from matplotlib.image import imread
 from seq2seq import evaluate as evaluate_cli
 from seq2seq import translate as translate_cli
 from seq2seq.checkpoint import load_model
-from seq2seq.predict import translate_sentences
+from seq2seq.inference.predict import translate_sentences
 
 from conftest import corpus_pairs
 
@@ -220,7 +220,7 @@ def test_streaming_keeps_order_and_reads_lazily(transformer):
 
 
 def test_empty_sentences_do_not_call_the_model(transformer, monkeypatch):
-    import seq2seq.predict as predict
+    import seq2seq.inference.predict as predict
 
     calls = []
     monkeypatch.setattr(predict, "decode", lambda *a, **k: calls.append(1) or [])
@@ -230,7 +230,7 @@ def test_empty_sentences_do_not_call_the_model(transformer, monkeypatch):
 
 
 def test_long_inputs_truncated_with_one_warning(transformer, caplog):
-    with caplog.at_level(logging.WARNING, logger="seq2seq.predict"):
+    with caplog.at_level(logging.WARNING, logger="seq2seq.inference.predict"):
         result = list(translate_sentences(transformer.model, transformer.src_tokenizer, transformer.tgt_tokenizer,
                                           ["学生" * 500, "你好", "图书馆" * 400], beam_size=1))
     assert [t.truncated for t in result] == [True, False, True]

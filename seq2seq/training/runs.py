@@ -25,7 +25,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from seq2seq import distributed
+from seq2seq.training import distributed
 
 LAST_CHECKPOINT = Path("checkpoints") / "last.pt"
 LOCK_FILE = "run.lock"

@@ -5,7 +5,7 @@ the others wait at a barrier, and every decision to stop is broadcast from rank 
 
 The update itself is `step.TrainStep` (no host synchronisation inside); the loop reads the interval's device-side
 statistics only every `log_every` steps. Throughput (train/tokens_per_s, results.json) counts target tokens
-(y + EOS) of all ranks per second of training. Checkpoint contents and resume are `training_state.py`'s;
+(y + EOS) of all ranks per second of training. Checkpoint contents and resume are `state.py`'s;
 TensorBoard drawing is `board.py`'s; validation and the test `validation.py`'s; devices, precision and random
 state `runtime.py`'s.
 """
@@ -29,20 +29,20 @@ from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from seq2seq import board, distributed
+from seq2seq.training import board, distributed
 from seq2seq.checkpoint import load_checkpoint, save_checkpoint
 from seq2seq.data.batching import Batch, TokenBatchSampler, collate, make_loader
 from seq2seq.data.prepare import PreparedData, prepare_data
 from seq2seq.models import build_model, count_parameters
 from seq2seq.models.base import Seq2SeqModel
-from seq2seq.runs import StopSignals, TrainingInterrupted, share_main_rank_folder
+from seq2seq.training.runs import StopSignals, TrainingInterrupted, share_main_rank_folder
 from seq2seq.runtime import (
     RuntimeSettingError, configure_device, resolve_device, resolve_precision, rng_state,
     seed_everything, set_rng_state,
 )
-from seq2seq.step import IntervalStats, TrainStep
-from seq2seq.training_state import AveragingHistory, Training, TrainState
-from seq2seq.validation import Evaluator
+from seq2seq.training.step import IntervalStats, TrainStep
+from seq2seq.training.state import AveragingHistory, Training, TrainState
+from seq2seq.training.validation import Evaluator
 
 log = logging.getLogger("seq2seq.train")
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .models.base import Seq2SeqModel, map_state
+from seq2seq.models.base import Seq2SeqModel, map_state
 
 # Defaults of every decoding entry point (library, translate, evaluate); the trainer's config repeats them.
 BEAM_SIZE = 5

@@ -15,10 +15,10 @@ from itertools import islice
 
 import torch
 
-from seq2seq import decoding
+from seq2seq.inference import search
 from seq2seq.data.batching import collate
 from seq2seq.data.tokenizer import EOS_ID, Tokenizer, normalize_text
-from seq2seq.decoding import Hypothesis, decode
+from seq2seq.inference.search import Hypothesis, decode
 from seq2seq.models.base import Seq2SeqModel
 from seq2seq.runtime import CONCRETE_PRECISIONS, autocast
 
@@ -71,7 +71,7 @@ class Translation:
 
 
 def source_token_limit(
-    model: Seq2SeqModel, max_len_a: float = decoding.MAX_LEN_A, max_len_b: int = decoding.MAX_LEN_B
+    model: Seq2SeqModel, max_len_a: float = search.MAX_LEN_A, max_len_b: int = search.MAX_LEN_B
 ) -> int:
     """Longest source (in tokens, before the appended EOS) this model is given: MAX_SOURCE_TOKENS, and no more than
     its positional tables allow on the source side or for the longest target decoding may then produce
@@ -108,10 +108,10 @@ def translate_sentences(
     tgt_tok: Tokenizer,
     sentences: Iterable[str],
     *,
-    beam_size: int = decoding.BEAM_SIZE,
-    length_penalty: float = decoding.LENGTH_PENALTY,
-    max_len_a: float = decoding.MAX_LEN_A,
-    max_len_b: int = decoding.MAX_LEN_B,
+    beam_size: int = search.BEAM_SIZE,
+    length_penalty: float = search.LENGTH_PENALTY,
+    max_len_a: float = search.MAX_LEN_A,
+    max_len_b: int = search.MAX_LEN_B,
     n_best: int = 1,
     max_tokens: int = 4096,
     max_sentences: int | None = None,

@@ -14,14 +14,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 from omegaconf import DictConfig
 
-from seq2seq import board
+from seq2seq.training import board
 from seq2seq.data.batching import make_loader
 from seq2seq.data.prepare import PreparedData
 from seq2seq.metrics import bleu_by_length, corpus_scores
 from seq2seq.models.base import Seq2SeqModel
-from seq2seq.predict import translate_sentences
+from seq2seq.inference.predict import translate_sentences
 from seq2seq.runtime import autocast
-from seq2seq.step import token_loss
+from seq2seq.training.step import token_loss
 
 if TYPE_CHECKING:
     from torch.utils.tensorboard import SummaryWriter

@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from seq2seq.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from seq2seq.data.tokenizer import Tokenizer
-from seq2seq.runs import data_source
+from seq2seq.training.runs import data_source
 
 TRAINING_KEYS = ("optimizer", "scheduler", "rng", "train_state")
 

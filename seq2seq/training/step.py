@@ -23,11 +23,11 @@ import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from seq2seq import distributed
+from seq2seq.training import distributed
 from seq2seq.data.batching import Batch
 from seq2seq.data.tokenizer import PAD_ID
 from seq2seq.models.base import Seq2SeqModel
-from seq2seq.optim import build_optimizer, build_scheduler
+from seq2seq.training.optim import build_optimizer, build_scheduler
 from seq2seq.runtime import autocast, grad_scaler
 
 PhaseTimer = Callable[[str], contextlib.AbstractContextManager]

@@ -14,12 +14,12 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
-from seq2seq.attention import layer_head_maps, training_summary
+from seq2seq.analysis.diagnostics import layer_head_maps, training_summary
 from seq2seq.data.tokenizer import BOS_ID, EOS_ID, Tokenizer
-from seq2seq.decoding import decode
+from seq2seq.inference.search import decode
 from seq2seq.models.base import Seq2SeqModel
-from seq2seq.plotting import attention_figure, figure_to_png, head_grid_figure
-from seq2seq.predict import source_token_limit
+from seq2seq.analysis.plotting import attention_figure, figure_to_png, head_grid_figure
+from seq2seq.inference.predict import source_token_limit
 
 if TYPE_CHECKING:
     from torch.utils.tensorboard import SummaryWriter
