@@ -27,7 +27,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from torch.utils.tensorboard import SummaryWriter  # noqa: E402
 
-from seq2seq import inspect as inspector  # noqa: E402
+from seq2seq.analysis import inspection  # noqa: E402
+from seq2seq.analysis.diagnostics import COVERAGE_THRESHOLD  # noqa: E402
 from seq2seq.training.board import add_figure  # noqa: E402
 from seq2seq.checkpoint import CheckpointError  # noqa: E402
 from seq2seq.cli import UsageError  # noqa: E402
@@ -114,21 +115,19 @@ def attention_comparison(runs: list[dict], out: Path, writer: SummaryWriter) -> 
             print(f"compare: no checkpoints in the {data} runs; skipping the attention figures", file=sys.stderr)
             continue
         try:
-            models = inspector.load_models(paths, torch.device("cpu"))
+            models = inspection.load_models(paths, torch.device("cpu"))
         except (CheckpointError, UsageError) as error:
             print(f"compare: skipping the {data} attention figures: {error}", file=sys.stderr)
             continue
         examples = [str(s) for s in models[0][1].config.get("attention_examples") or []]
         for number, sentence in enumerate(examples):
-            inspected = [inspector.inspect_model(path, loaded, sentence, None, torch.device("cpu"))
-                         for path, loaded in models]
-            view = inspector.View()
-            threshold = inspector.analysis.COVERAGE_THRESHOLD
-            reports = inspector.diagnose(inspected, view, threshold)
-            table = inspector.format_table(reports, inspector.agreements(reports), threshold)
+            view = inspection.View()
+            result = inspection.inspect_sentence(models, sentence, None, view, COVERAGE_THRESHOLD, None,
+                                                 torch.device("cpu"))
+            table = inspection.format_table(result.reports, result.agreement, COVERAGE_THRESHOLD)
             markdown += [f"### {data}: {sentence}", "", f"![attention](attention_{data}_{number}.png)", "",
                          "```", table, "```", ""]
-            figure = inspector.comparison_figure(inspected, sentence, view, words=False)
+            figure = inspection.comparison_figure(result.inspected, sentence, view, words=False)
             figure.savefig(out / f"attention_{data}_{number}.png")
             add_figure(writer, f"comparison/attention/{data}_{number}", figure, 0)
             code_block = "\n".join(f"    {line}" for line in table.splitlines())  # markdown: keep the columns

@@ -17,7 +17,8 @@ import pytest
 from matplotlib.image import imread
 
 from seq2seq import inspect as inspect_cli
-from seq2seq.analysis.diagnostics import agreement, merge_attention, merge_pieces, row_entropy, uncovered
+from seq2seq.analysis.diagnostics import (agreement, chinese_segmenter, merge_attention, merge_pieces, row_entropy,
+                                          uncovered)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 SENTENCE = "我是一个学生。"
@@ -69,11 +70,40 @@ def test_coverage_flags_the_source_word_that_is_skipped():
     assert uncovered(np.full((6, 6), 1 / 6), labels, 0.3) == []
 
 
+def _one_hot(indices: list[int], width: int = 4) -> np.ndarray:
+    return np.eye(width)[indices]
+
+
 def test_agreement_compares_matched_target_words_only():
-    assert agreement(["I", "am", "</s>"], [0, 1, 2], ["I", "am", "</s>"], [0, 2, 2]) == (0.5, 2)
-    share, compared = agreement(["I", "am", "a", "student"], [0, 1, 2, 3], ["I", "'m", "a", "student"], [0, 1, 3, 3])
-    assert compared == 3 and share == pytest.approx(2 / 3)
-    assert agreement(["yes"], [0], ["no"], [0]) == (None, 0)
+    result = agreement(["I", "am", "</s>"], _one_hot([0, 1, 2]), ["I", "am", "</s>"], _one_hot([0, 2, 2]))
+    assert (result["agreement"], result["overlap"], result["compared"]) == (0.5, 0.5, 2)
+    result = agreement(["I", "am", "a", "student"], _one_hot([0, 1, 2, 3]), ["I", "'m", "a", "student"],
+                       _one_hot([0, 1, 3, 3]))
+    assert result["compared"] == 3 and result["agreement"] == pytest.approx(2 / 3)
+    assert agreement(["yes"], _one_hot([0]), ["no"], _one_hot([0]))["agreement"] is None
+
+
+def test_agreement_does_not_flip_on_a_near_tie():
+    """The issue's 学生 (source words 我 是 学 生): one model on 学, the other on 学 and 生 about equally."""
+    first = np.array([[0.0, 0.0, 0.9, 0.1]])
+    second = np.array([[0.02, 0.02, 0.47, 0.49]])
+    result = agreement(["student"], first, ["student"], second)
+    assert first.argmax() != second.argmax() and result["agreement"] == 1.0
+    assert result["overlap"] == pytest.approx(0.57)
+    far = np.array([[0.0, 0.0, 0.2, 0.8]])
+    assert agreement(["student"], first, ["student"], far)["agreement"] == 0.0
+
+
+def test_chinese_words_come_from_the_segmenter_with_characters_as_fallback(monkeypatch):
+    from seq2seq.analysis import diagnostics
+
+    pytest.importorskip("jieba", reason="jieba (the [zh] extra) is not installed")
+    words = diagnostics.merge_words(ZH)
+    assert words.labels == ["我", "是", "一个", "学生", "。", "</s>"]
+    np.testing.assert_allclose(words.shares.sum(axis=1), 1.0)
+    np.testing.assert_allclose(words.shares[3], [0, 0, 0, 1, 0, 0])  # the piece "学生" is the word 学生
+    monkeypatch.setattr(diagnostics, "chinese_segmenter", lambda: None)
+    assert diagnostics.merge_words(ZH).labels == merge_pieces(ZH).labels
 
 
 def _inspect(capsysbinary, *args) -> tuple[int, str, str]:
@@ -100,7 +130,8 @@ def test_three_models_side_by_side_with_chinese_glyphs(checkpoints, tmp_path, ca
     document = json.loads(report.read_text(encoding="utf-8"))
     rnn, bahdanau, transformer = document["models"]
     assert rnn["has_attention"] is False and "no attention" in stdout
-    assert bahdanau["source_words"] == ["我", "是", "一", "个", "学", "生", "。", "</s>"]
+    expected = ["我", "是", "一个", "学生", "。", "</s>"] if chinese_segmenter() else list("我是一个学生。") + ["</s>"]
+    assert bahdanau["source_words"] == transformer["source_words"] == expected
     assert len(transformer["layer_head_entropy"]) == 1 and len(transformer["layer_head_entropy"][0]) == 2
     assert [p["models"] for p in document["agreement"]] == [[bahdanau["model"], transformer["model"]]]
     for model in (bahdanau, transformer):
@@ -169,7 +200,7 @@ def test_validation_logs_entropy_per_layer_and_head_and_coverage(checkpoints):
                         [SENTENCE, "他昨天去了图书馆。"], "cpu", 1.2, 10, step=7)
     assert set(writer.scalars) == {
         "attention/entropy", "attention/uncovered_share",
-        "attention/entropy_by_head/layer_1_head_0", "attention/entropy_by_head/layer_1_head_1",
+        "attention/entropy_by_head/layer_1_head_1", "attention/entropy_by_head/layer_1_head_2",
     }
     assert 0 <= writer.scalars["attention/uncovered_share"] <= 1
     assert 0 < writer.scalars["attention/entropy"] <= math.log(len(SENTENCE) + 1)

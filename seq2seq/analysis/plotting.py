@@ -185,7 +185,7 @@ def head_grid_figure(attention, src_pieces: Sequence[str], tgt_pieces: Sequence[
             ax.set_axis_off()
             continue
         image = _draw(ax, matrix[head], src_pieces, tgt_pieces, size, step, show_y=head % cols == 0)
-        ax.set_title(f"head {head}", fontsize=9)
+        ax.set_title(f"head {head + 1}", fontsize=9)
     figure.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8, label="attention weight")
     if title:
         _set_title(figure, title)
@@ -262,7 +262,7 @@ def side_by_side_figure(panels: Sequence[Panel], title: str = "") -> Figure:
             ax.set_aspect("equal")  # square cells: the panels of models with different lengths stay comparable
             heatmap_axes.append(ax)
             if matrix.ndim == 3:
-                ax.set_title(f"head {index}", fontsize=8)
+                ax.set_title(f"head {index + 1}", fontsize=8)
     if image is not None:
         figure.colorbar(image, ax=heatmap_axes[-1], shrink=0.8, label="attention weight")
     if title:

@@ -14,9 +14,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
-from seq2seq.analysis.diagnostics import layer_head_maps, training_summary
-from seq2seq.data.tokenizer import BOS_ID, EOS_ID, Tokenizer
-from seq2seq.inference.search import decode
+from seq2seq.analysis.diagnostics import training_summary
+from seq2seq.data.tokenizer import EOS_ID, Tokenizer
+from seq2seq.inference.forced import attend
 from seq2seq.models.base import Seq2SeqModel
 from seq2seq.analysis.plotting import attention_figure, figure_to_png, head_grid_figure
 from seq2seq.inference.predict import source_token_limit
@@ -66,12 +66,12 @@ def add_figure(writer: SummaryWriter, tag: str, figure, step: int) -> None:
     writer.add_image(tag, image, step, dataformats="HWC")
 
 
-@torch.inference_mode()
 def log_attention(writer: SummaryWriter, model: Seq2SeqModel, model_name: str, src_tok: Tokenizer,
                   tgt_tok: Tokenizer, sentences: list[str], device: torch.device, max_len_a: float, max_len_b: int,
                   step: int) -> None:
-    """Greedy translations of the fixed sentences, then a teacher-forced pass over them for the maps, and their
-    word-level entropy (per layer and head) and coverage as scalars, averaged over the sentences."""
+    """Greedy translations of the fixed sentences with the attention behind them (`forced.attend`), drawn per
+    layer and per head of the last layer, and their word-level entropy (per layer and head) and coverage as
+    scalars, averaged over the sentences."""
     if not model.has_attention:
         writer.add_text(
             "attention",
@@ -80,37 +80,28 @@ def log_attention(writer: SummaryWriter, model: Seq2SeqModel, model_name: str, s
             step,
         )
         return
-    was_training = model.training
-    model.eval()
     limit = source_token_limit(model, max_len_a, max_len_b)
     summaries = []
     for i, sentence in enumerate(sentences):
         ids = src_tok.encode(sentence)[:limit]
         if not ids:
             continue
-        src = torch.tensor([ids + [EOS_ID]], device=device)
-        src_mask = torch.ones_like(src, dtype=torch.bool)
-        hypothesis = decode(
-            model, src, src_mask, beam_size=1, length_penalty=1.0, max_len_a=max_len_a, max_len_b=max_len_b,
-        )[0][0]
-        tgt_in = torch.tensor([[BOS_ID, *hypothesis.tokens]], device=device)
-        attention = model(src, src_mask, tgt_in, return_attention=True).attention
+        result = attend(model, ids, device, beam_size=1, length_penalty=1.0, max_len_a=max_len_a,
+                        max_len_b=max_len_b)
         src_pieces = src_tok.pieces(ids + [EOS_ID])
-        tgt_pieces = tgt_tok.pieces(hypothesis.tokens) + ["</s>"]
-        title = f"{sentence} → {tgt_tok.decode(hypothesis.tokens)}"
+        tgt_pieces = tgt_tok.pieces(result.tokens) + ["</s>"]
+        title = f"{sentence} → {tgt_tok.decode(result.tokens)}"
         tag = f"attention/{i:02d}"
-        summaries.append(training_summary(layer_head_maps(attention), src_pieces, tgt_pieces))
-        if "cross_layers" in attention:  # transformer: (L, 1, H, T, S)
-            layers = attention["cross_layers"][:, 0].float().cpu()
-            for layer, heads in enumerate(layers, start=1):
-                figure = attention_figure(heads.mean(0), src_pieces, tgt_pieces, f"{title} (layer {layer}, mean of heads)")
-                add_figure(writer, f"{tag}/layer_{layer}", figure, step)
-            figure = head_grid_figure(layers[-1], src_pieces, tgt_pieces, f"{title} (layer {len(layers)} heads)")
-            add_figure(writer, f"{tag}/heads_layer_{len(layers)}", figure, step)
-        else:
-            figure = attention_figure(attention["cross"][0].float().cpu(), src_pieces, tgt_pieces, title)
-            add_figure(writer, tag, figure, step)
-    model.train(was_training)
+        summaries.append(training_summary(result.layers, src_pieces, tgt_pieces))
+        layers = result.layers
+        if layers.shape[:2] == (1, 1):  # Bahdanau: one map
+            add_figure(writer, tag, attention_figure(layers[0, 0], src_pieces, tgt_pieces, title), step)
+            continue
+        for layer, heads in enumerate(layers, start=1):
+            figure = attention_figure(heads.mean(0), src_pieces, tgt_pieces, f"{title} (layer {layer}, mean of heads)")
+            add_figure(writer, f"{tag}/layer_{layer}", figure, step)
+        figure = head_grid_figure(layers[-1], src_pieces, tgt_pieces, f"{title} (layer {len(layers)} heads)")
+        add_figure(writer, f"{tag}/heads_layer_{len(layers)}", figure, step)
     if summaries:
         log_attention_scalars(writer, summaries, step)
 
@@ -123,7 +114,7 @@ def log_attention_scalars(writer: SummaryWriter, summaries: list[dict], step: in
     grid = np.mean([s["layer_head_entropy"] for s in summaries], axis=0)
     if grid.size > 1:
         for (layer, head), value in np.ndenumerate(grid):
-            writer.add_scalar(f"attention/entropy_by_head/layer_{layer + 1}_head_{head}", float(value), step)
+            writer.add_scalar(f"attention/entropy_by_head/layer_{layer + 1}_head_{head + 1}", float(value), step)
 
 
 def log_test(writer: SummaryWriter, scores: dict[str, Any], buckets: list[dict[str, Any]], step: int) -> None:

@@ -1,0 +1,309 @@
+"""The inspector's library: load several checkpoints of one language pair, read each model's attention on a
+sentence (its own translation, or a given reference by forced decoding), diagnose it on words and compare the
+models. `seq2seq.inspect` (command line, HTML page, local server) and `scripts/compare.py` are built on it.
+
+Rows of a map are the target pieces plus the step that emits "</s>"; columns are the source pieces plus the
+"</s>" the encoder is given. A `View` picks the map that is drawn and diagnosed: for the Transformer the mean
+over all decoder layers and heads, one layer (mean of its heads), one head, or every head of a layer; layers and
+heads are numbered from 1. Bahdanau's single additive attention is its map in every view. The fixed-context
+RNN has no attention.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from seq2seq.analysis import diagnostics as analysis
+from seq2seq.analysis.plotting import Panel, side_by_side_figure
+from seq2seq.checkpoint import LoadedModel, load_model
+from seq2seq.cli import UsageError
+from seq2seq.inference import search
+from seq2seq.inference.forced import attend
+from seq2seq.inference.predict import source_token_limit
+
+NO_ATTENTION_NOTE = (
+    "no attention:\nthe decoder sees the source only\nthrough the encoder's final state,\n"
+    "so there is no alignment to draw"
+)
+MAX_FIGURE_UNITS = 60  # rows and columns drawn per heatmap: beyond this a PNG cell is too small to read
+
+
+@dataclass
+class Inspected:
+    """One model on one sentence: the target it produced (`forced`: the given reference instead), its
+    cross-attention (L, H, T, S) over pieces (None without attention), the loss of that target (nats, summed
+    over its pieces and "</s>"), and the source pieces cut off by the model's length limit (`cut`, 0 if none)."""
+
+    label: str
+    family: str
+    checkpoint: Path
+    sentence: str
+    translation: str
+    src_pieces: list[str]
+    tgt_pieces: list[str]
+    layers: np.ndarray | None
+    forced: bool = False
+    loss: float = 0.0
+    cut: int = 0
+    cut_before: str = ""
+
+
+@dataclass
+class View:
+    """Which map of a Transformer is drawn and diagnosed: `layer`/`head` from 1 (None: mean of all layers, or of
+    the heads of `layer`; a `head` without `layer` is in the last layer); `heads`: one map per head of `layer`."""
+
+    layer: int | None = None
+    head: int | None = None
+    heads: bool = False
+
+    def describe(self) -> str:
+        layer = "last layer" if self.layer is None else f"layer {self.layer}"
+        if self.heads:
+            return f"{layer}, each head"
+        if self.head is not None:
+            return f"{layer}, head {self.head}"
+        return "mean of layers and heads" if self.layer is None else f"{layer}, mean of heads"
+
+
+def model_label(path: Path, loaded: LoadedModel) -> str:
+    """Family and where the checkpoint comes from: `transformer · <run folder>/best.pt` for a run's checkpoint."""
+    where = path.name
+    if path.parent.name == "checkpoints" and path.parent.parent.name:
+        where = f"{path.parent.parent.name}/{path.name}"
+    return f"{loaded.config.model.name} · {where}"
+
+
+def language_pair(loaded: LoadedModel) -> str:
+    data = loaded.config.get("data", {}) or {}
+    return f"{data.get('src_lang', '?')}→{data.get('tgt_lang', '?')}"
+
+
+def load_models(paths: Sequence[Path], device: torch.device) -> list[tuple[Path, LoadedModel]]:
+    """Every checkpoint, refusing a mix of language pairs (their maps would not share a source sentence)."""
+    models = [(path, load_model(path, device=device)) for path in paths]
+    pairs = {language_pair(loaded) for _, loaded in models}
+    if len(pairs) > 1:
+        listing = ", ".join(f"{path} {language_pair(loaded)}" for path, loaded in models)
+        raise UsageError(f"the checkpoints translate different language pairs ({listing}); inspect compares models "
+                         "of one pair.")
+    return models
+
+
+def inspect_model(path: Path, loaded: LoadedModel, sentence: str, beam_size: int | None, device: torch.device,
+                  reference: str | None = None) -> Inspected:
+    """The model's translation of `sentence` (beam search, its checkpoint's test beam unless `beam_size`) or,
+    with `reference`, that reference by forced decoding; then every layer's attention behind it."""
+    model, src_tok, tgt_tok = loaded.model, loaded.src_tokenizer, loaded.tgt_tokenizer
+    trainer = loaded.config.get("trainer", {}) or {}
+    max_len_a = float(trainer.get("max_len_a", search.MAX_LEN_A))
+    max_len_b = int(trainer.get("max_len_b", search.MAX_LEN_B))
+    all_ids = src_tok.encode(sentence)
+    ids = all_ids[: source_token_limit(model, max_len_a, max_len_b)]
+    if not ids:
+        raise UsageError("the sentence is empty after normalisation; give a sentence to translate.")
+    reference_ids = None
+    if reference is not None:
+        reference_ids = tgt_tok.encode(reference)
+        if not reference_ids:
+            raise UsageError("the reference is empty after normalisation; give the translation to force.")
+        if model.max_target_positions:
+            reference_ids = reference_ids[: model.max_target_positions - 1]
+    result = attend(
+        model, ids, device, reference_ids=reference_ids,
+        beam_size=beam_size or int(trainer.get("test_beam_size", search.BEAM_SIZE)),
+        length_penalty=float(trainer.get("length_penalty", search.LENGTH_PENALTY)), max_len_a=max_len_a,
+        max_len_b=max_len_b,
+    )
+    return Inspected(
+        label=model_label(path, loaded), family=str(loaded.config.model.name), checkpoint=path, sentence=sentence,
+        translation=tgt_tok.decode(result.tokens), src_pieces=src_tok.pieces([*ids, model.eos_id]),
+        tgt_pieces=[*tgt_tok.pieces(result.tokens), analysis.EOS_PIECE], layers=result.layers,
+        forced=reference is not None, loss=result.loss, cut=len(all_ids) - len(ids),
+        cut_before=src_tok.decode(all_ids[len(ids): len(ids) + 8]),
+    )
+
+
+def truncation_warning(item: Inspected) -> str | None:
+    """A line for the user when the model could read only the start of the sentence."""
+    if not item.cut:
+        return None
+    kept = len(item.src_pieces) - 1
+    return (f"warning: {item.label} reads the first {kept} of {kept + item.cut} source pieces; the sentence is cut "
+            f"before “{item.cut_before}…”. Give a shorter sentence to see all of it.")
+
+
+def check_view(view: View, inspected: Sequence[Inspected]) -> None:
+    shapes = [item.layers.shape for item in inspected if item.layers is not None]
+    deepest = max((shape[0] for shape in shapes), default=0)
+    widest = max((shape[1] for shape in shapes), default=0)
+    if view.layer is not None and not 1 <= view.layer <= deepest:
+        raise UsageError(f"--layer {view.layer} is out of range: the deepest model here has {deepest} decoder "
+                         "layer(s), numbered from 1.")
+    if view.head is not None and not 1 <= view.head <= widest:
+        raise UsageError(f"--head {view.head} is out of range: the models here have at most {widest} head(s) per "
+                         "layer, numbered from 1.")
+
+
+def _layer(layers: np.ndarray, view: View) -> np.ndarray:
+    """(H, T, S) maps of the view's layer (the last one by default, and for models with fewer layers)."""
+    return layers[min(view.layer or layers.shape[0], layers.shape[0]) - 1]
+
+
+def selected_map(layers: np.ndarray, view: View) -> np.ndarray:
+    """The (T, S) map the diagnostics describe (and the figure draws unless `view.heads`)."""
+    if view.layer is None and view.head is None and not view.heads:
+        return layers.mean(axis=(0, 1))
+    heads = _layer(layers, view)
+    if view.head is not None:
+        return heads[min(view.head, heads.shape[0]) - 1]
+    return heads.mean(axis=0)
+
+
+def drawn_map(layers: np.ndarray, view: View) -> np.ndarray:
+    if view.heads and layers.shape[1] > 1:
+        return _layer(layers, view)
+    return selected_map(layers, view)
+
+
+def comparison_figure(inspected: Sequence[Inspected], title: str, view: View, words: bool):
+    """The models side by side; a map with more than MAX_FIGURE_UNITS rows or columns shows its first ones and
+    says so in its title (the HTML page and the JSON keep all of them)."""
+    panels = []
+    for item in inspected:
+        if item.layers is None:
+            panels.append(Panel(item.label, item.translation, [], [], None, NO_ATTENTION_NOTE))
+            continue
+        matrix = drawn_map(item.layers, view)
+        src_labels, tgt_labels = item.src_pieces, item.tgt_pieces
+        panel_title = item.label if item.layers.shape[:2] == (1, 1) else f"{item.label} ({view.describe()})"
+        if words:
+            src_units, tgt_units = analysis.merge_words(item.src_pieces), analysis.merge_words(item.tgt_pieces)
+            matrix = analysis.merge_attention(matrix, src_units, tgt_units)
+            src_labels, tgt_labels = src_units.labels, tgt_units.labels
+        if max(len(src_labels), len(tgt_labels)) > MAX_FIGURE_UNITS:
+            panel_title += (f"\nfirst {min(len(tgt_labels), MAX_FIGURE_UNITS)} of {len(tgt_labels)} rows, "
+                            f"{min(len(src_labels), MAX_FIGURE_UNITS)} of {len(src_labels)} columns")
+            src_labels, tgt_labels = src_labels[:MAX_FIGURE_UNITS], tgt_labels[:MAX_FIGURE_UNITS]
+            matrix = matrix[..., : len(tgt_labels), : len(src_labels)]
+        panels.append(Panel(panel_title, item.translation, src_labels, tgt_labels, matrix))
+    return side_by_side_figure(panels, title=title)
+
+
+def rounded(values) -> list:
+    return np.round(np.asarray(values, dtype=np.float64), 4).tolist()
+
+
+def diagnose(inspected: Sequence[Inspected], view: View, threshold: float) -> list[dict]:
+    """Per model, on words (`diagnostics.merge_words`) of the selected map: the map itself (`weights`, rows =
+    target words), each target word's entropy (nats; log of the number of source words if uniform) and the
+    source word it attends to most; the mean share of weight on the source "</s>" and on punctuation; every
+    source word's coverage (attention received over all rows) and those below `threshold`; and the mean
+    entropy of every layer and head."""
+    reports = []
+    for item in inspected:
+        report: dict = {"model": item.label, "family": item.family, "checkpoint": str(item.checkpoint),
+                        "translation": item.translation, "forced": item.forced, "loss": round(item.loss, 4),
+                        "target_pieces": len(item.tgt_pieces), "source_pieces_cut": item.cut,
+                        "has_attention": item.layers is not None}
+        reports.append(report)
+        if item.layers is None:
+            continue
+        src, tgt = analysis.merge_words(item.src_pieces), analysis.merge_words(item.tgt_pieces)
+        all_maps = analysis.merge_attention(item.layers, src, tgt)
+        matrix = analysis.merge_attention(selected_map(item.layers, view), src, tgt)
+        received = analysis.coverage(matrix)
+        report.update({
+            "source_words": src.labels,
+            "target_words": tgt.labels,
+            "weights": rounded(matrix),
+            "row_entropy": rounded(analysis.row_entropy(matrix)),
+            "uniform_entropy": round(math.log(len(src.labels)), 4),
+            "argmax": [src.labels[i] for i in matrix.argmax(axis=-1)],
+            "argmax_index": matrix.argmax(axis=-1).tolist(),
+            "eos_share": round(float(matrix[:, src.labels.index(analysis.EOS_PIECE)].mean()), 4)
+            if analysis.EOS_PIECE in src.labels else 0.0,
+            "punctuation_share": round(float(matrix[:, src.is_punctuation].sum(axis=-1).mean()), 4),
+            "coverage": rounded(received),
+            "uncovered": [src.labels[i] for i in analysis.uncovered(matrix, src.labels, threshold)],
+            "layer_head_entropy": rounded(analysis.row_entropy(all_maps).mean(axis=-1)),
+        })
+    return reports
+
+
+def agreements(reports: Sequence[dict], tolerance: float = analysis.AGREEMENT_TOLERANCE) -> list[dict]:
+    """For every pair of models with attention: `diagnostics.agreement` of their word maps, when both split the
+    source into the same words (always so for one language pair, whatever the vocabularies)."""
+    pairs = []
+    for first, second in itertools.combinations([r for r in reports if r["has_attention"]], 2):
+        result: dict = {"agreement": None, "overlap": None, "compared": 0}
+        if first["source_words"] == second["source_words"]:
+            result = analysis.agreement(first["target_words"], first["weights"], second["target_words"],
+                                        second["weights"], tolerance)
+        pairs.append({"models": [first["model"], second["model"]],
+                      "agreement": None if result["agreement"] is None else round(result["agreement"], 4),
+                      "overlap": None if result["overlap"] is None else round(result["overlap"], 4),
+                      "compared_words": result["compared"], "tolerance": tolerance})
+    return pairs
+
+
+def format_table(reports: Sequence[dict], pairs: Sequence[dict], threshold: float) -> str:
+    """The diagnostics for a reader: one summary line per model, then its alignment word by word."""
+    width = max(len(r["model"]) for r in reports) + 2
+    lines = [f"{'model':<{width}}{'entropy':>8}{'uniform':>8}{'</s>':>7}{'punct':>7}  uncovered (< {threshold:g})"]
+    for report in reports:
+        if not report["has_attention"]:
+            lines.append(f"{report['model']:<{width}}  no attention (fixed-context RNN)")
+            continue
+        lines.append(
+            f"{report['model']:<{width}}{np.mean(report['row_entropy']):>8.2f}{report['uniform_entropy']:>8.2f}"
+            f"{report['eos_share']:>7.2f}{report['punctuation_share']:>7.2f}  {' '.join(report['uncovered']) or '-'}"
+        )
+    for report in reports:
+        what = "reference (forced)" if report["forced"] else "translation"
+        lines.append(f"\n{report['model']}: {what}: {report['translation']}  (loss {report['loss']:.2f} nats)")
+        if not report["has_attention"]:
+            continue
+        for word, source, entropy in zip(report["target_words"], report["argmax"], report["row_entropy"]):
+            lines.append(f"  {word:<16} → {source:<12} entropy {entropy:.2f}")
+        grid = report["layer_head_entropy"]
+        if len(grid) > 1 or len(grid[0]) > 1:
+            for layer, heads in enumerate(grid, start=1):
+                lines.append(f"  layer {layer} mean entropy per head: "
+                             + " ".join(f"h{head} {value:.2f}" for head, value in enumerate(heads, start=1)))
+    if pairs:
+        lines.append("\nagreement (matched target words whose argmax source words match, or nearly tie within "
+                     f"{pairs[0]['tolerance']:g}) and overlap (mean shared attention mass):")
+        for pair in pairs:
+            share = "n/a" if pair["agreement"] is None else f"{pair['agreement']:.2f}"
+            overlap = "n/a" if pair["overlap"] is None else f"{pair['overlap']:.2f}"
+            lines.append(f"  {pair['models'][0]} vs {pair['models'][1]}: agreement {share}, overlap {overlap} "
+                         f"over {pair['compared_words']} words")
+    return "\n".join(lines)
+
+
+@dataclass
+class Inspection:
+    """Every model on one sentence: what each produced, their diagnostics and their pairwise agreement."""
+
+    sentence: str
+    reference: str | None
+    inspected: list[Inspected]
+    reports: list[dict]
+    agreement: list[dict]
+
+
+def inspect_sentence(models: Sequence[tuple[Path, LoadedModel]], sentence: str, reference: str | None,
+                     view: View, threshold: float, beam_size: int | None, device: torch.device) -> Inspection:
+    """`inspect_model` for every model, then `diagnose` and `agreements` on the selected view."""
+    inspected = [inspect_model(path, loaded, sentence, beam_size, device, reference) for path, loaded in models]
+    check_view(view, inspected)
+    reports = diagnose(inspected, view, threshold)
+    return Inspection(sentence, reference, inspected, reports, agreements(reports))
