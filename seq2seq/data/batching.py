@@ -5,10 +5,15 @@ Layout of a batch (PAD = 0 where padded):
   tgt_in  = BOS + y          decoder input (teacher forcing)
   tgt_out = y + EOS          what the decoder must predict at each position
 so each side of an example takes its length + 1 positions, which is what the token budget counts.
+
+Padded lengths are rounded up to a multiple of `pad_multiple` (8 by default in training): a run then sees a few dozen
+distinct tensor shapes instead of hundreds, so the allocator reuses freed blocks instead of fragmenting the heap with
+ever-new sizes (and GPU tensor cores get the multiples of 8 they want). The token budget counts the rounded lengths.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING
@@ -56,15 +61,21 @@ class Batch:
         return int(self.tgt_mask.sum())
 
 
-def collate(examples: list[dict]) -> Batch:
-    """Pad examples with "src_ids", "tgt_ids" (optional: source-only input gives tgt_in = BOS) and "index"."""
+def padded_length(length: int | np.ndarray, multiple: int) -> int | np.ndarray:
+    """`length` rounded up to a multiple of `multiple` (1: unchanged)."""
+    return -(-length // multiple) * multiple
+
+
+def collate(examples: list[dict], pad_multiple: int = 1) -> Batch:
+    """Pad examples with "src_ids", "tgt_ids" (optional: source-only input gives tgt_in = BOS) and "index", each side
+    to its longest length rounded up to a multiple of `pad_multiple`."""
     src = [np.asarray(example["src_ids"], dtype=np.int64) for example in examples]
     tgt = [np.asarray(example.get("tgt_ids", ()), dtype=np.int64) for example in examples]
     src_lengths = np.fromiter((len(ids) + 1 for ids in src), dtype=np.int64, count=len(src))
     tgt_lengths = np.fromiter((len(ids) + 1 for ids in tgt), dtype=np.int64, count=len(tgt))
     size = len(examples)
-    src_ids = np.full((size, src_lengths.max(initial=1)), PAD_ID, dtype=np.int64)
-    tgt_in = np.full((size, tgt_lengths.max(initial=1)), PAD_ID, dtype=np.int64)
+    src_ids = np.full((size, padded_length(int(src_lengths.max(initial=1)), pad_multiple)), PAD_ID, dtype=np.int64)
+    tgt_in = np.full((size, padded_length(int(tgt_lengths.max(initial=1)), pad_multiple)), PAD_ID, dtype=np.int64)
     tgt_out = np.full_like(tgt_in, PAD_ID)
     for row, (x, y) in enumerate(zip(src, tgt)):
         src_ids[row, : len(x)] = x
@@ -85,7 +96,8 @@ def collate(examples: list[dict]) -> Batch:
 
 
 class TokenBatchSampler(Sampler[list[int]]):
-    """Batches of row indices whose padded size B * (max_len + 1) stays within `max_tokens` on both sides.
+    """Batches of row indices whose padded size B * (max_len + 1, rounded up to `pad_multiple`) stays within
+    `max_tokens` on both sides.
 
     Rows are sorted by (source length, target length), ties broken at random per epoch, and cut greedily, so
     a batch holds sentences of similar length and little padding. A single pair longer than `max_tokens`
@@ -106,6 +118,7 @@ class TokenBatchSampler(Sampler[list[int]]):
         seed: int,
         rank: int = 0,
         world_size: int = 1,
+        pad_multiple: int = 1,
     ) -> None:
         if len(src_lengths) != len(tgt_lengths):
             raise ValueError(f"{len(src_lengths)} source lengths but {len(tgt_lengths)} target lengths.")
@@ -113,8 +126,11 @@ class TokenBatchSampler(Sampler[list[int]]):
             raise ValueError(f"max_tokens must be positive, got {max_tokens}.")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, world_size={world_size}).")
+        if pad_multiple < 1:
+            raise ValueError(f"pad_multiple must be positive, got {pad_multiple}.")
         self.src_sizes = np.asarray(src_lengths, dtype=np.int64) + 1
         self.tgt_sizes = np.asarray(tgt_lengths, dtype=np.int64) + 1
+        self.pad_multiple = pad_multiple
         self.max_tokens = max_tokens
         self.shuffle = shuffle
         self.seed = seed
@@ -153,7 +169,7 @@ class TokenBatchSampler(Sampler[list[int]]):
         else:
             tie_break = np.arange(count)
         order = _sort_by_lengths(self.src_sizes, self.tgt_sizes, tie_break)
-        sizes = np.maximum(self.src_sizes, self.tgt_sizes)[order]
+        sizes = padded_length(np.maximum(self.src_sizes, self.tgt_sizes)[order], self.pad_multiple)
         bounds, start = [0], 0
         while start < len(sizes):
             window = np.maximum.accumulate(sizes[start : start + self.max_tokens // int(sizes[start]) + 1])
@@ -224,14 +240,20 @@ class _ListColumn:
 
 
 def make_loader(
-    dataset: datasets.Dataset, max_tokens: int, shuffle: bool, seed: int = 0, rank: int = 0, world_size: int = 1
+    dataset: datasets.Dataset, max_tokens: int, shuffle: bool, seed: int = 0, rank: int = 0, world_size: int = 1,
+    pad_multiple: int = 1,
 ) -> DataLoader:
-    """Batches of a tokenized split (columns src_ids, tgt_ids, index). Call `loader.batch_sampler.set_epoch(e)`
+    """Batches of a tokenized split (columns src_ids, tgt_ids, index), padded lengths rounded up to multiples of
+    `pad_multiple`. Call `loader.batch_sampler.set_epoch(e)`
     before each epoch to get a new shuffle. The loader draws from its own seeded `generator` (its state can be
     checkpointed), never from the global torch RNG whose state drives dropout."""
     examples = _Examples(dataset)
     sampler = TokenBatchSampler(
-        examples.src_lengths, examples.tgt_lengths, max_tokens, shuffle, seed, rank=rank, world_size=world_size
+        examples.src_lengths, examples.tgt_lengths, max_tokens, shuffle, seed, rank=rank, world_size=world_size,
+        pad_multiple=pad_multiple,
     )
     generator = torch.Generator().manual_seed(seed)
-    return DataLoader(examples, batch_sampler=sampler, collate_fn=collate, num_workers=0, generator=generator)
+    return DataLoader(
+        examples, batch_sampler=sampler, collate_fn=functools.partial(collate, pad_multiple=pad_multiple),
+        num_workers=0, generator=generator,
+    )

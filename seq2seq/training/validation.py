@@ -48,7 +48,9 @@ class Evaluator:
         """Per-token negative log-likelihood (no label smoothing) over a whole split, and its perplexity."""
         was_training = model.training
         model.eval()
-        loader = make_loader(self.data.splits[split], int(self.tcfg.max_tokens), shuffle=False)
+        loader = make_loader(
+            self.data.splits[split], int(self.tcfg.max_tokens), shuffle=False, pad_multiple=int(self.tcfg.pad_multiple)
+        )
         total = torch.zeros((), device=self.device, dtype=torch.float64)
         tokens = 0
         for batch in loader:
