@@ -5,6 +5,7 @@ A checkpoint is one `torch.save` file holding:
   config                            — the whole composed Hydra config as plain containers;
   model                             — the model's state_dict;
   src_tokenizer, tgt_tokenizer      — the SentencePiece model protos (bytes), so a copied file still translates;
+  src_normalization, tgt_normalization — each side's Unicode normalisation (absent from older files: NFKC on both);
   step, epoch, best_valid_bleu, metrics;
   optimizer, scheduler, scaler, rng — training state for an exact resume (absent from inference-only exports).
 """
@@ -22,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from seq2seq import __version__
 from seq2seq.atomic import atomic_write
-from seq2seq.data.tokenizer import Tokenizer
+from seq2seq.data.tokenizer import LEGACY_NORMALIZATION, Tokenizer
 from seq2seq.models import build_model
 from seq2seq.models.base import Seq2SeqModel
 
@@ -77,6 +78,16 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return payload
 
 
+def checkpoint_tokenizers(payload: dict[str, Any]) -> tuple[Tokenizer, Tokenizer]:
+    """The source and target tokenizers a checkpoint was trained with, each with the normalisation it records;
+    files written before it was recorded normalised both sides with NFKC."""
+    src, tgt = (
+        Tokenizer.from_proto(payload[f"{side}_tokenizer"], payload.get(f"{side}_normalization", LEGACY_NORMALIZATION))
+        for side in ("src", "tgt")
+    )
+    return src, tgt
+
+
 @dataclass
 class LoadedModel:
     """A model ready to translate, with the tokenizers and configuration it was trained with."""
@@ -93,8 +104,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedMo
     payload = load_checkpoint(path)
     try:
         config = OmegaConf.create(payload["config"])
-        src_tokenizer = Tokenizer.from_proto(payload["src_tokenizer"])
-        tgt_tokenizer = Tokenizer.from_proto(payload["tgt_tokenizer"])
+        src_tokenizer, tgt_tokenizer = checkpoint_tokenizers(payload)
         model = build_model(config.model, src_tokenizer.vocab_size, tgt_tokenizer.vocab_size)
     except (ValueError, KeyError, AttributeError, RuntimeError) as error:
         raise CheckpointError(

@@ -35,6 +35,27 @@ def corpus_path() -> Path:
     return path
 
 
+def tatoeba_cfg(**data: object):
+    """The default data + tokenizer config, with data.* overrides."""
+    cfg = OmegaConf.create(
+        {
+            "data": OmegaConf.load(CONFIG_DIR / "data" / "tatoeba_zh_en.yaml"),
+            "tokenizer": OmegaConf.load(CONFIG_DIR / "tokenizer" / "sentencepiece.yaml"),
+        }
+    )
+    for key, value in data.items():
+        OmegaConf.update(cfg, f"data.{key}", value, merge=False)
+    return cfg
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch) -> Path:
+    """A fresh SEQ2SEQ_CACHE per test, so caching behaviour is observed from a clean state."""
+    folder = tmp_path / "cache"
+    monkeypatch.setenv("SEQ2SEQ_CACHE", str(folder))
+    return folder
+
+
 TINY_MODELS = {
     "transformer": {"d_model": 32, "num_heads": 2, "encoder_layers": 1, "decoder_layers": 1, "ff_dim": 64,
                     "dropout": 0.0, "attention_dropout": 0.0, "max_positions": 64},
@@ -90,7 +111,9 @@ def checkpoints(tmp_path_factory, corpus_path) -> dict[str, Path]:
     pairs = corpus_pairs(corpus_path)
     folder = tmp_path_factory.mktemp("checkpoints")
     tok_cfg = OmegaConf.create(_config("transformer")["tokenizer"])
-    src_tok, tgt_tok = build_tokenizers([zh for zh, _ in pairs], [en for _, en in pairs], tok_cfg, folder / "cache")
+    src_tok, tgt_tok = build_tokenizers(  # NFKC on both sides and not recorded: as older checkpoints
+        [zh for zh, _ in pairs], [en for _, en in pairs], tok_cfg, folder / "cache", ("NFKC", "NFKC")
+    )
     examples = [
         {"src_ids": src_tok.encode(zh), "tgt_ids": tgt_tok.encode(en), "index": i} for i, (zh, en) in enumerate(pairs)
     ]

@@ -16,15 +16,16 @@ import huggingface_hub.constants
 import numpy as np
 import pytest
 import torch
+from conftest import tatoeba_cfg
 from omegaconf import OmegaConf
 
-from seq2seq.data.prepare import prepare_data
 from seq2seq.data import corpus as corpus_module
 from seq2seq.data import split as split_module
 from seq2seq.data import tokenizer as tokenizer_module
 from seq2seq.data.batching import TokenBatchSampler, collate, make_loader
 from seq2seq.data.clean import length_units
 from seq2seq.data.corpus import CorpusError, find_corpus, load_corpus
+from seq2seq.data.prepare import prepare_data
 from seq2seq.data.split import grouped_split
 from seq2seq.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Tokenizer, build_tokenizers, normalize_text
 from seq2seq.paths import CONFIG_DIR
@@ -35,19 +36,6 @@ ZH_CHARS = list(
     "只如事把还用第样道想作种开美总从无情己面最女但现前些所同日手又行意动方期它头经长儿回位分爱老因很给名法间斯知世什两次"
     "使身者被高已亲其进此话常与活正感"
 )
-
-
-def tatoeba_cfg(**data: object):
-    """The default data + tokenizer config, with data.* overrides."""
-    cfg = OmegaConf.create(
-        {
-            "data": OmegaConf.load(CONFIG_DIR / "data" / "tatoeba_zh_en.yaml"),
-            "tokenizer": OmegaConf.load(CONFIG_DIR / "tokenizer" / "sentencepiece.yaml"),
-        }
-    )
-    for key, value in data.items():
-        OmegaConf.update(cfg, f"data.{key}", value, merge=False)
-    return cfg
 
 
 def synthetic_pairs(count: int, seed: int = 0) -> list[tuple[str, str]]:
@@ -78,14 +66,6 @@ def load_texts(data_cfg) -> tuple[dict[str, Split], corpus_module.CleaningReport
 def write_tsv(path: Path, pairs: list[tuple[str, str]]) -> Path:
     path.write_text("".join(f"{en}\t{zh}\n" for en, zh in pairs), encoding="utf-8")
     return path
-
-
-@pytest.fixture
-def cache(tmp_path, monkeypatch) -> Path:
-    """A fresh SEQ2SEQ_CACHE per test, so caching behaviour is observed from a clean state."""
-    folder = tmp_path / "cache"
-    monkeypatch.setenv("SEQ2SEQ_CACHE", str(folder))
-    return folder
 
 
 # ----------------------------------------------------------------------------------------------- corpus
@@ -132,7 +112,7 @@ def test_planted_flaws_are_counted_exactly(tmp_path, cache, monkeypatch, chunk_b
         ("this english sentence has a great many words for one chinese character\t是").encode(),  # 49 bad ratio
         lines[0],  # 50 duplicate
         lines[1],  # 51 duplicate
-        ("  " + good[2][0].replace(".", "．") + "\t" + good[2][1] + "  ").encode(),  # 52 duplicate after NFKC + strip
+        ("  " + good[3][0] + "\t" + good[3][1].replace("着", "\ufaaa") + "  ").encode(),  # 52 duplicate after NFKC + strip
         "Attribution kept out\t有署名\tCC-BY 2.0 (France) Attribution: tatoeba.org".encode(),  # 53 kept, 3 columns
         '"Who? ""Tom."""\t谁？汤姆。\r'.encode(),  # 54 kept, CSV-quoted, CRLF
         b"NUL \x00 inside\t\xe7\xa9\xba",  # 55 NUL byte
@@ -157,7 +137,8 @@ def test_planted_flaws_are_counted_exactly(tmp_path, cache, monkeypatch, chunk_b
 
 
 def test_normalization_and_length_units():
-    assert normalize_text("  ＡＢＣ１２３\u3000hello\t\tworld ") == "ABC123 hello world"
+    assert normalize_text("  ＡＢＣ１２３\u3000hello\t\tworld ", "NFKC") == "ABC123 hello world"
+    assert normalize_text("  你好，世界！\u3000hello\t\tworld ", None) == "你好，世界！ hello world"
     assert length_units("我是一个学生。") == 6
     assert length_units("I am a student.") == 4
     assert length_units("我有2010个tomatoes!") == 3 + 2
@@ -372,9 +353,12 @@ def train_split() -> Split:
     return Split(src=[zh for _, zh in pairs], tgt=[en for en, _ in pairs])
 
 
+SIDES = ("NFKC", None)  # the shipped default: sources folded, targets kept as written
+
+
 @pytest.fixture(scope="module")
 def tokenizers(train_split, tmp_path_factory) -> tuple[Tokenizer, Tokenizer]:
-    return build_tokenizers(train_split["src"], train_split["tgt"], tokenizer_cfg(), tmp_path_factory.mktemp("tok"))
+    return build_tokenizers(train_split["src"], train_split["tgt"], tokenizer_cfg(), tmp_path_factory.mktemp("tok"), SIDES)
 
 
 @pytest.mark.parametrize(
@@ -384,7 +368,7 @@ def tokenizers(train_split, tmp_path_factory) -> tuple[Tokenizer, Tokenizer]:
         "他们的家很大",
         "The big cat quickly eats fish.",
         "龘靐齉𠜎 and 😀🚀 never seen",  # rare CJK (one outside the BMP) and emoji: byte fallback
-        "Ｆｕｌｌ－ｗｉｄｔｈ　ｔｅｘｔ，  extra   spaces ",  # normalised first, then round trips
+        "Ｆｕｌｌ－ｗｉｄｔｈ　ｔｅｘｔ，  extra   spaces ",  # the source side NFKC-normalises it, the target keeps it
         "Ünïcödé ñ ß ø",
     ],
 )
@@ -392,8 +376,8 @@ def test_tokenizer_round_trip(tokenizers, text):
     for tokenizer in tokenizers:
         ids = tokenizer.encode(text)
         assert UNK_ID not in ids
-        assert tokenizer.decode(ids) == normalize_text(text)
-        assert tokenizer.decode([BOS_ID, *ids, EOS_ID, PAD_ID, PAD_ID]) == normalize_text(text)
+        assert tokenizer.decode(ids) == tokenizer.normalize(text)
+        assert tokenizer.decode([BOS_ID, *ids, EOS_ID, PAD_ID, PAD_ID]) == tokenizer.normalize(text)
         assert len(tokenizer.pieces(ids)) == len(ids)
 
 
@@ -401,7 +385,7 @@ def test_tokenizer_specials_and_proto(tokenizers):
     src, tgt = tokenizers
     assert src.pieces([PAD_ID, UNK_ID, BOS_ID, EOS_ID]) == ["<pad>", "<unk>", "<s>", "</s>"]
     assert src.vocab_size == 700 and tgt.vocab_size == 320
-    clone = Tokenizer.from_proto(src.proto)
+    clone = Tokenizer.from_proto(src.proto, src.normalization)
     assert clone.encode("他是我的老师") == src.encode("他是我的老师")
     assert any(piece.startswith("<0x") for piece in src.pieces(src.encode("😀")))
 
@@ -410,27 +394,28 @@ def test_tokenizer_cache_reuses_models(train_split, tmp_path, monkeypatch):
     calls = []
     train = tokenizer_module._train_sentencepiece
     monkeypatch.setattr(tokenizer_module, "_train_sentencepiece", lambda *a: calls.append(1) or train(*a))
-    first = build_tokenizers(train_split["src"], train_split["tgt"], tokenizer_cfg(), tmp_path)
+    first = build_tokenizers(train_split["src"], train_split["tgt"], tokenizer_cfg(), tmp_path, SIDES)
     models = sorted((tmp_path / "tokenizers").glob("*.model"))
     mtimes = [path.stat().st_mtime_ns for path in models]
     assert len(calls) == 2 and len(models) == 2
 
-    second = build_tokenizers(train_split["src"], train_split["tgt"], tokenizer_cfg(), tmp_path)
+    second = build_tokenizers(train_split["src"], train_split["tgt"], tokenizer_cfg(), tmp_path, SIDES)
     assert len(calls) == 2, "a second build with the same data and settings must not retrain"
     assert [path.stat().st_mtime_ns for path in models] == mtimes
     assert [t.proto for t in second] == [t.proto for t in first]
 
-    build_tokenizers(train_split["src"], train_split["tgt"], tokenizer_cfg(tgt_vocab_size=310), tmp_path)
+    build_tokenizers(train_split["src"], train_split["tgt"], tokenizer_cfg(tgt_vocab_size=310), tmp_path, SIDES)
     assert len(calls) == 3  # only the target model's settings changed
-    build_tokenizers(train_split["src"][:2000], train_split["tgt"][:2000], tokenizer_cfg(), tmp_path)
+    build_tokenizers(train_split["src"][:2000], train_split["tgt"][:2000], tokenizer_cfg(), tmp_path, SIDES)
     assert len(calls) == 5  # other training data: both retrained
 
 
 def test_joint_tokenizer_and_soft_vocab_limit(train_split, tmp_path):
-    src, tgt = build_tokenizers(train_split["src"], train_split["tgt"], tokenizer_cfg(joint=True, model_type="bpe"), tmp_path)
-    assert src is tgt and src.vocab_size == 700
+    src, tgt = build_tokenizers(train_split["src"], train_split["tgt"], tokenizer_cfg(joint=True, model_type="bpe"), tmp_path, SIDES)
+    assert src.proto == tgt.proto and src.vocab_size == 700  # one model, each side with its own normalisation
+    assert (src.normalization, tgt.normalization) == SIDES
     assert src.decode(src.encode("我们 like the red book")) == "我们 like the red book"
-    small, _ = build_tokenizers(train_split["src"][:40], train_split["tgt"][:40], tokenizer_cfg(src_vocab_size=5000, tgt_vocab_size=5000), tmp_path)
+    small, _ = build_tokenizers(train_split["src"][:40], train_split["tgt"][:40], tokenizer_cfg(src_vocab_size=5000, tgt_vocab_size=5000), tmp_path, SIDES)
     assert 260 < small.vocab_size < 5000  # too little data for 5000 pieces: fewer, no failure
 
 

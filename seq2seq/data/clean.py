@@ -22,7 +22,7 @@ import pyarrow as pa
 
 from seq2seq.data.shards import Pairs, run_chunks, write_shard
 from seq2seq.data.split import hash_texts
-from seq2seq.data.tokenizer import normalize_text
+from seq2seq.data.tokenizer import check_normalization, normalize_text
 
 DROP_REASONS = ("malformed", "invalid_utf8", "nul_byte", "empty", "too_long", "bad_ratio", "duplicate")
 LISTED_REASONS = ("malformed", "invalid_utf8", "nul_byte")  # unreadable lines, reported by line number
@@ -59,11 +59,19 @@ def unquote(value: str) -> str:
     return value
 
 
+def side_normalizations(clean_cfg: Any) -> tuple[str | None, str | None]:
+    """(source, target) Unicode normalisation of data.clean, checked; the tokenizers apply the same forms."""
+    return (
+        check_normalization(clean_cfg.src_normalization, "data.clean.src_normalization"),
+        check_normalization(clean_cfg.tgt_normalization, "data.clean.tgt_normalization"),
+    )
+
+
 class PairCleaner:
-    """The data.clean rules for one pair: normalise, then drop for nul_byte, empty, too_long or bad_ratio."""
+    """The data.clean rules for one pair: normalise each side, then drop for nul_byte, empty, too_long or bad_ratio."""
 
     def __init__(self, clean_cfg: Any) -> None:
-        self.form = clean_cfg.normalization
+        self.src_form, self.tgt_form = side_normalizations(clean_cfg)
         self.max_chars = int(clean_cfg.max_chars)
         self.max_ratio = float(clean_cfg.max_length_ratio)
 
@@ -71,7 +79,7 @@ class PairCleaner:
         """(drop reason or None, normalised source, normalised target)."""
         if "\x00" in src or "\x00" in tgt:
             return "nul_byte", src, tgt
-        src, tgt = normalize_text(src, self.form), normalize_text(tgt, self.form)
+        src, tgt = normalize_text(src, self.src_form), normalize_text(tgt, self.tgt_form)
         if not src or not tgt:
             return "empty", src, tgt
         if len(src) > self.max_chars or len(tgt) > self.max_chars:

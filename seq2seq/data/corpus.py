@@ -41,7 +41,9 @@ from datasets.exceptions import DatasetsError
 
 from seq2seq import __version__
 from seq2seq.atomic import atomic_write
-from seq2seq.data.clean import DROP_REASONS, CleanedPairs, PickPairs, TsvLayout, clean_table, clean_tsv, unquote
+from seq2seq.data.clean import (
+    DROP_REASONS, CleanedPairs, PickPairs, TsvLayout, clean_table, clean_tsv, side_normalizations, unquote,
+)
 from seq2seq.data.shards import Pairs, resolve_num_proc
 from seq2seq.data.split import first_occurrences, grouped_split
 from seq2seq.paths import cache_dir, data_dir, data_mirror
@@ -166,6 +168,7 @@ def load_corpus(data_cfg: Any, folder: Path) -> tuple[dict[str, Pairs], Cleaning
         raise CorpusError(f"data.format must be one of {', '.join(FORMATS)}; got {data_cfg.format!r}.")
     try:
         num_proc = resolve_num_proc(data_cfg.get("num_proc"))
+        side_normalizations(data_cfg.clean)
     except ValueError as error:
         raise CorpusError(str(error)) from error
     folder.mkdir(parents=True, exist_ok=True)

@@ -26,13 +26,14 @@ import pyarrow as pa
 import xxhash
 from omegaconf import OmegaConf
 
+from seq2seq.data.clean import side_normalizations
 from seq2seq.data.corpus import CleaningReport, CorpusError, find_corpus, load_corpus
 from seq2seq.data.shards import Pairs, resolve_num_proc, run_chunks, write_shard
 from seq2seq.data.tokenizer import Tokenizer, build_tokenizers
 from seq2seq.paths import cache_dir
 
 MAX_SENTENCE_TOKENS = 256  # longer token sequences are truncated, so one odd line cannot blow up a batch
-DATA_FORMAT = 3  # bump when cleaning, splitting or tokenizing changes, so old caches are not reused
+DATA_FORMAT = 4  # bump when cleaning, splitting or tokenizing changes, so old caches are not reused
 RESULT_KEYS = ("format", "columns", "src_lang", "tgt_lang", "hub_name", "hub_config", "split", "clean")
 SPLITS = ("train", "valid", "test")
 TOKENIZE_ROWS = 20_000  # rows per tokenizing task
@@ -62,7 +63,17 @@ def prepare_data(cfg: Any, log: Callable[[str], None] = print) -> PreparedData:
         log(prepared.report.summary())
         log(f"tokenized splits loaded from {path} (delete it to rebuild)")
     log(f"vocabulary sizes: source {prepared.src_tokenizer.vocab_size}, target {prepared.tgt_tokenizer.vocab_size}")
+    log(direction_line(cfg.data, prepared))
     return prepared
+
+
+def direction_line(data_cfg: Any, prepared: PreparedData) -> str:
+    """The translation direction and each side's normalisation, so a run of the other direction says so."""
+    forms = [tokenizer.normalization or "none, as written" for tokenizer in (prepared.src_tokenizer, prepared.tgt_tokenizer)]
+    return (
+        f"direction: {data_cfg.src_lang} -> {data_cfg.tgt_lang} (source normalisation {forms[0]}, "
+        f"target normalisation {forms[1]})"
+    )
 
 
 def _cache_key(cfg: Any) -> str:
@@ -102,8 +113,8 @@ def _load_cached(path: Path) -> PreparedData | None:
         )
         return PreparedData(
             splits=splits,
-            src_tokenizer=Tokenizer.from_proto((path / "src.model").read_bytes()),
-            tgt_tokenizer=Tokenizer.from_proto((path / "tgt.model").read_bytes()),
+            src_tokenizer=Tokenizer.from_proto((path / "src.model").read_bytes(), meta["normalization"]["src"]),
+            tgt_tokenizer=Tokenizer.from_proto((path / "tgt.model").read_bytes(), meta["normalization"]["tgt"]),
             report=CleaningReport.from_dict(meta["report"]),
             cache_path=path,
         )
@@ -128,7 +139,9 @@ def _build(cfg: Any, path: Path, log: Callable[[str], None]) -> PreparedData:
         lap("read, clean, split")
         log(f"training SentencePiece on {min(len(splits['train']), int(cfg.tokenizer.max_sentences)):,} training pairs")
         src_sample, tgt_sample = _tokenizer_sample(splits["train"], int(cfg.tokenizer.max_sentences))
-        src_tokenizer, tgt_tokenizer = build_tokenizers(src_sample, tgt_sample, cfg.tokenizer, cache_dir())
+        src_tokenizer, tgt_tokenizer = build_tokenizers(
+            src_sample, tgt_sample, cfg.tokenizer, cache_dir(), side_normalizations(cfg.data.clean)
+        )
         del src_sample, tgt_sample
         lap("train SentencePiece")
         num_proc = resolve_num_proc(cfg.data.get("num_proc"))
@@ -139,7 +152,9 @@ def _build(cfg: Any, path: Path, log: Callable[[str], None]) -> PreparedData:
         shutil.rmtree(tmp / "clean")
         (tmp / "src.model").write_bytes(src_tokenizer.proto)
         (tmp / "tgt.model").write_bytes(tgt_tokenizer.proto)
-        (tmp / "meta.json").write_text(json.dumps({"report": report.to_dict()}, indent=1, ensure_ascii=False))
+        normalization = {"src": src_tokenizer.normalization, "tgt": tgt_tokenizer.normalization}
+        meta = {"report": report.to_dict(), "normalization": normalization}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1, ensure_ascii=False))
         _move_into_place(tmp, path)
         lap("tokenize, save")
     finally:

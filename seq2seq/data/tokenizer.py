@@ -1,9 +1,12 @@
 """SentencePiece subword models: trained on the training split only, cached by a hash of their data and settings.
 
-The corpus is NFKC-normalised by cleaning, so SentencePiece runs with its `identity` normalisation rule and
-`Tokenizer.encode` applies the same `normalize_text` to whatever it is given (typed input at translate time
-included). Hence `decode(encode(text)) == normalize_text(text)` for any text: characters never seen in
-training come back through byte fallback instead of becoming <unk>.
+Each side has its own Unicode normalisation (data.clean.src_normalization / tgt_normalization): cleaning applies
+it to the training sentences, and the side's `Tokenizer` stores it and applies the same `normalize_text` to
+whatever it is given (evaluation splits and typed input at translate time included). SentencePiece itself runs
+with its `identity` rule, so it never folds characters a second, different way. Hence
+`decode(encode(text)) == normalize_text(text, tokenizer.normalization)` for any text: characters never seen in
+training come back through byte fallback instead of becoming <unk>. Targets are not normalised by default, so a
+Chinese reference keeps its full-width punctuation (，！？：) and a perfect hypothesis can equal it.
 """
 
 from __future__ import annotations
@@ -23,15 +26,23 @@ from seq2seq.atomic import atomic_write
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 SPECIAL_IDS = {"pad_id": PAD_ID, "unk_id": UNK_ID, "bos_id": BOS_ID, "eos_id": EOS_ID}
-NORMALIZATION = "NFKC"
-TOKENIZER_FORMAT = 1  # bump when the training recipe changes, so cached models are not reused
+NORMALIZATION_FORMS = ("NFC", "NFD", "NFKC", "NFKD")
+LEGACY_NORMALIZATION = "NFKC"  # what both sides got before the form was recorded per side (checkpoints, caches)
+TOKENIZER_FORMAT = 2  # bump when the training recipe changes, so cached models are not reused
 
 
-def normalize_text(text: str, form: str | None = NORMALIZATION) -> str:
-    """Unicode normalisation plus whitespace cleanup (strip, runs of any whitespace -> one space).
+def check_normalization(form: str | None, setting: str) -> str | None:
+    """`form` if it is a Unicode normalisation form or null; else ValueError naming the setting."""
+    if form is not None and form not in NORMALIZATION_FORMS:
+        raise ValueError(f"{setting}={form!r} must be one of {', '.join(NORMALIZATION_FORMS)} or null (none).")
+    return form
+
+
+def normalize_text(text: str, form: str | None) -> str:
+    """Unicode normalisation (`form`, or none) plus whitespace cleanup (strip, runs of any whitespace -> one space).
 
     The one normalisation shared by corpus cleaning and `Tokenizer.encode`, so training data and translate-time
-    input look alike (full-width ASCII, ideographic spaces and compatibility characters folded the same way).
+    input of a side look alike (with NFKC: full-width ASCII, ideographic spaces and compatibility characters folded).
     """
     if form:
         text = unicodedata.normalize(form, text)
@@ -39,20 +50,26 @@ def normalize_text(text: str, form: str | None = NORMALIZATION) -> str:
 
 
 class Tokenizer:
-    """A SentencePiece model with the project's special ids: PAD=0, UNK=1, BOS=2, EOS=3."""
+    """A SentencePiece model with the project's special ids (PAD=0, UNK=1, BOS=2, EOS=3) and the Unicode
+    normalisation of its side (None: texts are kept as written, up to whitespace runs)."""
 
-    def __init__(self, proto: bytes) -> None:
+    def __init__(self, proto: bytes, normalization: str | None) -> None:
         processor = spm.SentencePieceProcessor(model_proto=proto)
         found = {name: getattr(processor, name)() for name in SPECIAL_IDS}
         if found != SPECIAL_IDS:
             raise ValueError(f"SentencePiece model has special ids {found}; seq2seq needs {SPECIAL_IDS}.")
         self._proto = proto
         self._processor = processor
+        self.normalization = check_normalization(normalization, "normalization")
 
     @classmethod
-    def from_proto(cls, proto: bytes) -> Tokenizer:
-        """Rebuild from serialized model bytes (as stored in checkpoints and the cache)."""
-        return cls(proto)
+    def from_proto(cls, proto: bytes, normalization: str | None) -> Tokenizer:
+        """Rebuild from serialized model bytes and the side's normalisation (as stored in checkpoints and the cache)."""
+        return cls(proto, normalization)
+
+    def __eq__(self, other: object) -> bool:
+        """Same model and same normalisation: both encode every text alike."""
+        return isinstance(other, Tokenizer) and (self._proto, self.normalization) == (other._proto, other.normalization)
 
     @property
     def proto(self) -> bytes:
@@ -62,13 +79,17 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self._processor.get_piece_size()
 
+    def normalize(self, text: str) -> str:
+        """`text` as this side's training data was cleaned: what `decode(encode(text))` gives back."""
+        return normalize_text(text, self.normalization)
+
     def encode(self, text: str) -> list[int]:
         """Normalised text -> piece ids, without BOS/EOS."""
-        return self._processor.encode(normalize_text(text))
+        return self._processor.encode(self.normalize(text))
 
     def encode_batch(self, texts: Sequence[str], num_threads: int = -1) -> list[list[int]]:
         """`encode` over many texts at once, in SentencePiece's own threads (-1: one per core)."""
-        return self._processor.encode([normalize_text(text) for text in texts], num_threads=num_threads)
+        return self._processor.encode([self.normalize(text) for text in texts], num_threads=num_threads)
 
     def decode(self, ids: Iterable[int]) -> str:
         """Ids -> text; PAD/BOS/EOS are skipped, UNK (rare with byte fallback) renders as " ⁇ "."""
@@ -80,24 +101,27 @@ class Tokenizer:
 
 
 def build_tokenizers(
-    src: Sequence[str], tgt: Sequence[str], tok_cfg: Any, cache_dir: Path
+    src: Sequence[str], tgt: Sequence[str], tok_cfg: Any, cache_dir: Path, normalization: tuple[str | None, str | None]
 ) -> tuple[Tokenizer, Tokenizer]:
-    """Source and target tokenizers trained on these training sentences, cached in `cache_dir`/tokenizers.
+    """Source and target tokenizers trained on these (already cleaned) training sentences, cached in
+    `cache_dir`/tokenizers; `normalization` is the (source, target) form their cleaning applied.
 
-    With `tok_cfg.joint` one model (of `src_vocab_size`) is trained on both sides and returned twice.
+    With `tok_cfg.joint` one model (of `src_vocab_size`) is trained on both sides and shared by the two tokenizers,
+    each keeping its side's normalisation.
     """
     folder = Path(cache_dir) / "tokenizers"
+    src_form, tgt_form = normalization
     if tok_cfg.joint:
         joint = _cached_model([*src, *tgt], tok_cfg, int(tok_cfg.src_vocab_size), folder)
-        return joint, joint
+        return Tokenizer(joint, src_form), Tokenizer(joint, tgt_form)
     return (
-        _cached_model(src, tok_cfg, int(tok_cfg.src_vocab_size), folder),
-        _cached_model(tgt, tok_cfg, int(tok_cfg.tgt_vocab_size), folder),
+        Tokenizer(_cached_model(src, tok_cfg, int(tok_cfg.src_vocab_size), folder), src_form),
+        Tokenizer(_cached_model(tgt, tok_cfg, int(tok_cfg.tgt_vocab_size), folder), tgt_form),
     )
 
 
-def _cached_model(sentences: Sequence[str], tok_cfg: Any, vocab_size: int, folder: Path) -> Tokenizer:
-    """Load the model for exactly these sentences and settings, or train it and store it atomically."""
+def _cached_model(sentences: Sequence[str], tok_cfg: Any, vocab_size: int, folder: Path) -> bytes:
+    """The serialized model for exactly these sentences and settings: loaded, or trained and stored atomically."""
     settings = _trainer_settings(tok_cfg, vocab_size)
     digest = hashlib.sha256(json.dumps({"format": TOKENIZER_FORMAT, **settings}, sort_keys=True).encode())
     for sentence in sentences:
@@ -106,13 +130,15 @@ def _cached_model(sentences: Sequence[str], tok_cfg: Any, vocab_size: int, folde
     path = folder / f"{digest.hexdigest()[:32]}.model"
     if path.exists():
         try:
-            return Tokenizer.from_proto(path.read_bytes())
+            proto = path.read_bytes()
+            Tokenizer(proto, None)  # readable, with the project's special ids
+            return proto
         except (OSError, RuntimeError, ValueError):
             pass  # an unreadable cache entry is simply retrained and overwritten
     proto = _train_sentencepiece([sentence for sentence in sentences if sentence], settings)
     with atomic_write(path) as handle:
         handle.write(proto)
-    return Tokenizer.from_proto(proto)
+    return proto
 
 
 def _trainer_settings(tok_cfg: Any, vocab_size: int) -> dict[str, Any]:

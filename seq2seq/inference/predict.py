@@ -17,7 +17,7 @@ import torch
 
 from seq2seq.inference import search
 from seq2seq.data.batching import collate
-from seq2seq.data.tokenizer import EOS_ID, Tokenizer, normalize_text
+from seq2seq.data.tokenizer import EOS_ID, Tokenizer
 from seq2seq.inference.search import Hypothesis, decode
 from seq2seq.models.base import Seq2SeqModel
 from seq2seq.runtime import CONCRETE_PRECISIONS, autocast
@@ -157,7 +157,7 @@ def _translate_chunk(
 ) -> list[Translation]:
     """Translate one chunk; the returned list is in the chunk's order."""
     chunk = [sentence if isinstance(sentence, str) else str(sentence) for sentence in chunk]
-    nonempty = [i for i, sentence in enumerate(chunk) if normalize_text(sentence)]
+    nonempty = [i for i, sentence in enumerate(chunk) if src_tok.normalize(sentence)]
     ids: list[list[int]] = [[] for _ in chunk]
     for i, encoded in zip(nonempty, src_tok.encode_batch([chunk[i] for i in nonempty])):
         ids[i] = encoded

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from seq2seq.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from seq2seq.checkpoint import CheckpointError, checkpoint_tokenizers, load_checkpoint, save_checkpoint
 from seq2seq.data.tokenizer import Tokenizer
 from seq2seq.training.runs import data_source
 
@@ -61,6 +61,8 @@ class Training:
             "model": self.model.state_dict(),
             "src_tokenizer": self.src_tok.proto,
             "tgt_tokenizer": self.tgt_tok.proto,
+            "src_normalization": self.src_tok.normalization,
+            "tgt_normalization": self.tgt_tok.normalization,
             "step": state.step,
             "epoch": state.epoch,
             "best_valid_bleu": state.best_bleu,
@@ -87,10 +89,10 @@ class Training:
                     f"{path} holds no training state ({key} is missing): it can translate but not resume training. "
                     "Resume from checkpoints/last.pt of a run, or start a new run."
                 )
-        if payload["src_tokenizer"] != self.src_tok.proto or payload["tgt_tokenizer"] != self.tgt_tok.proto:
+        if checkpoint_tokenizers(payload) != (self.src_tok, self.tgt_tok):
             raise CheckpointError(
-                f"{path} was trained with other SentencePiece models than data={self.cfg.data.name} and this "
-                "tokenizer config produce; resume with the data and tokenizer settings of that run."
+                f"{path} was trained with other SentencePiece models or normalisation than data={self.cfg.data.name} "
+                "and this tokenizer config produce; resume with the data and tokenizer settings of that run."
             )
         try:
             self.model.load_state_dict(payload["model"])

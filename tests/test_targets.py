@@ -1,0 +1,102 @@
+"""Targets as written: each side has its own normalisation, Chinese references survive tokenizing unchanged, old
+checkpoints (NFKC on both sides, not recorded) still translate, and a run of the other direction is named so."""
+
+from __future__ import annotations
+
+import unicodedata
+from pathlib import Path
+
+import pytest
+from conftest import tatoeba_cfg
+from omegaconf import OmegaConf
+
+from seq2seq.checkpoint import load_model, save_checkpoint
+from seq2seq.data import corpus as corpus_module
+from seq2seq.data.corpus import CorpusError
+from seq2seq.data.prepare import prepare_data
+from seq2seq.data.tokenizer import LEGACY_NORMALIZATION
+from seq2seq.inference.predict import translate_sentences
+from seq2seq.paths import CONFIG_DIR
+
+
+def chinese_column(path: Path) -> list[str]:
+    """Every Chinese sentence of the corpus file, as published."""
+    lines = path.read_text(encoding="utf-8").splitlines()
+    return [fields[1] for fields in (line.split("\t") for line in lines) if len(fields) >= 2]
+
+
+@pytest.mark.corpus
+def test_every_tatoeba_chinese_sentence_is_a_target_as_written(corpus_path, cache):
+    """The shipped defaults, en->zh: the target tokenizer gives back every Chinese sentence of the corpus (up to
+    whitespace runs), so a perfect hypothesis equals its reference; sources are still NFKC-folded."""
+    lines: list[str] = []
+    prepared = prepare_data(tatoeba_cfg(path=str(corpus_path), src_lang="en", tgt_lang="zh"), log=lines.append)
+    target = prepared.tgt_tokenizer
+    assert (prepared.src_tokenizer.normalization, target.normalization) == ("NFKC", None)
+    assert "direction: en -> zh" in "\n".join(lines)
+
+    chinese = chinese_column(corpus_path)
+    assert len(chinese) > 29_000
+    folded = [text for text in chinese if unicodedata.normalize("NFKC", text) != text]
+    assert len(folded) > 5_000  # what NFKC on the target side used to change
+    changed = [text for text in chinese if target.decode(target.encode(text)) != " ".join(text.split())]
+    assert changed == []
+
+    test = prepared.splits["test"]
+    references = list(test["tgt"])
+    assert [target.decode(ids) for ids in test["tgt_ids"]] == [" ".join(text.split()) for text in references]
+    for mark in "，？！":  # the model can produce them as single pieces, not only through byte fallback
+        assert any(mark in text for text in references)
+        assert mark in target.pieces(target.encode(mark))
+
+
+def test_normalisation_is_a_per_side_choice_that_cleaning_and_tokenizing_share(tmp_path, cache):
+    rows = [f"Sentence number {i}, ｆｕｌｌ－ｗｉｄｔｈ!\t第{i}句，好吗？" for i in range(60)]
+    path = tmp_path / "pairs.tsv"
+    path.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    small = {"path": str(path), "split.valid_size": 5, "split.test_size": 5}
+    cfg = tatoeba_cfg(src_lang="en", tgt_lang="zh", **small)
+    OmegaConf.update(cfg, "tokenizer", {"src_vocab_size": 300, "tgt_vocab_size": 300})
+
+    default = prepare_data(cfg, log=lambda line: None)
+    train = default.splits["train"]
+    assert all("full-width!" in text for text in train["src"])  # source folded by cleaning
+    assert all("，" in text and "？" in text for text in train["tgt"])  # target kept as written
+    source = default.src_tokenizer
+    assert source.decode(source.encode("ｆｕｌｌ－ｗｉｄｔｈ")) == "full-width"  # the same form at translate time
+
+    OmegaConf.update(cfg, "data.clean.tgt_normalization", "NFKC")
+    folded = prepare_data(cfg, log=lambda line: None)
+    assert folded.cache_path != default.cache_path
+    assert folded.tgt_tokenizer.normalization == "NFKC"
+    assert all("," in text and "?" in text for text in folded.splits["train"]["tgt"])
+
+    OmegaConf.update(cfg, "data.clean.src_normalization", "NFKX")
+    with pytest.raises(CorpusError, match="data.clean.src_normalization='NFKX' must be one of NFC, NFD, NFKC, NFKD"):
+        corpus_module.load_corpus(cfg.data, tmp_path / "clean")
+
+
+def test_checkpoints_without_recorded_normalisation_translate_as_before(checkpoints, tmp_path):
+    """Files written before the normalisation was recorded folded both sides with NFKC: they still do."""
+    loaded = load_model(checkpoints["transformer"])
+    assert "src_normalization" not in loaded.checkpoint
+    assert loaded.src_tokenizer.normalization == loaded.tgt_tokenizer.normalization == LEGACY_NORMALIZATION
+    assert loaded.src_tokenizer.encode("你好，世界！") == loaded.src_tokenizer.encode("你好,世界!")
+
+    recorded = tmp_path / "recorded.pt"
+    save_checkpoint(recorded, {**loaded.checkpoint, "src_normalization": "NFKC", "tgt_normalization": None})
+    again = load_model(recorded)
+    assert (again.src_tokenizer.normalization, again.tgt_tokenizer.normalization) == ("NFKC", None)
+    assert again.tgt_tokenizer.decode(again.tgt_tokenizer.encode("Ｆｕｌｌ")) == "Ｆｕｌｌ"
+    (translation,) = translate_sentences(again.model, again.src_tokenizer, again.tgt_tokenizer, ["我是学生。"])
+    assert isinstance(translation.text, str)
+
+
+def test_the_other_direction_names_its_runs():
+    data = OmegaConf.load(CONFIG_DIR / "data" / "tatoeba_zh_en.yaml")
+    assert data.name == "tatoeba_zh_en"
+    data.src_lang, data.tgt_lang = "en", "zh"
+    assert data.name == "tatoeba_en_zh"
+    for other in ("opus100_zh_en", "wmt19_zh_en"):
+        swapped = OmegaConf.merge(OmegaConf.load(CONFIG_DIR / "data" / f"{other}.yaml"), {"src_lang": "en", "tgt_lang": "zh"})
+        assert swapped.name == other.replace("zh_en", "en_zh")
