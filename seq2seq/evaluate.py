@@ -4,11 +4,16 @@
     seq2seq-evaluate --checkpoint best.pt --split valid --beam-size 1
     seq2seq-evaluate --checkpoint best.pt --src test.zh --ref test.en --output hyps.en --json scores.json
     seq2seq-evaluate --checkpoint best.pt --tsv other-cmn-eng.tsv  # manythings layout, every line scored as given
+    seq2seq-evaluate --checkpoint best.pt --tsv valid.tsv --alignments valid.align   # attention AER, no BLEU
 
 Prints sacreBLEU BLEU and chrF with their signatures, and BLEU by source length (SentencePiece tokens). The
 checkpoint carries its tokenizers and data config, so it works when copied alone; --split rebuilds the split from
 that config (same corpus, cleaning and seed give the same split), finding the corpus as training does
 (data.path, $SEQ2SEQ_DATA_MIRROR, data/, download).
+
+With --alignments (Pharaoh reference links of the pairs, one line each; see seq2seq/analysis/alignment.py) the
+references are forced through the model instead of translating, and the alignment error rate of its attention
+is printed for every decoder layer and head, the layer means and the mean of all, best first.
 """
 
 from __future__ import annotations
@@ -21,8 +26,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from seq2seq.analysis.alignment import AlignmentError, format_alignment_table, read_pharaoh, score_alignments
 from seq2seq.checkpoint import CheckpointError, LoadedModel
 from seq2seq.metrics import bleu_by_length, corpus_scores
+from seq2seq.inference import search
 from seq2seq.inference.predict import translate_sentences
 from seq2seq.cli import UsageError, add_decoding_arguments, decoding_options, load, one_line, read_file_lines
 
@@ -46,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--limit", type=int, default=None, help="score only the first N pairs (a quick look)")
     parser.add_argument("--output", type=Path, help="write the hypotheses here, one a line")
     parser.add_argument("--json", type=Path, help="write the scores here as JSON")
+    parser.add_argument("--alignments", type=Path, metavar="FILE.align",
+                        help="Pharaoh reference alignments of the pairs (one line each): score the attention's "
+                        "alignment error rate per layer and head instead of translating")
     return parser
 
 
@@ -100,6 +110,10 @@ def evaluate(args: argparse.Namespace) -> dict:
         sources, references = sources[: args.limit], references[: args.limit]
     if not sources:
         raise UsageError(f"nothing to evaluate: {where} has no sentence pairs.")
+    if args.alignments is not None:
+        result = evaluate_alignments(args, loaded, device, sources, references, where)
+        _write_json(args, result)
+        return result
     target_lang = str(loaded.config.data.get("tgt_lang", "en"))
     print(f"translating {len(sources)} sentences of {where} ...", file=sys.stderr)
     start = time.perf_counter()
@@ -128,13 +142,42 @@ def evaluate(args: argparse.Namespace) -> dict:
         "decoding": {k: v for k, v in options.items() if k != "device"} | {"device": str(device)},
         "seconds": round(seconds, 3),
     }
+    _write_json(args, result)
+    return result
+
+
+def _write_json(args: argparse.Namespace, result: dict) -> None:
     if args.json is not None:
         try:
             args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         except OSError as error:
             raise UsageError(f"cannot write --json {args.json}: {error.strerror or error}.") from error
-    return result
+
+
+def evaluate_alignments(args: argparse.Namespace, loaded: LoadedModel, device, sources: list[str],
+                        references: list[str], where: str) -> dict:
+    """AER of the checkpoint's attention on the pairs against the --alignments links."""
+    try:
+        links = read_pharaoh(args.alignments)
+    except AlignmentError as error:
+        raise UsageError(str(error)) from error
+    if args.limit is not None:
+        links = links[: args.limit]
+    if len(links) != len(sources):
+        raise UsageError(f"{where} has {len(sources)} sentence pairs but {args.alignments} has {len(links)} lines; "
+                         "give one alignment line per pair, in order.")
+    data = loaded.config.data
+    trainer = loaded.config.get("trainer", {}) or {}
+    print(f"forcing {len(sources)} references of {where} through the model ...", file=sys.stderr)
+    start = time.perf_counter()
+    report = score_alignments(
+        loaded.model, loaded.src_tokenizer, loaded.tgt_tokenizer, list(zip(sources, references)), links,
+        str(data.get("src_lang", "zh")), str(data.get("tgt_lang", "en")), device,
+        float(trainer.get("max_len_a", search.MAX_LEN_A)), int(trainer.get("max_len_b", search.MAX_LEN_B)),
+    )
+    return {"checkpoint": str(args.checkpoint), "model": str(loaded.config.model.name), "data": where,
+            "alignments": str(args.alignments), **report.as_dict(), "seconds": round(time.perf_counter() - start, 3)}
 
 
 def format_report(result: dict) -> str:
@@ -162,6 +205,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    if "alignments" in result:
+        print(format_alignment_table(result, f"{result['model']} on {result['data']}, alignment error rate"))
+        return 0
     print(format_report(result))
     if args.verbose:
         print(f"{result['sentences'] / max(result['seconds'], 1e-9):.1f} sentences/s", file=sys.stderr)

@@ -96,7 +96,7 @@ def _byte_value(piece: str) -> int | None:
     return None
 
 
-def _texts(pieces: Sequence[str]) -> list[tuple[list[int], str]]:
+def piece_texts(pieces: Sequence[str]) -> list[tuple[list[int], str]]:
     """(piece indices, text) in order: a run of byte-fallback pieces is decoded together into the characters
     its bytes spell (a character's bytes are one UTF-8 sequence), every other piece stands alone."""
     texts: list[tuple[list[int], str]] = []
@@ -119,7 +119,7 @@ def merge_pieces(pieces: Sequence[str]) -> Units:
     kinds: list[str] = []
     members: list[list[int]] = [[] for _ in pieces]  # per piece: the units it covers
     pending: list[int] = []  # lone "▁" pieces: they belong to the unit that follows (or, at the end, precedes)
-    for indices, text in _texts(pieces):
+    for indices, text in piece_texts(pieces):
         if _is_special(text):
             segments = [("special", text)]
         else:
