@@ -164,3 +164,37 @@ def test_evaluate_prints_the_table_and_writes_json(checkpoints, corpus_path, tmp
     run = subprocess.run(command, capture_output=True, text=True, timeout=300)
     error = run.stderr.splitlines()[-1]
     assert run.returncode == 2 and error.startswith("error:") and "has 1 lines" in error
+
+
+@pytest.mark.slow
+@pytest.mark.corpus
+def test_training_logs_aer_per_head_at_every_validation(ws):
+    """data.alignments_path=X: X.tsv + X.align scored at each validation, best and per map in TensorBoard."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    lines = (ws.root / "slice.tsv").read_text(encoding="utf-8").splitlines()[1000:1016]
+    pairs = [(line.split("\t")[1], line.split("\t")[0]) for line in lines]
+    links = []
+    for zh, en in pairs:
+        last = len(tokens(en, characters=False)) - 1
+        links.append(" ".join(f"{i}-{min(i, last)}" for i in range(len(tokens(zh, characters=True)))))
+    (ws.root / "gold.tsv").write_text("".join(f"{en}\t{zh}\n" for zh, en in pairs), encoding="utf-8")
+    (ws.root / "gold.align").write_text("".join(line + "\n" for line in links), encoding="utf-8")
+    run_dir = ws.root / "aligned"
+    result = ws.train("model=tiny_transformer", "trainer.max_steps=10", "trainer.eval_every=5",
+                      "trainer.average_last=0", f"data.alignments_path={ws.root / 'gold'}",
+                      f"hydra.run.dir={run_dir}")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    accumulator = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    accumulator.Reload()
+    tags = accumulator.Tags()["scalars"]
+    assert [event.step for event in accumulator.Scalars("alignment/aer")] == [5, 10]
+    per_map = {tag for tag in tags if tag.startswith("alignment/argmax/")}
+    assert per_map == {f"alignment/argmax/layer_{layer}_head_{head}" for layer in (1, 2) for head in (1, 2)} | {
+        "alignment/argmax/layer_1_mean", "alignment/argmax/layer_2_mean", "alignment/argmax/mean_of_all"}
+    assert all(0 <= event.value <= 1 for event in accumulator.Scalars("alignment/aer"))
+
+    (ws.root / "gold.align").write_text("0-0\n", encoding="utf-8")
+    result = ws.train("model=tiny_transformer", "trainer.max_steps=2", f"data.alignments_path={ws.root / 'gold'}",
+                      f"hydra.run.dir={ws.root / 'broken'}")
+    assert result.returncode == 2 and "data.alignments_path" in result.stderr

@@ -320,3 +320,22 @@ def format_alignment_table(report: dict, title: str) -> str:
     lines += ["", f"best: {best['map']} with {best['extraction']}, AER {100 * best['aer']:.1f} "
               "(percent, lower is better; P precision, R recall)"]
     return "\n".join(lines)
+
+
+def read_alignment_set(prefix: str | Path, data_cfg) -> tuple[list[tuple[str, str]], list[Reference]]:
+    """`data.alignments_path=X`: the pairs of X.tsv (the corpus layout, data.columns, every line as given) and
+    the links of X.align, one line per pair. Problems are `CorpusError`s, which training reports in one line."""
+    from seq2seq.data.corpus import CorpusError, load_tsv_pairs  # loads `datasets`, which AER itself does not need
+
+    prefix = Path(prefix)
+    tsv, align = prefix.with_name(prefix.name + ".tsv"), prefix.with_name(prefix.name + ".align")
+    pairs_read, _ = load_tsv_pairs(tsv, data_cfg)
+    pairs = list(zip(pairs_read.texts("src"), pairs_read.texts("tgt")))
+    try:
+        references = read_pharaoh(align)
+    except AlignmentError as error:
+        raise CorpusError(f"data.alignments_path: {error}") from error
+    if len(pairs) != len(references) or not pairs:
+        raise CorpusError(f"data.alignments_path: {tsv} has {len(pairs)} pairs but {align} has {len(references)} "
+                          "lines; give one alignment line per pair (scripts/reference_alignments.py writes both).")
+    return pairs, references

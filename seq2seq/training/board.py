@@ -117,6 +117,21 @@ def log_attention_scalars(writer: SummaryWriter, summaries: list[dict], step: in
             writer.add_scalar(f"attention/entropy_by_head/layer_{layer + 1}_head_{head + 1}", float(value), step)
 
 
+def log_alignment(writer: SummaryWriter, report: dict, step: int) -> None:
+    """Attention AER against data.alignments_path (`AlignmentReport.as_dict()`): `alignment/aer` of the best map
+    and extraction, and every map's AER per extraction (`alignment/<extraction>/layer_1_head_2`, heads from 1),
+    so TensorBoard shows which head learns to align and when."""
+    if not report["rows"]:
+        return
+    best = report["best"]
+    writer.add_scalar("alignment/aer", best["aer"], step)
+    writer.add_text("alignment/best", f"{best['map']} with {best['extraction']}: AER {100 * best['aer']:.1f} % "
+                    f"over {report['pairs']} pairs", step)
+    for row in report["rows"]:
+        name = row["map"].replace(" ", "_")
+        writer.add_scalar(f"alignment/{row['extraction']}/{name}", row["aer"], step)
+
+
 def log_test(writer: SummaryWriter, scores: dict[str, Any], buckets: list[dict[str, Any]], step: int) -> None:
     """Test BLEU/chrF, and BLEU by source length as scalars and as a table."""
     writer.add_scalar("test/bleu", scores["bleu"], step)

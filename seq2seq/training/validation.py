@@ -14,9 +14,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 from omegaconf import DictConfig
 
+from seq2seq.analysis.alignment import read_alignment_set, score_alignments
 from seq2seq.training import board
 from seq2seq.data.batching import make_loader
 from seq2seq.data.prepare import PreparedData
+from seq2seq.data.split import spread_sample
 from seq2seq.metrics import bleu_by_length, corpus_scores
 from seq2seq.models.base import Seq2SeqModel
 from seq2seq.inference.predict import translate_sentences
@@ -42,6 +44,11 @@ class Evaluator:
         self.attention_sources = board.attention_sources(
             valid["src"], valid["src_ids"], int(self.tcfg.num_attention_samples), cfg.get("attention_examples") or []
         )
+        self.alignment_set = None
+        if cfg.data.get("alignments_path"):
+            self.alignment_set = read_alignment_set(str(cfg.data.alignments_path), cfg.data)
+            log.info("attention AER at every validation: %d pairs of %s.tsv/.align", len(self.alignment_set[0]),
+                     cfg.data.alignments_path)
 
     @torch.inference_mode()
     def loss(self, model: Seq2SeqModel, split: str = "valid") -> tuple[float, float]:
@@ -80,8 +87,9 @@ class Evaluator:
         also the sample table and the attention heatmaps."""
         loss, ppl = self.loss(model)
         valid = self.data.splits["valid"]
-        count = len(valid) if self.tcfg.valid_max_sentences is None else min(len(valid), int(self.tcfg.valid_max_sentences))
-        sources, references = list(valid["src"][:count]), list(valid["tgt"][:count])
+        limit = self.tcfg.valid_max_sentences
+        sample = valid.select(spread_sample(len(valid), None if limit is None else int(limit), int(self.tcfg.seed)))
+        sources, references, count = list(sample["src"]), list(sample["tgt"]), len(sample)
         hypotheses = self.translate(model, sources, int(self.tcfg.valid_beam_size))
         scores = corpus_scores(hypotheses, references, str(self.cfg.data.tgt_lang))
         metrics = {"loss": loss, "ppl": ppl, "bleu": scores["bleu"], "chrf": scores["chrf"],
@@ -94,7 +102,23 @@ class Evaluator:
                 self.writer, model, str(self.cfg.model.name), self.data.src_tokenizer, self.data.tgt_tokenizer,
                 self.attention_sources, self.device, float(self.tcfg.max_len_a), int(self.tcfg.max_len_b), step,
             )
+            if self.alignment_set is not None and model.has_attention:
+                metrics["alignment_aer"] = self.log_alignment(model, step)
         return metrics
+
+    def log_alignment(self, model: Seq2SeqModel, step: int) -> float:
+        """AER of the attention on the data.alignments_path pairs, every layer and head, to TensorBoard; the
+        best map's AER."""
+        pairs, references = self.alignment_set
+        report = score_alignments(
+            model, self.data.src_tokenizer, self.data.tgt_tokenizer, pairs, references, str(self.cfg.data.src_lang),
+            str(self.cfg.data.tgt_lang), self.device, float(self.tcfg.max_len_a), int(self.tcfg.max_len_b),
+        ).as_dict()
+        board.log_alignment(self.writer, report, step)
+        best = report["best"]
+        log.info("alignment: AER %.1f %% (%s, %s) over %d pairs", 100 * best["aer"], best["map"], best["extraction"],
+                 report["pairs"])
+        return best["aer"]
 
     def test(self, model: Seq2SeqModel, step: int, description: str) -> dict[str, Any]:
         """Beam search over the test split; scores overall and by source length, for results.json."""
