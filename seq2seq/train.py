@@ -12,7 +12,6 @@ Configuration mistakes are reported before any data is read, as one readable mes
 from __future__ import annotations
 
 import logging
-import math
 import os
 import shlex
 import sys
@@ -21,19 +20,18 @@ from typing import Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import CompactHydraException
 from omegaconf import DictConfig, OmegaConf
 
 from seq2seq.training import distributed
 from seq2seq.checkpoint import CheckpointError
 from seq2seq.data.corpus import CorpusError
-from seq2seq.models import build_model
-from seq2seq.training.optim import SCHEDULES
-from seq2seq.runtime import RuntimeSettingError, resolve_device, resolve_precision
+from seq2seq.config import ConfigError, check_config, composition_error_message
 from seq2seq.training.runs import (
     LAST_CHECKPOINT, RunFolderError, RunLock, StopSignals, TrainingInterrupted, accept_run, buffer_log_records, check_creatable,
     data_source, remove_if_empty, remove_stale_temporaries, run_folder,
 )
-from seq2seq.training.trainer import ConfigError, Trainer, TrainingError
+from seq2seq.training.trainer import Trainer, TrainingError
 from seq2seq.training.state import check_resumable
 
 log = logging.getLogger("seq2seq.train")
@@ -81,93 +79,6 @@ def resume_checkpoint(cfg: DictConfig, run_dir: Path) -> Path | None:
     return path
 
 
-# ----------------------------------------------------------------------------- validation
-
-
-def _positive_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
-
-
-def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def validate_config(cfg: DictConfig) -> None:
-    """Raise ConfigError listing every value that cannot work, before any data is read or model built."""
-    problems: list[str] = []
-    t, o = cfg.trainer, cfg.optim
-
-    def need(ok: bool, message: str) -> None:
-        if not ok:
-            problems.append(message)
-
-    try:
-        build_model(cfg.model, 8, 8)  # checks the family name and every model option; tiny and cheap
-    except ValueError as error:
-        problems.append(str(error))
-    except Exception as error:  # a model option of the wrong type can fail inside a constructor
-        problems.append(f"model={cfg.model.get('name')!r}: {error}")
-
-    for key in ("max_steps", "max_epochs", "patience", "valid_max_sentences"):
-        need(t[key] is None or _positive_int(t[key]), f"trainer.{key}={t[key]!r} must be a positive integer or null")
-    for key in ("time_limit_minutes", "save_every_minutes"):
-        need(t.get(key) is None or (_number(t.get(key)) and t.get(key) > 0),
-             f"trainer.{key}={t.get(key)!r} must be a positive number or null")
-    need(bool(t.max_steps or t.max_epochs or t.time_limit_minutes),
-         "set at least one of trainer.max_steps, trainer.max_epochs or trainer.time_limit_minutes, or training never ends")
-    for key in ("eval_every", "log_every", "max_tokens", "accumulate", "max_nonfinite_steps", "valid_beam_size",
-                "test_beam_size"):
-        need(_positive_int(t[key]), f"trainer.{key}={t[key]!r} must be a positive integer")
-    for key in ("average_last", "num_attention_samples", "num_text_samples"):
-        need(isinstance(t[key], int) and not isinstance(t[key], bool) and t[key] >= 0,
-             f"trainer.{key}={t[key]!r} must be an integer >= 0")
-    need(t.grad_clip is None or (_number(t.grad_clip) and t.grad_clip >= 0),
-         f"trainer.grad_clip={t.grad_clip!r} must be a number >= 0 (0 or null: no clipping)")
-    need(_number(t.label_smoothing) and 0 <= t.label_smoothing < 1,
-         f"trainer.label_smoothing={t.label_smoothing!r} must be in [0, 1)")
-    need(_number(t.length_penalty) and t.length_penalty >= 0, f"trainer.length_penalty={t.length_penalty!r} must be >= 0")
-    need(_number(t.max_len_a) and t.max_len_a >= 0, f"trainer.max_len_a={t.max_len_a!r} must be a number >= 0")
-    need(_positive_int(t.max_len_b), f"trainer.max_len_b={t.max_len_b!r} must be a positive integer")
-    need(isinstance(t.seed, int) and not isinstance(t.seed, bool), f"trainer.seed={t.seed!r} must be an integer")
-    need(isinstance(t.compile, bool), f"trainer.compile={t.compile!r} must be true or false")
-    need(t.get("num_threads") is None or _positive_int(t.get("num_threads")),
-         f"trainer.num_threads={t.get('num_threads')!r} must be a positive integer or null (all cores)")
-    need(t.resume is None or isinstance(t.resume, str), f"trainer.resume={t.resume!r} must be a checkpoint path or auto")
-
-    try:
-        device = resolve_device(t.device)
-        resolve_precision(t.precision, device)
-    except RuntimeSettingError as error:
-        problems.append(str(error))
-
-    need(_number(o.lr) and o.lr > 0, f"optim.lr={o.lr!r} must be a positive number")
-    need(o.schedule in SCHEDULES, f"optim.schedule={o.schedule!r} is not one of {', '.join(SCHEDULES)}")
-    need(o.schedule != "cosine" or bool(t.max_steps or t.max_epochs),
-         "optim.schedule=cosine needs trainer.max_steps or trainer.max_epochs (it decays to the last step)")
-    need(isinstance(o.warmup_steps, int) and not isinstance(o.warmup_steps, bool) and o.warmup_steps >= 0,
-         f"optim.warmup_steps={o.warmup_steps!r} must be an integer >= 0")
-    betas = list(o.betas) if OmegaConf.is_list(o.betas) else None
-    need(betas is not None and len(betas) == 2 and all(_number(b) and 0 <= b < 1 for b in betas),
-         f"optim.betas={o.betas!r} must be two numbers in [0, 1), e.g. [0.9, 0.98]")
-    need(_number(o.eps) and o.eps > 0, f"optim.eps={o.eps!r} must be a positive number")
-    need(_number(o.weight_decay) and o.weight_decay >= 0, f"optim.weight_decay={o.weight_decay!r} must be >= 0")
-    need(_number(o.get("min_lr_ratio", 0.0)) and 0 <= o.get("min_lr_ratio", 0.0) <= 1,
-         f"optim.min_lr_ratio={o.get('min_lr_ratio')!r} must be in [0, 1]")
-
-    tok = cfg.tokenizer
-    need(tok.model_type in ("unigram", "bpe"), f"tokenizer.model_type={tok.model_type!r} must be unigram or bpe")
-    for key in ("src_vocab_size", "tgt_vocab_size"):
-        need(_positive_int(tok[key]) and tok[key] >= 8, f"tokenizer.{key}={tok[key]!r} must be an integer >= 8")
-    need(not (cfg.model.get("share_embeddings") and not tok.joint),
-         "model.share_embeddings=true needs tokenizer.joint=true (one vocabulary for both sides)")
-    examples = cfg.get("attention_examples")
-    need(examples is None or (OmegaConf.is_list(examples) and all(isinstance(e, str) for e in examples)),
-         "attention_examples must be a list of source-language sentences")
-
-    if problems:
-        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
-
-
 # ----------------------------------------------------------------------------- entry point
 
 
@@ -195,7 +106,7 @@ def _train(cfg: DictConfig) -> None:
     trainer = lock = None
     accepted = False
     try:
-        validate_config(cfg)
+        check_config(cfg)
         checkpoint = resume_checkpoint(cfg, run_dir)
         if checkpoint is not None:
             check_resumable(checkpoint, cfg)
@@ -236,8 +147,9 @@ def _train(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    """Console entry: an explicit hydra.run.dir / hydra.sweep.dir that cannot be created is one line, not the
-    traceback Hydra would print when it creates the folder."""
+    """Console entry: an explicit hydra.run.dir / hydra.sweep.dir that cannot be created, a misspelt key or a value
+    of the wrong type is one line and exit status 2, not the report Hydra would print."""
+    created: list[Path] = []
     for argument in sys.argv[1:]:
         setting, _, value = argument.partition("=")
         if setting in ("hydra.run.dir", "hydra.sweep.dir") and value and "${" not in value:
@@ -246,7 +158,20 @@ def main() -> None:
             except RunFolderError as error:
                 print(f"error: {error}", file=sys.stderr, flush=True)
                 sys.exit(2)
-    _train()
+            created.append(Path(value).expanduser())
+    # Hydra reports a composition error itself (advice to add a misspelt key with `+`, exit 1) unless
+    # HYDRA_FULL_ERROR=1 lets it through; then it is one line here, or the full trace for who asked for one.
+    full_error = os.environ.get("HYDRA_FULL_ERROR") == "1"
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        _train()
+    except CompactHydraException as error:
+        if full_error:
+            raise
+        for folder in created:
+            remove_if_empty(folder)
+        print(f"error: {composition_error_message(error)}", file=sys.stderr, flush=True)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

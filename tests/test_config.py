@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -10,12 +11,16 @@ from pathlib import Path
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
+import seq2seq.train  # noqa: F401  registers the resolvers that hydra.run.dir in configs/train.yaml calls
+from seq2seq.config import (
+    BEAM_SIZE, MODEL_CONFIGS as MODEL_CONFIGS_SCHEMA, ConfigError, OptimConfig, RNNConfig, TrainerConfig, check_config,
+    composition_error_message, model_config,
+)
 from seq2seq.paths import CONFIG_DIR, PROJECT_ROOT
 from seq2seq.training.runs import newest_run, run_folder
-from seq2seq.train import validate_config
 from seq2seq.runtime import cpu_has_native_bf16
-from seq2seq.training.trainer import ConfigError
 
 DATA_CONFIGS = sorted(path.stem for path in (CONFIG_DIR / "data").glob("*.yaml"))
 MODEL_CONFIGS = sorted(path.stem for path in (CONFIG_DIR / "model").glob("*.yaml"))
@@ -44,7 +49,7 @@ def test_the_three_data_configs_and_three_models_exist():
 def test_every_data_and_model_config_composes_and_validates(data, model):
     cfg = composed(f"data={data}", f"model={model}")
     assert cfg.data.name == data and cfg.model.name == model
-    validate_config(cfg)
+    check_config(cfg)
 
 
 def test_a_model_brings_its_recipe_and_the_command_line_still_wins():
@@ -59,7 +64,7 @@ def test_a_model_brings_its_recipe_and_the_command_line_still_wins():
 def test_experiment_compare_composes():
     cfg = composed("experiment=compare", "model=rnn")
     assert cfg.trainer.max_steps == 2000 and cfg.trainer.eval_every == 500
-    validate_config(cfg)
+    check_config(cfg)
 
 
 @pytest.mark.parametrize("data", DATA_CONFIGS)
@@ -88,35 +93,35 @@ def test_cli_prints_the_job_config_for_every_data_config(data):
 )
 def test_bad_values_are_named(override, fragment):
     with pytest.raises(ConfigError, match="invalid configuration") as error:
-        validate_config(composed(override))
+        check_config(composed(override))
     assert fragment in str(error.value)
 
 
 def test_every_problem_is_reported_at_once():
     with pytest.raises(ConfigError) as error:
-        validate_config(composed("trainer.max_steps=-1", "optim.schedule=step"))
+        check_config(composed("trainer.max_steps=-1", "optim.schedule=step"))
     assert "trainer.max_steps" in str(error.value) and "optim.schedule" in str(error.value)
 
 
 def test_a_run_needs_some_limit_and_cosine_needs_a_length():
     with pytest.raises(ConfigError, match="training never ends"):
-        validate_config(composed("trainer.max_steps=null", "trainer.time_limit_minutes=null"))
+        check_config(composed("trainer.max_steps=null", "trainer.time_limit_minutes=null"))
     with pytest.raises(ConfigError, match="cosine needs"):
-        validate_config(composed("trainer.max_steps=null", "trainer.time_limit_minutes=30", "optim.schedule=cosine"))
-    validate_config(composed("trainer.max_steps=null", "trainer.max_epochs=3", "optim.schedule=cosine"))
+        check_config(composed("trainer.max_steps=null", "trainer.time_limit_minutes=30", "optim.schedule=cosine"))
+    check_config(composed("trainer.max_steps=null", "trainer.max_epochs=3", "optim.schedule=cosine"))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present: fp16 and cuda are valid here")
 def test_precisions_and_devices_this_cpu_cannot_do():
     with pytest.raises(ConfigError, match="fp16 needs a CUDA GPU"):
-        validate_config(composed("trainer.precision=fp16"))
+        check_config(composed("trainer.precision=fp16"))
     with pytest.raises(ConfigError, match="no CUDA GPU is visible"):
-        validate_config(composed("trainer.device=cuda"))
+        check_config(composed("trainer.device=cuda"))
     if cpu_has_native_bf16():
-        validate_config(composed("trainer.precision=bf16"))
+        check_config(composed("trainer.precision=bf16"))
     else:
         with pytest.raises(ConfigError, match="no native bfloat16"):
-            validate_config(composed("trainer.precision=bf16"))
+            check_config(composed("trainer.precision=bf16"))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present: fp16 is valid here")
@@ -140,6 +145,69 @@ def test_unknown_keys_are_rejected_by_hydra():
     result = train_cli("trainer.max_stepz=10", "--cfg", "job")
     assert result.returncode != 0
     assert "max_stepz" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("overrides", "line"),
+    [
+        (["trainer.max_stpes=10"], "error: trainer.max_stpes is not a key of trainer; did you mean trainer.max_steps?"),
+        (["trainer.label_smoothing=1.5"],
+         "error: invalid configuration: trainer.label_smoothing=1.5 must be a number in [0, 1)"),
+    ],
+)
+def test_config_mistakes_on_the_command_line_are_one_line_and_exit_2(overrides, line, tmp_path):
+    """A typo gets the closest key, not Hydra's advice to add it with `+` (caught while composing); a value out of
+    range names what the key allows (caught by check_config); both before any data is read."""
+    result = train_cli(*overrides, f"hydra.run.dir={tmp_path / 'run'}")
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith(line), result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "+trainer" not in result.stderr and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "line"),
+    [
+        (["trainer.max_steps=abc"], "trainer.max_steps=abc must be a positive integer or null"),
+        (["trainer.compile=maybe"], "trainer.compile=maybe must be true or false"),
+        (["model=rnn", "model.hiden_size=8"],
+         "model.hiden_size is not a key of model=rnn; did you mean model.hidden_size?"),
+        (["model.hidden_size=8"], "model.hidden_size is not a key of model=transformer; its keys are name,"),
+        (["model=lstm"], "model=lstm: there is no configs/model/lstm.yaml; choose one of bahdanau, rnn, transformer"),
+    ],
+)
+def test_composition_errors_become_one_line_naming_the_key_and_what_it_allows(overrides, line):
+    with pytest.raises(Exception) as error:
+        composed(*overrides)
+    message = composition_error_message(error.value)
+    assert message.startswith(line) and "\n" not in message, message
+
+
+def test_an_added_model_option_the_family_does_not_have_is_one_problem():
+    with pytest.raises(ConfigError) as error:
+        check_config(composed("model=rnn", "+model.ff_dim=8"))
+    assert str(error.value).startswith("invalid configuration: model.ff_dim is not a key of model=rnn; its keys are")
+    assert "\n" not in str(error.value)
+
+
+def test_the_schema_documents_and_types_every_key():
+    """Every key the YAML files set has a field with a doc in seq2seq/config.py, and --cfg job lists the keys the
+    YAML leaves to the schema (the decoding defaults)."""
+    for model in MODEL_CONFIGS:
+        cfg = composed(f"model={model}")
+        assert OmegaConf.get_type(cfg.model) is MODEL_CONFIGS_SCHEMA[model]
+        for group, schema in (("trainer", TrainerConfig), ("optim", OptimConfig), ("model", MODEL_CONFIGS_SCHEMA[model])):
+            for spec in dataclasses.fields(schema):
+                assert spec.metadata.get("doc"), f"{group}.{spec.name} has no doc"
+    assert composed().trainer.test_beam_size == BEAM_SIZE
+
+
+def test_model_options_come_from_the_schema_with_its_defaults():
+    assert model_config({"name": "rnn"}) == RNNConfig()
+    with pytest.raises(ConfigError, match=r"model.hiden_size is not a key of model=rnn; did you mean model.hidden_size\?"):
+        model_config({"name": "rnn", "hiden_size": 8})
+    with pytest.raises(ConfigError, match=r"model.tie_output='yes' must be true or false"):
+        model_config({"name": "transformer", "tie_output": "yes"})
 
 
 def _fake_run(base: Path, stamp: str, mtime: float, with_checkpoint: bool = True, corpus: str = "a.tsv") -> Path:

@@ -16,10 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from seq2seq.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
+from seq2seq.config import BahdanauConfig
 
 from .base import DecoderState, ModelOutput, Seq2SeqModel, masked_softmax
-from .rnn import RNNEncoder, recurrent_precision
+from .rnn import DecoderStart, RNNEncoder, recurrent_precision
 
 CELLS = {"gru": nn.GRUCell, "lstm": nn.LSTMCell}
 
@@ -29,41 +29,25 @@ class BahdanauSeq2Seq(Seq2SeqModel):
 
     has_attention = True
 
-    def __init__(
-        self,
-        src_vocab_size: int,
-        tgt_vocab_size: int,
-        cell: str = "gru",
-        embed_dim: int = 256,
-        hidden_size: int = 256,
-        encoder_layers: int = 1,
-        decoder_layers: int = 1,
-        attention_dim: int = 256,
-        dropout: float = 0.2,
-        tie_output: bool = False,
-        pad_id: int = PAD_ID,
-        bos_id: int = BOS_ID,
-        eos_id: int = EOS_ID,
-    ) -> None:
-        super().__init__(pad_id=pad_id, bos_id=bos_id, eos_id=eos_id)
+    def __init__(self, src_vocab_size: int, tgt_vocab_size: int, config: BahdanauConfig) -> None:
+        super().__init__()
+        cell, embed_dim, hidden_size, dropout = config.cell, config.embed_dim, config.hidden_size, config.dropout
+        attention_dim = config.attention_dim
         self.cell = cell
-        self.decoder_layers = decoder_layers
-        self.hidden_size = hidden_size
-        self.encoder = RNNEncoder(src_vocab_size, embed_dim, hidden_size, encoder_layers, True, cell, dropout, pad_id)
+        self.encoder = RNNEncoder(src_vocab_size, embed_dim, hidden_size, config.encoder_layers, True, cell, dropout)
         memory_size = self.encoder.output_size
         self.key_projection = nn.Linear(memory_size, attention_dim, bias=False)  # W_h
         self.query_projection = nn.Linear(hidden_size, attention_dim)  # W_s (its bias is the score's bias)
         self.energy = nn.Linear(attention_dim, 1, bias=False)  # v
-        states_per_layer = 2 if cell == "lstm" else 1
-        self.init_state = nn.Linear(memory_size, states_per_layer * decoder_layers * hidden_size)
-        self.tgt_embed = nn.Embedding(tgt_vocab_size, embed_dim, padding_idx=pad_id)
+        self.init_state = DecoderStart(memory_size, hidden_size, config.decoder_layers, cell)
+        self.tgt_embed = nn.Embedding(tgt_vocab_size, embed_dim, padding_idx=self.pad_id)
         self.cells = nn.ModuleList(
             CELLS[cell](embed_dim + memory_size if layer == 0 else hidden_size, hidden_size)
-            for layer in range(decoder_layers)
+            for layer in range(config.decoder_layers)
         )
         self.readout = nn.Linear(hidden_size + memory_size + embed_dim, embed_dim)
         self.output_projection = nn.Linear(embed_dim, tgt_vocab_size)
-        if tie_output:
+        if config.tie_output:
             self.output_projection.weight = self.tgt_embed.weight
         self.dropout = nn.Dropout(dropout)
 
@@ -71,11 +55,7 @@ class BahdanauSeq2Seq(Seq2SeqModel):
         """State = annotations, their projected keys, the mask and the decoder's initial (B, layers, H) state(s)
         (from the encoder's final states, as Bahdanau et al. initialise s_0 from the backward encoder)."""
         memory, final = self.encoder(src, src_mask, need_outputs=True)
-        init = torch.tanh(self.init_state(final)).view(src.size(0), -1, self.decoder_layers, self.hidden_size)
-        state = {"memory": memory, "keys": self.key_projection(memory), "src_mask": src_mask, "hidden": init[:, 0]}
-        if self.cell == "lstm":
-            state["cell"] = init[:, 1]
-        return state
+        return {"memory": memory, "keys": self.key_projection(memory), "src_mask": src_mask, **self.init_state(final)}
 
     def _step(
         self,

@@ -45,12 +45,14 @@ class Seq2SeqModel(nn.Module):
     """
 
     has_attention: bool = False
+    pad_id: int = PAD_ID  # the tokenizers' special ids: one vocabulary layout for every model
+    bos_id: int = BOS_ID
+    eos_id: int = EOS_ID
 
-    def __init__(self, pad_id: int = PAD_ID, bos_id: int = BOS_ID, eos_id: int = EOS_ID) -> None:
-        super().__init__()
-        self.pad_id = pad_id
-        self.bos_id = bos_id
-        self.eos_id = eos_id
+    @property
+    def max_source_positions(self) -> int | None:
+        """Longest source (EOS included) the model can encode; None when unbounded. Inputs are cut to it."""
+        return None
 
     @property
     def max_target_positions(self) -> int | None:

@@ -22,12 +22,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from seq2seq.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
+from seq2seq.config import RNNConfig
+from seq2seq.data.tokenizer import PAD_ID
 
 from .base import DecoderState, ModelOutput, Seq2SeqModel
 
 RNN_CELLS = {"gru": nn.GRU, "lstm": nn.LSTM}
-CONTEXTS = ("final", "mean", "max")
 
 
 def recurrent_precision(x: torch.Tensor) -> tuple[contextlib.AbstractContextManager, torch.dtype]:
@@ -53,10 +53,9 @@ class RNNEncoder(nn.Module):
         bidirectional: bool,
         cell: str,
         dropout: float,
-        pad_id: int,
     ) -> None:
         super().__init__()
-        self.embed = nn.Embedding(vocab_size, embed_dim, padding_idx=pad_id)
+        self.embed = nn.Embedding(vocab_size, embed_dim, padding_idx=PAD_ID)
         self.rnn = RNN_CELLS[cell](
             embed_dim,
             hidden_size,
@@ -94,51 +93,48 @@ class RNNEncoder(nn.Module):
         return outputs, top
 
 
+class DecoderStart(nn.Linear):
+    """A recurrent decoder's first state from one summary vector of the source: a Linear+tanh gives each decoder
+    layer, and an LSTM's cell, its own start. A Linear itself, so its weights keep their checkpoint names."""
+
+    def __init__(self, summary_size: int, hidden_size: int, layers: int, cell: str) -> None:
+        self.states = 2 if cell == "lstm" else 1  # an LSTM starts from a cell state too
+        super().__init__(summary_size, self.states * layers * hidden_size)
+        self.layers, self.hidden_size = layers, hidden_size
+
+    def forward(self, summary: torch.Tensor) -> DecoderState:
+        """summary (B, summary_size) -> {"hidden"[, "cell"]: (B, layers, H)}."""
+        start = torch.tanh(super().forward(summary)).view(summary.size(0), self.states, self.layers, self.hidden_size)
+        return {"hidden": start[:, 0], "cell": start[:, 1]} if self.states == 2 else {"hidden": start[:, 0]}
+
+
 class RNNSeq2Seq(Seq2SeqModel):
     """GRU/LSTM encoder-decoder whose decoder sees the source only through one fixed context vector."""
 
     has_attention = False
 
-    def __init__(
-        self,
-        src_vocab_size: int,
-        tgt_vocab_size: int,
-        cell: str = "gru",
-        embed_dim: int = 256,
-        hidden_size: int = 256,
-        encoder_layers: int = 2,
-        decoder_layers: int = 2,
-        bidirectional: bool = True,
-        context: str = "final",
-        dropout: float = 0.2,
-        tie_output: bool = False,
-        pad_id: int = PAD_ID,
-        bos_id: int = BOS_ID,
-        eos_id: int = EOS_ID,
-    ) -> None:
-        super().__init__(pad_id=pad_id, bos_id=bos_id, eos_id=eos_id)
+    def __init__(self, src_vocab_size: int, tgt_vocab_size: int, config: RNNConfig) -> None:
+        super().__init__()
+        cell, embed_dim, hidden_size, dropout = config.cell, config.embed_dim, config.hidden_size, config.dropout
         self.cell = cell
-        self.context = context
-        self.decoder_layers = decoder_layers
-        self.hidden_size = hidden_size
+        self.context = config.context
         self.encoder = RNNEncoder(
-            src_vocab_size, embed_dim, hidden_size, encoder_layers, bidirectional, cell, dropout, pad_id
+            src_vocab_size, embed_dim, hidden_size, config.encoder_layers, config.bidirectional, cell, dropout
         )
         self.bridge = nn.Linear(self.encoder.output_size, hidden_size)
-        states_per_layer = 2 if cell == "lstm" else 1  # LSTM needs an initial cell state too
-        self.init_state = nn.Linear(hidden_size, states_per_layer * decoder_layers * hidden_size)
-        self.tgt_embed = nn.Embedding(tgt_vocab_size, embed_dim, padding_idx=pad_id)
+        self.init_state = DecoderStart(hidden_size, hidden_size, config.decoder_layers, cell)
+        self.tgt_embed = nn.Embedding(tgt_vocab_size, embed_dim, padding_idx=self.pad_id)
         self.decoder_rnn = RNN_CELLS[cell](
             embed_dim + hidden_size,
             hidden_size,
-            num_layers=decoder_layers,
+            num_layers=config.decoder_layers,
             batch_first=True,
-            dropout=dropout if decoder_layers > 1 else 0.0,
+            dropout=dropout if config.decoder_layers > 1 else 0.0,
         )
         # Readout from (decoder state, context, previous target embedding), sized embed_dim so it can be tied.
         self.readout = nn.Linear(2 * hidden_size + embed_dim, embed_dim)
         self.output_projection = nn.Linear(embed_dim, tgt_vocab_size)
-        if tie_output:
+        if config.tie_output:
             self.output_projection.weight = self.tgt_embed.weight
         self.dropout = nn.Dropout(dropout)
 
@@ -146,11 +142,7 @@ class RNNSeq2Seq(Seq2SeqModel):
         """State = the context vector and the decoder's initial (B, layers, H) state(s); nothing per position."""
         outputs, final = self.encoder(src, src_mask, need_outputs=self.context != "final")
         context = torch.tanh(self.bridge(self._summary(outputs, final, src_mask)))
-        init = torch.tanh(self.init_state(context)).view(src.size(0), -1, self.decoder_layers, self.hidden_size)
-        state = {"context": context, "hidden": init[:, 0]}
-        if self.cell == "lstm":
-            state["cell"] = init[:, 1]
-        return state
+        return {"context": context, **self.init_state(context)}
 
     def _summary(self, outputs: torch.Tensor | None, final: torch.Tensor, src_mask: torch.Tensor) -> torch.Tensor:
         """The one vector (B, dirs*H) the source is reduced to, by `self.context`; padding never counts."""

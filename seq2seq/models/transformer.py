@@ -9,12 +9,13 @@ values (growing by one position per step) and its cross-attention keys and value
 from __future__ import annotations
 
 import math
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from seq2seq.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
+from seq2seq.config import TransformerConfig
 
 from .base import DecoderState, ModelOutput, Seq2SeqModel, masked_softmax
 
@@ -90,46 +91,53 @@ class FeedForward(nn.Module):
         return self.down(F.relu(self.up(x)))
 
 
-class EncoderLayer(nn.Module):
+class ResidualLayer(nn.Module):
+    """What the encoder and decoder layers share: every sub-layer is wrapped in a residual connection, pre-norm
+    x + dropout(f(norm(x))) or post-norm norm(x + dropout(f(x))), each with its own LayerNorm."""
+
+    def __init__(self, dropout: float, norm_first: bool) -> None:
+        super().__init__()
+        self.dropout = nn.Dropout(dropout)
+        self.norm_first = norm_first
+
+    def residual(
+        self, x: torch.Tensor, norm: nn.LayerNorm, sublayer: Callable[[torch.Tensor], tuple[torch.Tensor, Any]]
+    ) -> tuple[torch.Tensor, Any]:
+        """x after one wrapped `sublayer`, which maps its input to (output, anything to hand back)."""
+        output, extra = sublayer(norm(x) if self.norm_first else x)
+        x = x + self.dropout(output)
+        return (x if self.norm_first else norm(x)), extra
+
+
+class EncoderLayer(ResidualLayer):
     def __init__(self, d_model: int, num_heads: int, ff_dim: int, dropout: float, attention_dropout: float,
                  norm_first: bool) -> None:
-        super().__init__()
+        super().__init__(dropout, norm_first)
         self.self_attention = MultiHeadAttention(d_model, num_heads, attention_dropout, self_attention=True)
         self.feed_forward = FeedForward(d_model, ff_dim)
         self.self_norm = nn.LayerNorm(d_model)
         self.ff_norm = nn.LayerNorm(d_model)
-        self.dropout = nn.Dropout(dropout)
-        self.norm_first = norm_first
 
     def forward(
         self, x: torch.Tensor, src_mask: torch.Tensor, need_weights: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        h = self.self_norm(x) if self.norm_first else x
-        attended, weights = self.self_attention.attend(
+        x, weights = self.residual(x, self.self_norm, lambda h: self.self_attention.attend(
             *self.self_attention.project_self(h), key_mask=src_mask, need_weights=need_weights
-        )
-        x = x + self.dropout(attended)
-        if not self.norm_first:
-            x = self.self_norm(x)
-        h = self.ff_norm(x) if self.norm_first else x
-        x = x + self.dropout(self.feed_forward(h))
-        if not self.norm_first:
-            x = self.ff_norm(x)
+        ))
+        x, _ = self.residual(x, self.ff_norm, lambda h: (self.feed_forward(h), None))
         return x, weights
 
 
-class DecoderLayer(nn.Module):
+class DecoderLayer(ResidualLayer):
     def __init__(self, d_model: int, num_heads: int, ff_dim: int, dropout: float, attention_dropout: float,
                  norm_first: bool) -> None:
-        super().__init__()
+        super().__init__(dropout, norm_first)
         self.self_attention = MultiHeadAttention(d_model, num_heads, attention_dropout, self_attention=True)
         self.cross_attention = MultiHeadAttention(d_model, num_heads, attention_dropout, self_attention=False)
         self.feed_forward = FeedForward(d_model, ff_dim)
         self.self_norm = nn.LayerNorm(d_model)
         self.cross_norm = nn.LayerNorm(d_model)
         self.ff_norm = nn.LayerNorm(d_model)
-        self.dropout = nn.Dropout(dropout)
-        self.norm_first = norm_first
 
     def forward(
         self,
@@ -142,27 +150,21 @@ class DecoderLayer(nn.Module):
         """x (B, T, D). Without `cache`, T positions attend causally to each other (teacher forcing); with a
         cache of earlier keys/values (B, H, t, d), x is the single next position and attends to all of them.
         -> output, self weights, cross weights, and the keys/values of every position seen so far."""
-        h = self.self_norm(x) if self.norm_first else x
-        q, k, v = self.self_attention.project_self(h)
-        if cache is not None:
-            k = torch.cat([cache[0].to(k.dtype), k], dim=2)
-            v = torch.cat([cache[1].to(v.dtype), v], dim=2)
-        attended, self_weights = self.self_attention.attend(q, k, v, causal=cache is None, need_weights=need_weights)
-        x = x + self.dropout(attended)
-        if not self.norm_first:
-            x = self.self_norm(x)
-        h = self.cross_norm(x) if self.norm_first else x
-        attended, cross_weights = self.cross_attention.attend(
+
+        def attend_to_targets(h: torch.Tensor) -> tuple[torch.Tensor, tuple]:
+            q, k, v = self.self_attention.project_self(h)
+            if cache is not None:
+                k = torch.cat([cache[0].to(k.dtype), k], dim=2)
+                v = torch.cat([cache[1].to(v.dtype), v], dim=2)
+            attended, weights = self.self_attention.attend(q, k, v, causal=cache is None, need_weights=need_weights)
+            return attended, (weights, (k, v))
+
+        x, (self_weights, keys_values) = self.residual(x, self.self_norm, attend_to_targets)
+        x, cross_weights = self.residual(x, self.cross_norm, lambda h: self.cross_attention.attend(
             self.cross_attention.project_query(h), *memory_kv, key_mask=src_mask, need_weights=need_weights
-        )
-        x = x + self.dropout(attended)
-        if not self.norm_first:
-            x = self.cross_norm(x)
-        h = self.ff_norm(x) if self.norm_first else x
-        x = x + self.dropout(self.feed_forward(h))
-        if not self.norm_first:
-            x = self.ff_norm(x)
-        return x, self_weights, cross_weights, (k, v)
+        ))
+        x, _ = self.residual(x, self.ff_norm, lambda h: (self.feed_forward(h), None))
+        return x, self_weights, cross_weights, keys_values
 
 
 def sinusoidal_positions(max_positions: int, d_model: int) -> torch.Tensor:
@@ -178,30 +180,10 @@ def sinusoidal_positions(max_positions: int, d_model: int) -> torch.Tensor:
 class TransformerSeq2Seq(Seq2SeqModel):
     has_attention = True
 
-    def __init__(
-        self,
-        src_vocab_size: int,
-        tgt_vocab_size: int,
-        d_model: int = 256,
-        num_heads: int = 4,
-        encoder_layers: int = 3,
-        decoder_layers: int = 3,
-        ff_dim: int = 1024,
-        dropout: float = 0.1,
-        attention_dropout: float = 0.0,
-        norm_first: bool = True,
-        positional: str = "sinusoidal",
-        max_positions: int = 512,
-        tie_output: bool = True,
-        share_embeddings: bool = False,
-        pad_id: int = PAD_ID,
-        bos_id: int = BOS_ID,
-        eos_id: int = EOS_ID,
-    ) -> None:
-        super().__init__(pad_id=pad_id, bos_id=bos_id, eos_id=eos_id)
-        if d_model % num_heads:
-            raise ValueError(f"d_model={d_model} is not divisible by num_heads={num_heads}; pick sizes that divide")
-        if share_embeddings and src_vocab_size != tgt_vocab_size:
+    def __init__(self, src_vocab_size: int, tgt_vocab_size: int, config: TransformerConfig) -> None:
+        super().__init__()
+        d_model, max_positions, norm_first = config.d_model, config.max_positions, config.norm_first
+        if config.share_embeddings and src_vocab_size != tgt_vocab_size:
             raise ValueError(
                 f"share_embeddings=true needs one vocabulary, but the source has {src_vocab_size} entries and the "
                 f"target {tgt_vocab_size}; train a joint tokenizer (tokenizer.joint=true) or set share_embeddings=false"
@@ -209,25 +191,26 @@ class TransformerSeq2Seq(Seq2SeqModel):
         self.d_model = d_model
         self.max_positions = max_positions
         self.embed_scale = math.sqrt(d_model)
-        self.tgt_embed = nn.Embedding(tgt_vocab_size, d_model, padding_idx=pad_id)
+        self.tgt_embed = nn.Embedding(tgt_vocab_size, d_model, padding_idx=self.pad_id)
         self.src_embed = (
-            self.tgt_embed if share_embeddings else nn.Embedding(src_vocab_size, d_model, padding_idx=pad_id)
+            self.tgt_embed if config.share_embeddings
+            else nn.Embedding(src_vocab_size, d_model, padding_idx=self.pad_id)
         )
-        if positional == "sinusoidal":
+        if config.positional == "sinusoidal":
             self.register_buffer("position_table", sinusoidal_positions(max_positions, d_model), persistent=False)
             self.learned_positions = None
         else:
             self.learned_positions = nn.Embedding(max_positions, d_model)
-        layer_args = (d_model, num_heads, ff_dim, dropout, attention_dropout, norm_first)
-        self.encoder_layers = nn.ModuleList(EncoderLayer(*layer_args) for _ in range(encoder_layers))
-        self.decoder_layers = nn.ModuleList(DecoderLayer(*layer_args) for _ in range(decoder_layers))
+        layer_args = (d_model, config.num_heads, config.ff_dim, config.dropout, config.attention_dropout, norm_first)
+        self.encoder_layers = nn.ModuleList(EncoderLayer(*layer_args) for _ in range(config.encoder_layers))
+        self.decoder_layers = nn.ModuleList(DecoderLayer(*layer_args) for _ in range(config.decoder_layers))
         # Pre-norm leaves the residual stream unnormalised, so each stack ends with a LayerNorm.
         self.encoder_norm = nn.LayerNorm(d_model) if norm_first else nn.Identity()
         self.decoder_norm = nn.LayerNorm(d_model) if norm_first else nn.Identity()
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = nn.Dropout(config.dropout)
         self.output_projection = nn.Linear(d_model, tgt_vocab_size, bias=False)
         self._init_weights()
-        if tie_output:
+        if config.tie_output:
             self.output_projection.weight = self.tgt_embed.weight
 
     def _init_weights(self) -> None:
@@ -242,6 +225,10 @@ class TransformerSeq2Seq(Seq2SeqModel):
             nn.init.zeros_(embedding.weight[self.pad_id])
         if self.learned_positions is not None:
             nn.init.normal_(self.learned_positions.weight, std=self.d_model**-0.5)
+
+    @property
+    def max_source_positions(self) -> int:
+        return self.max_positions
 
     @property
     def max_target_positions(self) -> int:

@@ -30,7 +30,9 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from seq2seq.training import board, distributed
+from seq2seq.atomic import atomic_write
 from seq2seq.checkpoint import load_checkpoint, save_checkpoint
+from seq2seq.config import ConfigError
 from seq2seq.data.batching import Batch, TokenBatchSampler, collate, make_loader
 from seq2seq.data.prepare import PreparedData, prepare_data
 from seq2seq.models import build_model, count_parameters
@@ -45,10 +47,6 @@ from seq2seq.training.state import AveragingHistory, Training, TrainState
 from seq2seq.training.validation import Evaluator
 
 log = logging.getLogger("seq2seq.train")
-
-
-class ConfigError(Exception):
-    """A configuration value that cannot work; the message names the key and what to use instead."""
 
 
 class TrainingError(Exception):
