@@ -13,11 +13,13 @@ A checkpoint is one `torch.save` file holding:
 from __future__ import annotations
 
 import pickle
+import re
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
@@ -50,6 +52,46 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
         ) from error
 
 
+def _numpy_rng_globals() -> list[Any]:
+    """What NumPy's RNG state (`np.random.get_state()`, in every training checkpoint's "rng") needs beyond
+    tensors and plain containers: an array of uint32 and its dtype, under NumPy 1's and NumPy 2's module names."""
+    reconstruct = np._core.multiarray._reconstruct if hasattr(np, "_core") else np.core.multiarray._reconstruct
+    return [
+        (reconstruct, "numpy.core.multiarray._reconstruct"),
+        (reconstruct, "numpy._core.multiarray._reconstruct"),
+        np.ndarray,
+        np.dtype,
+        type(np.dtype(np.uint32)),
+    ]
+
+
+def load_torch_file(path: Path, map_location: str | torch.device = "cpu") -> Any:
+    """`torch.load` with `weights_only=True`: tensors, numbers, text, containers and NumPy RNG states only, so a
+    shared file cannot run code when loaded. Anything else is a CheckpointError naming what it asked for."""
+    try:
+        with torch.serialization.safe_globals(_numpy_rng_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as error:
+        unsupported = re.search(r"GLOBAL ([\w.]+)", str(error))
+        if "Weights only load failed" not in str(error) or unsupported is None:
+            raise _unreadable(path, error) from error
+        raise CheckpointError(
+            f"refusing to load {path}: it asks to unpickle {unsupported.group(1)}, which could run arbitrary code; "
+            "seq2seq checkpoints hold only tensors, numbers, text and RNG states. Use a checkpoint from a source "
+            "you trust, written by seq2seq's trainer."
+        ) from error
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as error:
+        raise _unreadable(path, error) from error
+
+
+def _unreadable(path: Path, error: Exception) -> CheckpointError:
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return CheckpointError(
+        f"cannot read checkpoint {path}: the file is truncated or is not a seq2seq checkpoint ({first}). "
+        "Use another checkpoint (last.pt or best.pt of the run) or retrain."
+    )
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Read a checkpoint, turning every way it can be unusable into a CheckpointError that names the file."""
     path = Path(path)
@@ -60,13 +102,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         )
     if path.is_dir():
         raise CheckpointError(f"{path} is a folder; pass a checkpoint file such as {path}/checkpoints/best.pt.")
-    try:
-        payload = torch.load(path, map_location=map_location, weights_only=False)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, OSError) as error:
-        raise CheckpointError(
-            f"cannot read checkpoint {path}: the file is truncated or is not a seq2seq checkpoint ({error}). "
-            "Use another checkpoint (last.pt or best.pt of the run) or retrain."
-        ) from error
+    payload = load_torch_file(path, map_location)
     if not isinstance(payload, dict) or any(key not in payload for key in REQUIRED_KEYS):
         raise CheckpointError(f"{path} is a PyTorch file but not a seq2seq checkpoint (expected keys {REQUIRED_KEYS}).")
     if payload["format_version"] != FORMAT_VERSION:

@@ -20,6 +20,7 @@ from conftest import tatoeba_cfg
 from omegaconf import OmegaConf
 
 from seq2seq.data import corpus as corpus_module
+from seq2seq.data import prepare as prepare_module
 from seq2seq.data import split as split_module
 from seq2seq.data import tokenizer as tokenizer_module
 from seq2seq.data.batching import TokenBatchSampler, collate, make_loader
@@ -78,7 +79,10 @@ def test_real_corpus_counts_and_split(corpus_path, monkeypatch):
 
     assert report.source == str(corpus_path)
     assert report.read == 29_980
-    assert report.dropped == dict(malformed=1, invalid_utf8=0, nul_byte=0, empty=0, too_long=0, bad_ratio=0, duplicate=6)
+    assert report.dropped == dict(
+        malformed=1, invalid_utf8=0, nul_byte=0, empty=0, too_long=0, bad_ratio=0, duplicate=6, in_eval_split=0,
+        over_token_cap=0,
+    )
     assert report.kept == 29_973
     assert report.read == report.kept + sum(report.dropped.values())
     assert report.malformed_lines == [13]
@@ -124,7 +128,11 @@ def test_planted_flaws_are_counted_exactly(tmp_path, cache, monkeypatch, chunk_b
     splits, report = load_texts(cfg.data)
 
     assert report.read == 55
-    assert report.dropped == dict(malformed=3, invalid_utf8=2, nul_byte=1, empty=2, too_long=1, bad_ratio=1, duplicate=3)
+    assert report.dropped == dict(
+        malformed=3, invalid_utf8=2, nul_byte=1, empty=2, too_long=1, bad_ratio=1, duplicate=3, in_eval_split=0,
+        over_token_cap=0,
+    )
+    assert report.too_long_lines == [48] and "too_long               1 (line 48)" in report.summary()
     assert report.malformed_lines == [41, 42, 43]
     assert report.invalid_utf8_lines == [44, 45]
     assert report.nul_byte_lines == [55] and "nul_byte" in report.summary()
@@ -259,10 +267,75 @@ def test_local_valid_and_test_files_are_kept_whole(tmp_path):
     assert report.split_sizes == {"train": 270, "valid": 30, "test": len(test_pairs)}
     assert any("valid carved from training" in note for note in report.notes)
 
+    # Training pairs sharing a sentence with a given split leave training (the grouped split's guarantee).
+    shared = [pairs[0], (pairs[1][0], "另一个翻译"), ("  " + pairs[2][0] + " ", "全新的句子"), pairs[3]]
+    cfg = tatoeba_cfg(path=str(train), valid_path=str(write_tsv(tmp_path / "v.tsv", shared[:3])), test_path=str(test))
+    splits, report = load_texts(cfg.data)
+    assert report.dropped["in_eval_split"] == 3 and report.split_sizes["train"] == 297
+    assert not {pair[0] for pair in pairs[:3]} & set(splits["train"]["tgt"])
+    assert pairs[3][0] in splits["train"]["tgt"]
+    assert "in_eval_split          3" in report.summary()
+
     bad = tmp_path / "bad.tsv"
     bad.write_text("ok\t好\nno tab here\n", encoding="utf-8")
     with pytest.raises(CorpusError, match="line 2 has 1 tab-separated fields"):
         load_texts(tatoeba_cfg(path=str(train), test_path=str(bad)).data)
+
+
+def test_given_files_are_honoured_whatever_the_cache_holds(tmp_path, cache):
+    """The cache key covers which valid/test files are given and their content; a missing or empty one is an error
+    even when a cache of the same settings (with a carved test split) is already there."""
+    pairs = synthetic_pairs(400)
+    train = write_tsv(tmp_path / "train.tsv", pairs[:360])
+
+    def prepared(**given: str):
+        cfg = tatoeba_cfg(path=str(train), **{"split.valid_size": 20, "split.test_size": 20}, **given)
+        cfg.tokenizer.src_vocab_size, cfg.tokenizer.tgt_vocab_size = 400, 300
+        return prepare_data(cfg, log=lambda line: None)
+
+    carved = prepared()  # warm: the same settings with the test split carved from training
+    missing = tmp_path / "missing.tsv"
+    with pytest.raises(CorpusError, match=f"^data.test_path={missing} is not a file. Point it at the test file"):
+        prepared(test_path=str(missing))
+    empty = tmp_path / "empty.tsv"
+    empty.write_bytes(b"")
+    with pytest.raises(CorpusError, match=f"^data.valid_path={empty} holds no pairs. Give a valid file with pairs"):
+        prepared(valid_path=str(empty))
+
+    test = write_tsv(tmp_path / "test.tsv", pairs[360:])
+    first = prepared(test_path=str(test))
+    assert first.cache_path != carved.cache_path
+    assert list(first.splits["test"]["tgt"]) == [en for en, _ in pairs[360:]]
+    write_tsv(test, pairs[370:])  # same name, other content: rebuilt, not reused
+    second = prepared(test_path=str(test))
+    assert second.cache_path != first.cache_path
+    assert list(second.splits["test"]["tgt"]) == [en for en, _ in pairs[370:]]
+
+
+def test_training_with_a_missing_test_file_is_one_line_and_exit_2(tmp_path, cache):
+    train = write_tsv(tmp_path / "train.tsv", synthetic_pairs(100))
+    result = subprocess.run(
+        [sys.executable, "-m", "seq2seq.train", f"data.path={train}", f"data.test_path={tmp_path / 'gone.tsv'}",
+         f"hydra.run.dir={tmp_path / 'run'}"],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "SEQ2SEQ_CACHE": str(cache)}, check=False,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: data.test_path={tmp_path / 'gone.tsv'} is not a file. Point it at the test file, or unset it."
+    )
+    assert "Traceback" not in result.stderr
+
+
+def test_hub_cache_key_follows_the_corpus_fingerprint(monkeypatch):
+    """Another revision of a hub corpus (other files, so other fingerprints) is another cache."""
+    rows = datasets.Dataset.from_dict({"translation": [{"zh": "你好", "en": "Hello"}]})
+    revised = rows.map(lambda row: row)
+    versions = iter([datasets.DatasetDict({"train": split}) for split in (rows, rows, revised)])
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(corpus_module.datasets, "load_dataset", lambda name, config: next(versions))
+    cfg = OmegaConf.create({"data": hub_cfg(), "tokenizer": tokenizer_cfg()})
+    keys = [prepare_module._cache_key(cfg) for _ in range(3)]
+    assert keys[0] == keys[1] != keys[2]
 
 
 @pytest.mark.parametrize("content", [b"", b"\x00\x01\x02\xff\xfe" * 50, b"no tabs at all\nnone here either\n"])
@@ -539,14 +612,19 @@ def test_prepare_data_builds_then_reuses_the_cache(tmp_path, cache, monkeypatch)
     train = first.splits["train"]
     assert set(train.column_names) == {"src", "tgt", "src_ids", "tgt_ids", "index"}
     assert train.features["src_ids"].feature.dtype == "uint16"
-    assert list(train["index"]) == list(range(len(train)))
-    for row in train.select(range(50)):
-        src_ids, tgt_ids = first.src_tokenizer.encode(row["src"]), first.tgt_tokenizer.encode(row["tgt"])
-        assert row["src_ids"] == src_ids[:12] and row["tgt_ids"] == tgt_ids[:12]
-        if len(src_ids) <= 12:
-            assert first.src_tokenizer.decode(row["src_ids"]) == row["src"]
-    assert max(len(ids) for split in first.splits.values() for ids in split["src_ids"][:]) == 12
-    assert any("truncated to 12 tokens" in note for note in first.report.notes)
+    # Training pairs over the token cap are dropped, never cut: a cut target would end in a false EOS.
+    dropped = first.report.dropped["over_token_cap"]
+    assert 0 < dropped < 500 and len(train) == 500 - dropped == first.report.split_sizes["train"]
+    assert f"over_token_cap {dropped:>9,}" in first.report.summary()
+    assert first.report.read == first.report.kept + sum(first.report.dropped.values())
+    for row in train:
+        assert row["src_ids"] == first.src_tokenizer.encode(row["src"]) and len(row["src_ids"]) <= 12
+        assert row["tgt_ids"] == first.tgt_tokenizer.encode(row["tgt"]) and len(row["tgt_ids"]) <= 12
+    assert list(train["index"]) == sorted(set(train["index"]))  # row numbers before the cap, in order
+    # Evaluation pairs stay whole for scoring; only their ids are cut, for the loss.
+    valid = first.splits["valid"]
+    assert len(valid) == 50 and max(len(ids) for ids in valid["src_ids"]) == 12
+    assert any("cut for the loss; BLEU scores the whole references" in note for note in first.report.notes)
 
     monkeypatch.setattr("seq2seq.data.prepare.load_corpus", lambda *_: pytest.fail("the cached splits were rebuilt"))
     logged.clear()

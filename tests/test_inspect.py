@@ -17,6 +17,7 @@ import pytest
 from matplotlib.image import imread
 
 from seq2seq import inspect as inspect_cli
+from seq2seq.analysis import inspection as inspect_lib
 from seq2seq.analysis.diagnostics import (agreement, chinese_segmenter, merge_attention, merge_pieces, row_entropy,
                                           uncovered)
 
@@ -148,6 +149,62 @@ def test_heads_and_layer_views(checkpoints, tmp_path, capsysbinary):
     assert (tmp_path / "heads.png").read_bytes().startswith(PNG_MAGIC)
     code, _, stderr = _inspect(capsysbinary, "--checkpoint", transformer, SENTENCE, "--layer", "5")
     assert code == 2 and "--layer 5" in stderr and stderr.count("\n") == 1
+    code, stdout, stderr = _inspect(capsysbinary, "--checkpoint", transformer, SENTENCE, "--layer", "1", "--head", "2",
+                                    "--json", tmp_path / "head.json")
+    assert code == 0, stderr
+    assert "h1 " in stdout and "h2 " in stdout and "h0" not in stdout  # heads counted from 1, like layers
+    assert json.loads((tmp_path / "head.json").read_text(encoding="utf-8"))["view"] == "layer 1, head 2"
+    code, _, stderr = _inspect(capsysbinary, "--checkpoint", transformer, SENTENCE, "--head", "3")
+    assert code == 2 and "--head 3" in stderr and "numbered from 1" in stderr
+
+
+def test_reference_is_forced_and_scored(checkpoints, tmp_path, capsysbinary):
+    from seq2seq.checkpoint import load_model
+    from seq2seq.inference.forced import force
+
+    report = tmp_path / "forced.json"
+    code, stdout, stderr = _inspect(capsysbinary, *_three(checkpoints), SENTENCE, "--reference", "I am a student.",
+                                    "--json", report)
+    assert code == 0, stderr
+    assert "reference (forced): I am a student." in stdout
+    models = json.loads(report.read_text(encoding="utf-8"))["models"]
+    assert all(model["forced"] and model["translation"] == "I am a student." for model in models)
+    loaded = load_model(checkpoints["transformer"])
+    expected = force(loaded.model, [(loaded.src_tokenizer.encode(SENTENCE), loaded.tgt_tokenizer.encode(
+        "I am a student."))], "cpu")[0].loss
+    assert models[2]["loss"] == pytest.approx(expected, abs=1e-3)
+    assert models[2]["target_words"][:4] == ["I", "am", "a", "student"]
+
+
+def test_pairs_file_gives_one_report_and_figure_per_pair(checkpoints, tmp_path, capsysbinary):
+    pairs = tmp_path / "pairs.tsv"
+    pairs.write_text("I am a student.\t我是一个学生。\nHe went to the library yesterday.\t他昨天去了图书馆。\n",
+                     encoding="utf-8")
+    code, stdout, stderr = _inspect(capsysbinary, "--checkpoint", checkpoints["bahdanau"], "--pairs", pairs,
+                                    "--json", tmp_path / "pairs.json", "--out", tmp_path / "pair.png")
+    assert code == 0, stderr
+    documents = json.loads((tmp_path / "pairs.json").read_text(encoding="utf-8"))["pairs"]
+    assert [d["sentence"] for d in documents] == ["我是一个学生。", "他昨天去了图书馆。"]
+    assert [d["models"][0]["translation"] for d in documents] == ["I am a student.", "He went to the library yesterday."]
+    assert all((tmp_path / f"pair_{n}.png").read_bytes().startswith(PNG_MAGIC) for n in (1, 2))
+    code, _, stderr = _inspect(capsysbinary, "--checkpoint", checkpoints["bahdanau"], "--pairs", pairs, SENTENCE)
+    assert code == 2 and "--pairs brings its own sentences" in stderr
+
+
+def test_a_2000_character_sentence_warns_where_it_is_cut_and_stays_readable(checkpoints, tmp_path, capsysbinary):
+    sentence = ("我是一个学生。" * 300)[:2000]
+    out = tmp_path / "long.png"
+    code, _, stderr = _inspect(capsysbinary, "--checkpoint", checkpoints["bahdanau"], "--checkpoint",
+                               checkpoints["transformer"], sentence, "--out", out, "--words",
+                               "--json", tmp_path / "long.json")
+    assert code == 0, stderr
+    warnings_ = [line for line in stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings_) == 2 and all("source pieces; the sentence is cut before" in w for w in warnings_)
+    models = json.loads((tmp_path / "long.json").read_text(encoding="utf-8"))["models"]
+    assert all(model["source_pieces_cut"] > 0 for model in models)
+    height, width = imread(io.BytesIO(out.read_bytes()), format="png").shape[:2]
+    columns = 2 * inspect_lib.MAX_FIGURE_UNITS
+    assert width / columns >= 12 and height >= 12 * min(inspect_lib.MAX_FIGURE_UNITS, 20)  # cells of 12+ pixels
 
 
 @pytest.mark.parametrize("problem", ["missing", "garbage"])

@@ -24,8 +24,13 @@ from seq2seq.data.shards import Pairs, run_chunks, write_shard
 from seq2seq.data.split import hash_texts
 from seq2seq.data.tokenizer import check_normalization, normalize_text
 
-DROP_REASONS = ("malformed", "invalid_utf8", "nul_byte", "empty", "too_long", "bad_ratio", "duplicate")
-LISTED_REASONS = ("malformed", "invalid_utf8", "nul_byte")  # unreadable lines, reported by line number
+# Why a training pair is dropped: the cleaning rules below, then deduplication, a sentence shared with a given
+# evaluation split (corpus.py) and a side over the token cap (prepare.py).
+DROP_REASONS = (
+    "malformed", "invalid_utf8", "nul_byte", "empty", "too_long", "bad_ratio", "duplicate", "in_eval_split",
+    "over_token_cap",
+)
+LISTED_REASONS = ("malformed", "invalid_utf8", "nul_byte", "too_long")  # reported by line number
 LINES_LISTED = 20  # line numbers kept per kind of bad line; the counts are always complete
 CHUNK_BYTES = 8 << 20  # of a TSV file per task: tens of thousands of lines
 CHUNK_ROWS = 50_000  # of an Arrow table per task
@@ -195,13 +200,13 @@ class _ChunkWriter:
         if listed is not None and line is not None and len(listed) < LINES_LISTED:
             listed.append(line)
 
-    def add(self, src: str, tgt: str) -> None:
+    def add(self, src: str, tgt: str, line: int) -> None:
         reason, src, tgt = self.cleaner(src, tgt)
         if reason is None:
             self.src.append(src)
             self.tgt.append(tgt)
         else:
-            self.drop(reason)
+            self.drop(reason, line)
 
     def finish(self, folder: Path, index: int) -> _Chunk:
         path = None
@@ -243,7 +248,7 @@ def _clean_tsv_range(
             continue
         src, tgt = unquote(fields[layout.src_at]), unquote(fields[layout.tgt_at])
         chunk.unquoted += (src is not fields[layout.src_at]) + (tgt is not fields[layout.tgt_at])
-        chunk.add(src, tgt)
+        chunk.add(src, tgt, number)
     return chunk.finish(folder, index)
 
 
@@ -254,6 +259,6 @@ def _clean_rows(
     index, start, stop = task
     chunk = _ChunkWriter(cleaner)
     chunk.read = stop - start
-    for src, tgt in zip(*pick(table.slice(start, stop - start))):
-        chunk.add(src, tgt)
+    for number, (src, tgt) in enumerate(zip(*pick(table.slice(start, stop - start))), start=1):
+        chunk.add(src, tgt, number)
     return chunk.finish(folder, index)

@@ -22,6 +22,7 @@ data.split), never borrowed from the other evaluation split.
 from __future__ import annotations
 
 import io
+import json
 import socket
 import sys
 import urllib.parse
@@ -45,7 +46,8 @@ from seq2seq.data.clean import (
     DROP_REASONS, CleanedPairs, PickPairs, TsvLayout, clean_table, clean_tsv, side_normalizations, unquote,
 )
 from seq2seq.data.shards import Pairs, resolve_num_proc
-from seq2seq.data.split import first_occurrences, grouped_split
+from seq2seq.data.split import first_occurrences, grouped_split, hash_texts
+from seq2seq.data.tokenizer import normalize_text
 from seq2seq.paths import cache_dir, data_dir, data_mirror
 
 FORMATS = ("tsv", "json", "csv", "parquet", "hub")
@@ -67,12 +69,14 @@ class CleaningReport:
     malformed_lines: list[int] = field(default_factory=list)
     invalid_utf8_lines: list[int] = field(default_factory=list)
     nul_byte_lines: list[int] = field(default_factory=list)
+    too_long_lines: list[int] = field(default_factory=list)
     split_sizes: dict[str, int] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
     def _listed(self, reason: str) -> list[int] | None:
         return {
-            "malformed": self.malformed_lines, "invalid_utf8": self.invalid_utf8_lines, "nul_byte": self.nul_byte_lines
+            "malformed": self.malformed_lines, "invalid_utf8": self.invalid_utf8_lines, "nul_byte": self.nul_byte_lines,
+            "too_long": self.too_long_lines,
         }.get(reason)
 
     def add_cleaning(self, cleaned: CleanedPairs) -> None:
@@ -94,7 +98,7 @@ class CleaningReport:
             if numbers:
                 more = ", ..." if self.dropped[reason] > len(numbers) else ""
                 detail = f" (line {', '.join(map(str, numbers))}{more})"
-            lines.append(f"  {reason:<13}{self.dropped[reason]:>9,}{detail}")
+            lines.append(f"  {reason:<15}{self.dropped[reason]:>9,}{detail}")
         if self.split_sizes:
             lines.append("  splits: " + ", ".join(f"{name} {size:,}" for name, size in self.split_sizes.items()))
         lines.extend(f"  note: {note}" for note in self.notes)
@@ -196,6 +200,11 @@ def load_corpus(data_cfg: Any, folder: Path) -> tuple[dict[str, Pairs], Cleaning
         report.dropped["duplicate"] += len(train) - len(first)
         if len(first) < len(train):
             train, src_hash, tgt_hash = train.select(first), src_hash[first], tgt_hash[first]
+    if given and len(train):
+        keep = np.flatnonzero(~_shares_a_sentence(src_hash, tgt_hash, given, data_cfg.clean))
+        report.dropped["in_eval_split"] += len(train) - len(keep)
+        if len(keep) < len(train):
+            train, src_hash, tgt_hash = train.select(keep), src_hash[keep], tgt_hash[keep]
     report.kept = len(train) + sum(len(split) for split in given.values())
     if not report.kept:
         raise CorpusError(
@@ -205,6 +214,20 @@ def load_corpus(data_cfg: Any, folder: Path) -> tuple[dict[str, Pairs], Cleaning
     splits = _assign_splits(train, (src_hash, tgt_hash), given, data_cfg, report)
     report.split_sizes = {name: len(splits[name]) for name in ("train", "valid", "test")}
     return splits, report
+
+
+def _shares_a_sentence(
+    src_hash: np.ndarray, tgt_hash: np.ndarray, given: dict[str, Pairs], clean_cfg: Any
+) -> np.ndarray:
+    """Per training pair, whether its source or target sentence occurs in a given evaluation split (compared as
+    cleaning writes them: the side's normalisation, whitespace runs folded). Such pairs leave training, as the
+    grouped split guarantees for carved splits, so a given test set is never partly trained on."""
+    forms = dict(zip(("src", "tgt"), side_normalizations(clean_cfg)))
+    evaluation = {
+        side: np.concatenate([hash_texts(normalize_text(text, form) for text in split.texts(side)) for split in given.values()])
+        for side, form in forms.items()
+    }
+    return np.isin(src_hash, evaluation["src"]) | np.isin(tgt_hash, evaluation["tgt"])
 
 
 def load_tsv_pairs(path: Path, data_cfg: Any) -> tuple[Pairs, CleaningReport]:
@@ -228,16 +251,41 @@ def _evaluation_splits(raw: datasets.DatasetDict) -> dict[str, str]:
     return found
 
 
+def given_split_file(data_cfg: Any, name: str) -> Path | None:
+    """data.<name>_path (name: valid or test) as a file, None when unset. A missing or empty file is a CorpusError
+    whatever the cache holds: a run must never score a split other than the one asked for."""
+    value = data_cfg.get(f"{name}_path")
+    if not value:
+        return None
+    path = Path(str(value)).expanduser()
+    if not path.is_file():
+        raise CorpusError(f"data.{name}_path={path} is not a file. Point it at the {name} file, or unset it.")
+    if path.stat().st_size == 0:
+        raise _empty_split(name, path)
+    return path
+
+
+def _empty_split(name: str, path: Path) -> CorpusError:
+    return CorpusError(
+        f"data.{name}_path={path} holds no pairs. Give a {name} file with pairs, or unset data.{name}_path to "
+        f"carve a {name} split from training."
+    )
+
+
+def hub_fingerprint(data_cfg: Any) -> str:
+    """The fingerprints `datasets` gives the hub corpus's splits. They follow its revision and files, so a
+    cache keyed on them is not reused for another version of the corpus."""
+    loaded = _load_hub(data_cfg, CleaningReport())
+    return json.dumps({name: split._fingerprint for name, split in sorted(loaded.items())})
+
+
 def _given_files(data_cfg: Any, report: CleaningReport) -> dict[str, Pairs]:
     """data.valid_path / data.test_path read whole, in data.format (by file suffix for a hub corpus)."""
     given = {}
     for name in ("valid", "test"):
-        value = data_cfg.get(f"{name}_path")
-        if not value:
+        path = given_split_file(data_cfg, name)
+        if path is None:
             continue
-        path = Path(str(value)).expanduser()
-        if not path.is_file():
-            raise CorpusError(f"data.{name}_path={path} is not a file. Point it at the {name} file, or unset it.")
         fmt = data_cfg.format if data_cfg.format != "hub" else _SUFFIX_FORMATS.get(path.suffix.lower())
         if fmt is None:
             raise CorpusError(
@@ -248,6 +296,8 @@ def _given_files(data_cfg: Any, report: CleaningReport) -> dict[str, Pairs]:
             table = _read_whole_tsv(path, list(data_cfg.columns or ()), report)
         else:
             table = _arrow(_load_file(path, fmt))
+        if not len(table):
+            raise _empty_split(name, path)
         given[name] = _whole(table, data_cfg, report)
         report.notes.append(f"{name} split: {path}, {len(table):,} pairs kept whole")
     return given

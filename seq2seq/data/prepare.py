@@ -27,13 +27,18 @@ import xxhash
 from omegaconf import OmegaConf
 
 from seq2seq.data.clean import side_normalizations
-from seq2seq.data.corpus import CleaningReport, CorpusError, find_corpus, load_corpus
+from seq2seq.data.corpus import (
+    CleaningReport, CorpusError, find_corpus, given_split_file, hub_fingerprint, load_corpus,
+)
 from seq2seq.data.shards import Pairs, resolve_num_proc, run_chunks, write_shard
 from seq2seq.data.tokenizer import Tokenizer, build_tokenizers
 from seq2seq.paths import cache_dir
 
-MAX_SENTENCE_TOKENS = 256  # longer token sequences are truncated, so one odd line cannot blow up a batch
-DATA_FORMAT = 4  # bump when cleaning, splitting or tokenizing changes, so old caches are not reused
+# Token cap of a side, so one odd line cannot blow up a batch: a training pair over it is dropped (cut, its target
+# would end in an EOS the sentence does not have and teach the model to stop mid-sentence); an evaluation pair is
+# kept whole for scoring, its ids cut for the validation loss.
+MAX_SENTENCE_TOKENS = 256
+DATA_FORMAT = 5  # bump when cleaning, splitting or tokenizing changes, so old caches are not reused
 RESULT_KEYS = ("format", "columns", "src_lang", "tgt_lang", "hub_name", "hub_config", "split", "clean")
 SPLITS = ("train", "valid", "test")
 TOKENIZE_ROWS = 20_000  # rows per tokenizing task
@@ -77,8 +82,9 @@ def direction_line(data_cfg: Any, prepared: PreparedData) -> str:
 
 
 def _cache_key(cfg: Any) -> str:
-    """Hash of the settings that shape the result and of the corpus content (local) or name (hub). xxh3 reads
-    gigabytes per second, so even a corpus of millions of lines is recognised in a fraction of a second."""
+    """Hash of everything that shapes the result: the settings, the corpus content (local) or its splits'
+    fingerprints (hub), and which valid/test files are given with their content. xxh3 reads gigabytes per second,
+    so even a corpus of millions of lines is recognised in a fraction of a second."""
     data = OmegaConf.to_container(cfg.data, resolve=True)
     settings = {
         "format": DATA_FORMAT,
@@ -87,15 +93,20 @@ def _cache_key(cfg: Any) -> str:
         "tokenizer": OmegaConf.to_container(cfg.tokenizer, resolve=True),
     }
     digest = xxhash.xxh3_128(json.dumps(settings, sort_keys=True).encode())
-    files = [cfg.data.get("valid_path"), cfg.data.get("test_path")]
-    if cfg.data.format != "hub":
-        files.insert(0, find_corpus(cfg.data))
-    for file in files:
-        if file and Path(str(file)).expanduser().is_file():
-            with open(Path(str(file)).expanduser(), "rb") as handle:
+    if cfg.data.format == "hub":
+        digest.update(hub_fingerprint(cfg.data).encode())
+    files = {
+        "train": find_corpus(cfg.data) if cfg.data.format != "hub" else None,
+        "valid": given_split_file(cfg.data, "valid"),
+        "test": given_split_file(cfg.data, "test"),
+    }
+    for name, file in files.items():
+        digest.update(f"{name} file: {file is not None}\0".encode())
+        if file is not None:
+            with open(file, "rb") as handle:
                 for chunk in iter(lambda: handle.read(16 << 20), b""):
                     digest.update(chunk)
-        digest.update(b"\0")
+            digest.update(b"\0")
     return digest.hexdigest()[:32]
 
 
@@ -145,9 +156,8 @@ def _build(cfg: Any, path: Path, log: Callable[[str], None]) -> PreparedData:
         del src_sample, tgt_sample
         lap("train SentencePiece")
         num_proc = resolve_num_proc(cfg.data.get("num_proc"))
-        truncated = _tokenize(splits, src_tokenizer, tgt_tokenizer, tmp / "splits", num_proc)
-        if truncated:
-            report.notes.append(f"{truncated} token sequences truncated to {MAX_SENTENCE_TOKENS} tokens")
+        over_cap = _tokenize(splits, src_tokenizer, tgt_tokenizer, tmp / "splits", num_proc)
+        _count_over_cap(report, over_cap)
         del splits
         shutil.rmtree(tmp / "clean")
         (tmp / "src.model").write_bytes(src_tokenizer.proto)
@@ -174,9 +184,26 @@ def _tokenizer_sample(train: Pairs, max_sentences: int) -> tuple[list[str], list
     return train.texts("src"), train.texts("tgt")
 
 
-def _tokenize(splits: dict[str, Pairs], src: Tokenizer, tgt: Tokenizer, folder: Path, num_proc: int) -> int:
+def _count_over_cap(report: CleaningReport, over_cap: dict[str, int]) -> None:
+    """Training pairs dropped at the token cap join the report's counts; cut evaluation sequences get a note."""
+    dropped = over_cap["train"]
+    report.dropped["over_token_cap"] += dropped
+    report.kept -= dropped
+    report.split_sizes["train"] -= dropped
+    cut = {name: over_cap[name] for name in ("valid", "test") if over_cap[name]}
+    if cut:
+        report.notes.append(
+            ", ".join(f"{name} {count:,}" for name, count in cut.items())
+            + f" token sequences over {MAX_SENTENCE_TOKENS} tokens cut for the loss; BLEU scores the whole references"
+        )
+
+
+def _tokenize(
+    splits: dict[str, Pairs], src: Tokenizer, tgt: Tokenizer, folder: Path, num_proc: int
+) -> dict[str, int]:
     """Every split tokenized in row chunks on `num_proc` processes into `folder`/<split>/*.arrow, with columns src,
-    tgt, src_ids, tgt_ids and index (the row number in the split); returns how many sequences were truncated."""
+    tgt, src_ids, tgt_ids and index (the row number in the split before the token cap). Returns, per split, the
+    training pairs dropped at the cap, or the evaluation sequences cut to it."""
     tasks = []
     for name in SPLITS:
         (folder / name).mkdir(parents=True)
@@ -184,33 +211,41 @@ def _tokenize(splits: dict[str, Pairs], src: Tokenizer, tgt: Tokenizer, folder: 
         tasks += [(name, start, min(start + TOKENIZE_ROWS, size)) for start in range(0, size, TOKENIZE_ROWS)]
     work = partial(_tokenize_rows, splits, src, tgt, folder, 1 if num_proc > 1 else -1)
     sizes = [stop - start for _, start, stop in tasks]
-    return sum(run_chunks(work, tasks, num_proc, "tokenizing", sizes))
+    over_cap = dict.fromkeys(SPLITS, 0)
+    for name, count in run_chunks(work, tasks, num_proc, "tokenizing", sizes):
+        over_cap[name] += count
+    return over_cap
 
 
 def _tokenize_rows(
     splits: dict[str, Pairs], src: Tokenizer, tgt: Tokenizer, folder: Path, threads: int, task: tuple[str, int, int]
-) -> int:
-    """Worker: rows start..stop-1 of one split tokenized into one shard; returns the number of truncations."""
+) -> tuple[str, int]:
+    """Worker: rows start..stop-1 of one split tokenized into one shard -> (split, pairs dropped or sequences cut)."""
     name, start, stop = task
     table = splits[name].slice(start, stop)
     src_ids = src.encode_batch(table.column("src").to_pylist(), threads)
     tgt_ids = tgt.encode_batch(table.column("tgt").to_pylist(), threads)
-    truncated = 0
-    for ids in (*src_ids, *tgt_ids):
-        if len(ids) > MAX_SENTENCE_TOKENS:
-            truncated += 1
-            del ids[MAX_SENTENCE_TOKENS:]
+    index = np.arange(start, stop, dtype=np.int64)
+    if name == "train":
+        keep = [i for i, (x, y) in enumerate(zip(src_ids, tgt_ids)) if max(len(x), len(y)) <= MAX_SENTENCE_TOKENS]
+        over_cap = len(index) - len(keep)
+        if over_cap:
+            table, index = table.take(keep), index[keep]
+            src_ids, tgt_ids = [src_ids[i] for i in keep], [tgt_ids[i] for i in keep]
+    else:
+        over_cap = sum(len(ids) > MAX_SENTENCE_TOKENS for ids in (*src_ids, *tgt_ids))
+        src_ids, tgt_ids = [ids[:MAX_SENTENCE_TOKENS] for ids in src_ids], [ids[:MAX_SENTENCE_TOKENS] for ids in tgt_ids]
     shard = pa.table(
         {
             "src": table.column("src"),
             "tgt": table.column("tgt"),
             "src_ids": pa.array(src_ids, pa.list_(_id_type(src))),
             "tgt_ids": pa.array(tgt_ids, pa.list_(_id_type(tgt))),
-            "index": pa.array(np.arange(start, stop, dtype=np.int64)),
+            "index": pa.array(index),
         }
     )
     write_shard(folder / name / f"{start // TOKENIZE_ROWS:06d}.arrow", shard)
-    return truncated
+    return name, over_cap
 
 
 def _id_type(tokenizer: Tokenizer) -> pa.DataType:

@@ -18,6 +18,15 @@ def hash_texts(texts: Iterable[str]) -> np.ndarray:
     return np.fromiter((xxhash.xxh3_64_intdigest(text.encode("utf-8")) for text in texts), dtype=np.uint64)
 
 
+def spread_sample(size: int, count: int | None, seed: int) -> np.ndarray:
+    """Sorted positions of `count` of `size` rows drawn with `seed` (all of them when `count` is None or not
+    smaller): a subset spread over the whole split, not its first rows, which in corpus order are often the
+    shortest. The same seed gives the same subset, so scores of successive validations compare."""
+    if count is None or count >= size:
+        return np.arange(size)
+    return np.sort(np.random.default_rng(seed).choice(size, size=count, replace=False))
+
+
 def first_occurrences(src_hash: np.ndarray, tgt_hash: np.ndarray) -> np.ndarray:
     """Sorted rows of the first occurrence of each distinct (source, target) pair."""
     _, first = np.unique(src_hash ^ (tgt_hash * _PAIR_MIX), return_index=True)

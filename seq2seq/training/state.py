@@ -16,7 +16,9 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from seq2seq.checkpoint import CheckpointError, checkpoint_tokenizers, load_checkpoint, save_checkpoint
+from seq2seq.checkpoint import (
+    CheckpointError, checkpoint_tokenizers, load_checkpoint, load_torch_file, save_checkpoint,
+)
 from seq2seq.data.tokenizer import Tokenizer
 from seq2seq.training.runs import data_source
 
@@ -170,5 +172,5 @@ class AveragingHistory:
         files = self._files()
         if len(files) < 2:
             return None
-        states = [torch.load(f, map_location="cpu", weights_only=False)["model"] for f in files]
+        states = [load_torch_file(f)["model"] for f in files]
         return average_state_dicts(states), [self._step(f) for f in files]
