@@ -21,10 +21,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from seq2seq import __version__
 from seq2seq.atomic import atomic_write
+from seq2seq.config import saved_config
 from seq2seq.data.tokenizer import LEGACY_NORMALIZATION, Tokenizer
 from seq2seq.models import build_model
 from seq2seq.models.base import Seq2SeqModel
@@ -139,7 +140,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedMo
     """Rebuild the trained model from a checkpoint alone (no run folder or cache needed)."""
     payload = load_checkpoint(path)
     try:
-        config = OmegaConf.create(payload["config"])
+        config = saved_config(payload["config"])
         src_tokenizer, tgt_tokenizer = checkpoint_tokenizers(payload)
         model = build_model(config.model, src_tokenizer.vocab_size, tgt_tokenizer.vocab_size)
     except (ValueError, KeyError, AttributeError, RuntimeError) as error:

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import torch
 
-from seq2seq.inference import search
 from seq2seq.checkpoint import LoadedModel, load_model
 from seq2seq.runtime import DEVICES, PRECISIONS, RuntimeSettingError, resolve_device, resolve_precision
 
@@ -46,10 +45,10 @@ def one_line(text: str) -> str:
 def add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
     """Options shared with `seq2seq.evaluate`; defaults (None) fall back to the checkpoint's trainer settings."""
     parser.add_argument("--checkpoint", required=True, type=Path, help="checkpoint file (best.pt or last.pt of a run)")
-    parser.add_argument("--beam-size", type=int, help=f"beam width, 1 = greedy (default: trainer.test_beam_size or {search.BEAM_SIZE})")
+    parser.add_argument("--beam-size", type=int, help="beam width, 1 = greedy (default: trainer.test_beam_size of the checkpoint)")
     parser.add_argument("--length-penalty", type=float, help="GNMT length penalty exponent (default: as in training)")
-    parser.add_argument("--max-len-a", type=float, help=f"outputs stop at a * source length + b tokens: a (default {search.MAX_LEN_A})")
-    parser.add_argument("--max-len-b", type=int, help=f"outputs stop at a * source length + b tokens: b (default {search.MAX_LEN_B})")
+    parser.add_argument("--max-len-a", type=float, help="outputs stop at a * source length + b tokens: a (default: as in training)")
+    parser.add_argument("--max-len-b", type=int, help="outputs stop at a * source length + b tokens: b (default: as in training)")
     parser.add_argument("--max-tokens", type=int, default=4096,
                         help="token budget of a batch: sentences x longest source (default 4096)")
     parser.add_argument("--batch-size", type=int, help="at most this many sentences per batch (default: no limit)")
@@ -62,16 +61,16 @@ def add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
 
 def decoding_options(args: argparse.Namespace, loaded: LoadedModel, device: torch.device) -> dict:
     """Keyword arguments for translate_sentences, from the command line or the checkpoint's trainer config."""
-    trainer = loaded.config.get("trainer", {}) or {}
+    trainer = loaded.config.trainer  # a checkpoint older than a key has the schema's default for it
 
-    def pick(value, key, default):
-        return value if value is not None else trainer.get(key, default)
+    def pick(value, key):
+        return value if value is not None else trainer[key]
 
     options = {
-        "beam_size": int(pick(args.beam_size, "test_beam_size", search.BEAM_SIZE)),
-        "length_penalty": float(pick(args.length_penalty, "length_penalty", search.LENGTH_PENALTY)),
-        "max_len_a": float(pick(args.max_len_a, "max_len_a", search.MAX_LEN_A)),
-        "max_len_b": int(pick(args.max_len_b, "max_len_b", search.MAX_LEN_B)),
+        "beam_size": int(pick(args.beam_size, "test_beam_size")),
+        "length_penalty": float(pick(args.length_penalty, "length_penalty")),
+        "max_len_a": float(pick(args.max_len_a, "max_len_a")),
+        "max_len_b": int(pick(args.max_len_b, "max_len_b")),
         "max_tokens": args.max_tokens,
         "max_sentences": args.batch_size,
         "device": device,

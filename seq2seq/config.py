@@ -290,6 +290,15 @@ def register() -> None:
 register()
 
 
+def saved_config(saved: Mapping[str, Any]) -> DictConfig:
+    """A checkpoint's config laid over the schema's defaults: a key the file predates takes its default, a key since
+    removed stays. Plain and unchecked (the file was valid when it was written), so no old file fails to load."""
+    defaults = OmegaConf.to_container(OmegaConf.structured(TrainConfig))
+    family = MODEL_CONFIGS.get((saved.get("model") or {}).get("name"))
+    defaults["model"] = dataclasses.asdict(family()) if family else {}
+    return OmegaConf.merge(OmegaConf.create(defaults), OmegaConf.create(_plain(saved)))
+
+
 # ----------------------------------------------------------------------------- checking
 
 

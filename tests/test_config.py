@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import os
 import subprocess
@@ -13,9 +14,11 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from seq2seq.checkpoint import load_model
+from seq2seq.cli import decoding_options
 import seq2seq.train  # noqa: F401  registers the resolvers that hydra.run.dir in configs/train.yaml calls
 from seq2seq.config import (
-    BEAM_SIZE, MODEL_CONFIGS as MODEL_CONFIGS_SCHEMA, ConfigError, OptimConfig, RNNConfig, TrainerConfig, check_config,
+    BEAM_SIZE, MAX_LEN_B, MODEL_CONFIGS as MODEL_CONFIGS_SCHEMA, ConfigError, OptimConfig, RNNConfig, TrainerConfig, check_config,
     composition_error_message, model_config,
 )
 from seq2seq.paths import CONFIG_DIR, PROJECT_ROOT
@@ -208,6 +211,24 @@ def test_model_options_come_from_the_schema_with_its_defaults():
         model_config({"name": "rnn", "hiden_size": 8})
     with pytest.raises(ConfigError, match=r"model.tie_output='yes' must be true or false"):
         model_config({"name": "transformer", "tie_output": "yes"})
+
+
+@pytest.mark.corpus
+def test_a_checkpoint_written_before_newer_keys_still_loads_with_their_defaults(checkpoints, tmp_path):
+    """Checkpoints hold the config as plain containers: keys added since take the schema's defaults."""
+    payload = torch.load(checkpoints["rnn"], weights_only=False)
+    for group, key in (("model", "context"), ("trainer", "test_beam_size"), ("trainer", "max_len_b"),
+                       ("trainer", "pad_multiple"), ("data", "alignments_path")):
+        payload["config"][group].pop(key, None)
+    payload["config"]["trainer"]["length_penalty"] = 0.6  # what the file does say wins over the default
+    torch.save(payload, tmp_path / "old.pt")
+    loaded = load_model(tmp_path / "old.pt")
+    assert loaded.config.model.context == "final" and loaded.config.data.alignments_path is None
+    arguments = argparse.Namespace(beam_size=None, length_penalty=None, max_len_a=None, max_len_b=None,
+                                   max_tokens=100, batch_size=None, precision="fp32")
+    options = decoding_options(arguments, loaded, torch.device("cpu"))
+    assert (options["beam_size"], options["max_len_b"]) == (BEAM_SIZE, MAX_LEN_B)
+    assert options["length_penalty"] == 0.6
 
 
 def _fake_run(base: Path, stamp: str, mtime: float, with_checkpoint: bool = True, corpus: str = "a.tsv") -> Path:

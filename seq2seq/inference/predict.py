@@ -77,9 +77,8 @@ def source_token_limit(
     its positional tables allow on the source side or for the longest target decoding may then produce
     (a * S + b, plus BOS)."""
     limit = MAX_SOURCE_TOKENS
-    source_positions = getattr(model, "max_source_positions", None) or getattr(model, "max_positions", None)
-    if source_positions:
-        limit = min(limit, int(source_positions) - 1)
+    if model.max_source_positions:
+        limit = min(limit, model.max_source_positions - 1)
     target_positions = model.max_target_positions
     if target_positions and max_len_a > 0:
         limit = min(limit, math.floor((target_positions - 1 - max_len_b) / max_len_a))

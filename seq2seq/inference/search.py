@@ -23,13 +23,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from seq2seq.config import BEAM_SIZE, LENGTH_PENALTY, MAX_LEN_A, MAX_LEN_B  # the schema's decoding defaults
 from seq2seq.models.base import Seq2SeqModel, map_state
-
-# Defaults of every decoding entry point (library, translate, evaluate); the trainer's config repeats them.
-BEAM_SIZE = 5
-LENGTH_PENALTY = 1.0
-MAX_LEN_A = 1.5
-MAX_LEN_B = 10
 
 
 @dataclass
