@@ -11,8 +11,8 @@ Writes OUT.tsv, the split's pairs in the corpus layout (data.columns, as `evalua
 `data.alignments_path` read them), and OUT.align, one Pharaoh line per pair with the `data.src_lang` side first.
 The split is the one training makes from the same data config (the arguments after the options are the
 training command's Hydra overrides). Tokens are counted as seq2seq/analysis/alignment.py counts them:
-characters of a Chinese or Japanese side, space-separated words otherwise, after NFKC; the aligner sees them
-lowercased.
+characters of a Chinese or Japanese side, space-separated words otherwise, after the side's normalisation
+(data.clean.src_normalization / tgt_normalization); the aligner sees them lowercased.
 
 eflomal (Östling & Tiedemann 2016, a Bayesian IBM model with fertility and HMM distortion) aligns the training
 and the chosen split together (unsupervised: more text, better statistics; no test text is used unless asked),
@@ -34,14 +34,16 @@ from hydra import compose, initialize_config_dir
 from seq2seq.analysis.alignment import (Reference, counts_characters, format_pharaoh, grow_diag_final,
                                         parse_pharaoh, tokens)
 from seq2seq.atomic import atomic_write
+from seq2seq.data.clean import side_normalizations
 from seq2seq.data.corpus import CorpusError, load_corpus
+from seq2seq.data.tokenizer import normalize_text
 from seq2seq.paths import CONFIG_DIR
 
 
-def aligner_input(texts: list[str], characters: bool) -> list[str]:
-    """One line per sentence, its tokens lowercased and joined by spaces (a sentence without tokens: "-",
-    as eflomal cannot read an empty line; its links are dropped)."""
-    return [" ".join(tokens(text, characters)).lower() or "-" for text in texts]
+def aligner_input(texts: list[str], characters: bool, form: str | None) -> list[str]:
+    """One line per sentence, its tokens (after the side's normalisation `form`) lowercased and joined by
+    spaces; a sentence without tokens is "-", as eflomal cannot read an empty line (its links are dropped)."""
+    return [" ".join(tokens(normalize_text(text, form), characters)).lower() or "-" for text in texts]
 
 
 def run_eflomal(src_lines: list[str], tgt_lines: list[str]) -> tuple[list[str], list[str]]:
@@ -88,7 +90,9 @@ def main() -> None:
     print(f"aligning {len(train_src):,} training + {len(sources):,} {args.split} pairs with eflomal "
           f"({src_lang}: {'characters' if src_chars else 'words'}, {tgt_lang}: {'characters' if tgt_chars else 'words'})",
           file=sys.stderr)
-    src_lines, tgt_lines = aligner_input(train_src + sources, src_chars), aligner_input(train_tgt + targets, tgt_chars)
+    src_form, tgt_form = side_normalizations(data.clean)
+    src_lines = aligner_input(train_src + sources, src_chars, src_form)
+    tgt_lines = aligner_input(train_tgt + targets, tgt_chars, tgt_form)
     forward, reverse = run_eflomal(src_lines, tgt_lines)
     empty = Reference(frozenset(), frozenset())
     references = [empty if "-" in (src_lines[i], tgt_lines[i]) else symmetrised(forward[i], reverse[i])

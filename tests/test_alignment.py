@@ -84,6 +84,7 @@ def test_pieces_map_onto_words_and_characters():
     assert english.labels == ["I'm", "a", "student."] == tokens("I'm a student.", characters=False)
     chinese = piece_tokens(["▁我", "是", "一个", "学生", "。"], characters=True)
     assert chinese.labels == list("我是一个学生。") == tokens("我是 一个学生。", characters=True)
+    assert tokens("Ｉ'm  here.", characters=False) == ["Ｉ'm", "here."]  # normalising is the tokenizer's part
     np.testing.assert_allclose(chinese.shares[2], [0, 0, 0.5, 0.5, 0, 0, 0])  # "一个" shared by 一 and 个
     fallback = piece_tokens(["▁", "<0xE5>", "<0xAD>", "<0xA6>", "生"], characters=True)
     assert fallback.labels == ["学", "生"] and fallback.shares[:4, 0].tolist() == [1.0] * 4

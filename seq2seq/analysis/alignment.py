@@ -5,8 +5,9 @@ Reference alignments are in Pharaoh format: one line per sentence pair, space-se
 `i?j` (possible), `i` indexing the source side (the checkpoint's `data.src_lang`) and `j` the target side,
 from 0. Indices count the tokens of a side: the space-separated words of a language written with spaces, every
 character (punctuation included, spaces excepted) of Chinese or Japanese (CHARACTER_LANGUAGES), which any
-aligner can produce without a segmenter. Texts are taken after NFKC normalisation, as the tokenizer sees them;
-a pair whose pieces do not spell the same tokens, or whose links point past them, is skipped and counted.
+aligner can produce without a segmenter. Texts are taken as the side's tokenizer normalises them
+(data.clean.src_normalization / tgt_normalization, NFKC by default); a pair whose pieces do not spell the same
+tokens, or whose links point past them, is skipped and counted.
 
 Attention to alignment. The model is forced to produce the reference target (`inference.forced.force`); the
 "</s>" row and column are dropped and the piece map is merged into a token map (`diagnostics.merge_attention`:
@@ -23,7 +24,6 @@ ones (P includes S): precision |A∩P|/|A|, recall |A∩S|/|S|, AER = 1 - (|A∩
 from __future__ import annotations
 
 import re
-import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -92,8 +92,8 @@ def counts_characters(lang: str) -> bool:
 
 
 def tokens(text: str, characters: bool) -> list[str]:
-    """The Pharaoh tokens of a side: its characters without spaces, or its space-separated words (NFKC)."""
-    text = unicodedata.normalize("NFKC", text)
+    """The Pharaoh tokens of a side's (normalised) text: its characters without spaces, or its space-separated
+    words."""
     return [ch for ch in text if not ch.isspace()] if characters else text.split()
 
 
@@ -257,7 +257,8 @@ def _prepared(src_text: str, tgt_text: str, reference: Reference, src_tok: Token
         return "longer than the model reads"
     src_units = piece_tokens(src_tok.pieces(src_ids), src_chars)
     tgt_units = piece_tokens(tgt_tok.pieces(tgt_ids), tgt_chars)
-    if src_units.labels != tokens(src_text, src_chars) or tgt_units.labels != tokens(tgt_text, tgt_chars):
+    if (src_units.labels != tokens(src_tok.normalize(src_text), src_chars)
+            or tgt_units.labels != tokens(tgt_tok.normalize(tgt_text), tgt_chars)):
         return "pieces do not spell the tokens"
     if any(i >= len(src_units.labels) or j >= len(tgt_units.labels) for i, j in reference.possible):
         return "links past the last token"
