@@ -87,8 +87,7 @@ def _fail(error: BaseException | str, status: int, trainer: Trainer | None) -> N
     if trainer is not None:
         trainer.close()
     print(f"error: {error}", file=sys.stderr, flush=True)
-    distributed.cleanup()
-    sys.exit(status)
+    distributed.leave(status)
 
 
 def _resume_command(checkpoint: Path) -> str:
@@ -137,7 +136,7 @@ def _train(cfg: DictConfig) -> None:
         where = f" {error.filename}" if error.filename else ""
         _fail(f"cannot write{where}: {error.strerror or error}. Free space or fix the permissions, then run "
               "again (trainer.resume=auto continues from the last checkpoint).", 2, trainer)
-    except TrainingError as error:
+    except (TrainingError, distributed.CollectiveError) as error:
         _fail(error, 1, trainer)
     except KeyboardInterrupt:
         _fail("interrupted before the current step finished; nothing was saved since the last checkpoint", 130,

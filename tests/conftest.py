@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -140,6 +142,29 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     """Tests marked `cuda` (the GPU suite, `pytest -m cuda`) are skipped where torch sees no GPU."""
     if item.get_closest_marker("cuda") and not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU (torch.cuda.is_available() is False)")
+
+
+# ----------------------------------------------------------------------------- processes
+
+# The README's data-parallel command (section "Several GPUs and nodes"), with two processes.
+TORCHRUN = [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc_per_node=2", "-m"]
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process `pid` started, children first (torchrun starts its workers in sessions of their own)."""
+    children = []
+    for tasks in Path(f"/proc/{pid}/task").glob("*/children"):
+        with contextlib.suppress(OSError):  # the process may be gone already
+            children += [int(child) for child in tasks.read_text().split()]
+    return [found for child in children for found in (child, *descendants(child))]
+
+
+def kill_tree(process: subprocess.Popen) -> None:
+    """SIGKILL a launcher and every process it started, then reap it."""
+    for pid in [process.pid, *descendants(process.pid)]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    process.wait()
 
 
 # ----------------------------------------------------------------------------- training workspaces

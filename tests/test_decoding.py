@@ -289,3 +289,91 @@ def test_decoding_uses_eval_mode_and_restores_training_mode() -> None:
     assert [h[0].tokens for h in first] == [h[0].tokens for h in second]
     assert model.training
     assert first[0][0].attention is not None and not first[0][0].attention.requires_grad
+
+
+def reference_greedy(model: Seq2SeqModel, src: torch.Tensor, max_len_a: float, max_len_b: float) -> Hypothesis:
+    """Greedy search written as plainly as possible: one sentence (1, S) without padding, one step at a time."""
+    limit = math.floor(src.size(1) * max_len_a + max_len_b)
+    if model.max_target_positions is not None:
+        limit = min(limit, model.max_target_positions - 1)
+    state, prev, tokens, score, rows = model.encode(src, torch.ones_like(src, dtype=torch.bool)), BOS, [], 0.0, []
+    for step in range(limit + 1):
+        log_probs, attention, state = model.decode_step(state, torch.tensor([prev]))
+        allowed = [EOS] if step == limit else [t for t in range(log_probs.size(-1)) if t not in (PAD, BOS)]
+        prev = max(allowed, key=lambda t: log_probs[0, t].item())
+        score += log_probs[0, prev].item()
+        rows.append(attention)
+        if prev == EOS:
+            break
+        tokens.append(prev)
+    return Hypothesis(tokens, score, None if rows[0] is None else torch.cat(rows))
+
+
+def reference_beam(model: Seq2SeqModel, src: torch.Tensor, beam: int, alpha: float, max_len_a: float,
+                   max_len_b: float, n_best: int) -> list[Hypothesis]:
+    """Beam search for one sentence (1, S) without padding, each beam decoded on its own: of the 2*beam best
+    extensions, EOS ones within the first `beam` finish (the best `beam` finished are kept), the first `beam`
+    others stay open; done when `beam` have finished and no open beam can beat the worst of them, or at the
+    length limit (where only EOS may follow)."""
+    limit = math.floor(src.size(1) * max_len_a + max_len_b)
+    if model.max_target_positions is not None:
+        limit = min(limit, model.max_target_positions - 1)
+    # An open beam: (raw score, tokens, attention rows, decoder state).
+    beams = [(0.0, [], [], model.encode(src, torch.ones_like(src, dtype=torch.bool)))]
+    finished: list[Hypothesis] = []
+    for step in range(limit + 1):
+        extensions = []
+        for raw, tokens, rows, state in beams:
+            log_probs, attention, next_state = model.decode_step(state, torch.tensor([tokens[-1] if tokens else BOS]))
+            allowed = [EOS] if step == limit else [t for t in range(log_probs.size(-1)) if t not in (PAD, BOS)]
+            extensions += [(raw + log_probs[0, t].item(), tokens, [*rows, attention], next_state, t) for t in allowed]
+        extensions = sorted(extensions, key=lambda e: e[0], reverse=True)[: 2 * beam]
+        penalty = length_penalty_factor(step + 1, alpha)
+        for raw, tokens, rows, _, token in extensions[:beam]:
+            if token == EOS:
+                attention = None if rows[0] is None else torch.cat(rows)
+                finished.append(Hypothesis(tokens, raw / penalty, attention))
+        finished = sorted(finished, key=lambda h: h.score, reverse=True)[:beam]
+        beams = [(raw, [*tokens, token], rows, state) for raw, tokens, rows, state, token in extensions
+                 if token != EOS][:beam]
+        best_open = max((raw for raw, *_ in beams), default=-math.inf) / penalty
+        if step == limit or (len(finished) == beam and best_open <= finished[-1].score):
+            break
+    return finished[:n_best]
+
+
+def ragged_outputs(results: list[list[Hypothesis]]) -> bool:
+    return len({len(h.tokens) for hypotheses in results for h in hypotheses}) > 2
+
+
+@pytest.mark.parametrize("name", ["markov", "rnn", "bahdanau", "transformer"])
+def test_batched_greedy_and_beam_equal_a_plain_reference(name: str) -> None:
+    """The batched search (padding, sentences leaving at different steps, beams reordered with state tensors
+    left in place) gives exactly the tokens, scores and attention of a one-sentence, one-beam-at-a-time search."""
+    model = searched_models()[name]
+    src, src_mask = source([7, 2, 5, 9, 4, 6], seed=11, vocab=9)
+    greedy = greedy_decode(model, src, src_mask, max_len_a=1.0, max_len_b=3)
+    beams = beam_search(model, src, src_mask, beam_size=3, length_penalty=0.6, max_len_a=1.0, max_len_b=3, n_best=2)
+    assert ragged_outputs([[h] for h in greedy]) and ragged_outputs(beams)
+    for i in range(src.size(0)):
+        sentence = src[i : i + 1, src_mask[i]]
+        expected = [reference_greedy(model, sentence, 1.0, 3)]
+        expected_beams = reference_beam(model, sentence, 3, 0.6, 1.0, 3, n_best=2)
+        for got, want in [*zip([greedy[i]], expected), *zip(beams[i], expected_beams, strict=True)]:
+            assert got.tokens == want.tokens
+            assert got.score == pytest.approx(want.score, abs=1e-4)
+            if want.attention is None:
+                assert got.attention is None
+            else:
+                torch.testing.assert_close(got.attention, want.attention, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("beam_size", [1, 3])
+def test_decoding_without_attention_gives_the_same_hypotheses(beam_size: int) -> None:
+    model = searched_models()["transformer"]
+    src, src_mask = source([6, 3, 8, 5], seed=2, vocab=9)
+    with_attention = decode(model, src, src_mask, beam_size, 0.6, 1.5, 4, n_best=beam_size)
+    without = decode(model, src, src_mask, beam_size, 0.6, 1.5, 4, n_best=beam_size, return_attention=False)
+    for kept, dropped in zip(with_attention, without, strict=True):
+        assert [(h.tokens, h.score) for h in kept] == [(h.tokens, h.score) for h in dropped]
+        assert all(h.attention is not None for h in kept) and all(h.attention is None for h in dropped)

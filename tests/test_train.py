@@ -6,12 +6,10 @@ The subprocess runs use tiny models (a few dozen steps, one CPU thread) so the w
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -28,19 +26,7 @@ from seq2seq.training.distributed import weights_digest
 from seq2seq.training.step import token_loss
 from seq2seq.training.state import average_state_dicts
 
-from conftest import Workspace
-
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m"]
-
-
-def descendants(pid: int) -> list[int]:
-    """Every process `pid` started, children first (torchrun starts its workers in sessions of their own)."""
-    children = []
-    for tasks in Path(f"/proc/{pid}/task").glob("*/children"):
-        with contextlib.suppress(OSError):  # the process may be gone already
-            children += [int(child) for child in tasks.read_text().split()]
-    return [found for child in children for found in (child, *descendants(child))]
-
+from conftest import TORCHRUN, Workspace, kill_tree
 
 def kill_after_first_checkpoint(process: subprocess.Popen, runs: Path) -> Path:
     """SIGKILL the run (a launcher and all its workers) as soon as it has written checkpoints/last.pt;
@@ -52,10 +38,7 @@ def kill_after_first_checkpoint(process: subprocess.Popen, runs: Path) -> Path:
             assert time.monotonic() < deadline, "no checkpoint within 5 minutes"
             time.sleep(0.05)
     finally:
-        for pid in [process.pid, *descendants(process.pid)]:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        process.wait()
+        kill_tree(process)
     (interrupted,) = [path.parent.parent for path in runs.glob("*/checkpoints/last.pt")]
     return interrupted
 

@@ -4,6 +4,13 @@ Both decode a whole batch of sentences at once (beam search as B*beam rows whose
 `map_state`). A sentence stops when it is done; finished sentences leave the batch, so long sentences do not
 make short ones pay. The only host synchronisation is one small transfer of per-sentence flags per step.
 
+What a step costs besides the model: the search keeps no growing per-row copies. Greedy writes each step's token
+(and attention row) into per-sentence buffers; beam search keeps, per step, the token and parent row of every open
+beam (and its attention row) and rebuilds a finished hypothesis by following parents back. Beam reordering skips
+the state tensors `decode_step` hands back unchanged (the same objects it was given: the encoder's memory and
+cross-attention keys and values), which are equal across the beams of a sentence and only need selecting when
+sentences leave. With `return_attention=False` no attention is kept at all.
+
 Lengths: a sentence with S real source tokens may produce at most floor(max_len_a * S + max_len_b) tokens
 (also capped by the model's `max_target_positions`); at that point EOS is forced, and its log-probability counts.
 PAD and BOS are never produced. The model is put in eval mode while decoding and handed back as it came.
@@ -19,19 +26,19 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from seq2seq.config import BEAM_SIZE, LENGTH_PENALTY, MAX_LEN_A, MAX_LEN_B  # the schema's decoding defaults
-from seq2seq.models.base import Seq2SeqModel, map_state
+from seq2seq.models.base import DecoderState, Seq2SeqModel, map_state
 
 
 @dataclass
 class Hypothesis:
     """One output: tokens without BOS/EOS, its score (see module doc) and attention (T, S) float32 on the CPU,
     T = len(tokens) + 1 rows (each token, then the final EOS step) and one column per real source position
-    (src_mask True); None for models without attention."""
+    (src_mask True); None for models without attention or when decoding was asked not to keep it."""
 
     tokens: list[int]
     score: float
@@ -55,26 +62,28 @@ def _eval_mode(model: Seq2SeqModel) -> Iterator[None]:
 
 
 def _max_lengths(model: Seq2SeqModel, src_mask: torch.Tensor, max_len_a: float, max_len_b: float) -> torch.Tensor:
-    """(B,) longest allowed output per sentence, in tokens before EOS."""
-    limits = torch.floor(src_mask.sum(dim=1) * max_len_a + max_len_b).long().clamp(min=0)
+    """(B,) longest allowed output per sentence, in tokens before EOS, on the CPU."""
+    limits = torch.floor(src_mask.sum(dim=1).cpu() * max_len_a + max_len_b).long().clamp(min=0)
     if model.max_target_positions is not None:  # BOS + tokens must fit the model's positions
         limits = limits.clamp(max=model.max_target_positions - 1)
     return limits
 
 
-def _restrict(log_probs: torch.Tensor, force_eos: torch.Tensor, model: Seq2SeqModel) -> torch.Tensor:
-    """Never produce PAD or BOS; rows where `force_eos` is True may only produce EOS."""
-    not_eos = torch.ones(log_probs.size(-1), dtype=torch.bool, device=log_probs.device)
-    not_eos[model.eos_id] = False
-    never = torch.zeros_like(not_eos)
+def _restrict(log_probs: torch.Tensor, forced: torch.Tensor, model: Seq2SeqModel) -> torch.Tensor:
+    """Never produce PAD or BOS; rows where `forced` (a CPU bool vector) is True may only produce EOS."""
+    never = torch.zeros(log_probs.size(-1), dtype=torch.bool, device=log_probs.device)
     never[[model.pad_id, model.bos_id]] = True
-    return log_probs.masked_fill((force_eos.unsqueeze(1) & not_eos) | never, float("-inf"))
+    restricted = log_probs.masked_fill(never, float("-inf"))
+    if bool(forced.any()):
+        rows = forced.nonzero().squeeze(1).to(log_probs.device)
+        eos = restricted[rows, model.eos_id]
+        restricted[rows] = float("-inf")
+        restricted[rows, model.eos_id] = eos
+    return restricted
 
 
-def _attention_rows(attention: torch.Tensor | None, length: int, src_mask: torch.Tensor) -> torch.Tensor | None:
-    if attention is None:
-        return None
-    return attention[:length][:, src_mask].float().cpu()
+def _select(state: DecoderState, index: torch.Tensor) -> DecoderState:
+    return map_state(state, lambda t: t.index_select(0, index))
 
 
 @torch.inference_mode()
@@ -84,53 +93,56 @@ def greedy_decode(
     src_mask: torch.Tensor,
     max_len_a: float = MAX_LEN_A,
     max_len_b: float = MAX_LEN_B,
+    return_attention: bool = True,
 ) -> list[Hypothesis]:
     """Pick the most probable token at every step; one hypothesis per sentence, in input order."""
     if src.size(0) == 0:
         return []
     with _eval_mode(model):
-        batch = src.size(0)
-        device = src.device
+        batch, device = src.size(0), src.device
         limits = _max_lengths(model, src_mask, max_len_a, max_len_b)
+        width = int(limits.max()) + 1  # longest possible output, EOS step included
         state = model.encode(src, src_mask)
-        rows = torch.arange(batch, device=device)  # sentence of each active row
+        rows = torch.arange(batch)  # sentence of each active row, on the CPU
+        rows_on_device = rows.to(device)
         prev = torch.full((batch,), model.bos_id, dtype=torch.long, device=device)
         scores = torch.zeros(batch, device=device)
-        tokens = torch.empty(batch, 0, dtype=torch.long, device=device)
-        history: torch.Tensor | None = None
-        results: list[Hypothesis | None] = [None] * batch
-        step = 0
-        while rows.numel():
+        tokens = torch.full((batch, width), model.pad_id, dtype=torch.long, device=device)  # by sentence
+        attention_buffer: torch.Tensor | None = None  # (batch, width, S) by sentence
+        lengths = [0] * batch  # steps taken by each sentence, its EOS step included
+        final_scores = [0.0] * batch
+        for step in range(width):
             log_probs, attention, state = model.decode_step(state, prev)
-            log_probs = _restrict(log_probs, step >= limits, model)
-            best, prev = log_probs.max(dim=-1)
+            best, prev = _restrict(log_probs, limits[rows] <= step, model).max(dim=-1)
             scores = scores + best
-            tokens = torch.cat([tokens, prev.unsqueeze(1)], dim=1)
-            if attention is not None:
-                step_attention = attention.float().unsqueeze(1)
-                history = step_attention if history is None else torch.cat([history, step_attention], dim=1)
+            tokens[:, step].index_copy_(0, rows_on_device, prev)
+            if attention is not None and return_attention:
+                if attention_buffer is None:
+                    attention_buffer = torch.zeros(batch, width, attention.size(-1), device=device)
+                attention_buffer[:, step].index_copy_(0, rows_on_device, attention.float())
             finished = (prev == model.eos_id).cpu()
-            step += 1
             if not finished.any():
                 continue
-            finished_rows = finished.nonzero().squeeze(1).tolist()
-            sentence_ids = rows.cpu().tolist()
-            row_tokens, row_scores = tokens.cpu(), scores.cpu()
-            for row in finished_rows:
-                sentence = sentence_ids[row]
-                results[sentence] = Hypothesis(
-                    tokens=row_tokens[row, :-1].tolist(),
-                    score=float(row_scores[row]),
-                    attention=_attention_rows(
-                        history[row] if history is not None else None, step, src_mask[sentence]
-                    ),
-                )
-            keep = (~finished).nonzero().squeeze(1).to(device)
-            state = map_state(state, lambda t: t.index_select(0, keep))
-            rows, prev, scores, tokens, limits = (t.index_select(0, keep) for t in (rows, prev, scores, tokens, limits))
-            if history is not None:
-                history = history.index_select(0, keep)
-        return results  # type: ignore[return-value]
+            finished_rows = finished.nonzero().squeeze(1)
+            for sentence, score in zip(rows[finished_rows].tolist(), scores.cpu()[finished_rows].tolist()):
+                lengths[sentence], final_scores[sentence] = step + 1, score
+            if bool(finished.all()):
+                break
+            keep = (~finished).nonzero().squeeze(1)
+            rows = rows[keep]
+            keep = keep.to(device)
+            rows_on_device, prev, scores = (t.index_select(0, keep) for t in (rows_on_device, prev, scores))
+            state = _select(state, keep)
+        token_lists = tokens.cpu().tolist()
+        return [
+            Hypothesis(
+                tokens=token_lists[i][: lengths[i] - 1],
+                score=final_scores[i],
+                attention=None if attention_buffer is None
+                else attention_buffer[i, : lengths[i]][:, src_mask[i]].cpu(),
+            )
+            for i in range(batch)
+        ]
 
 
 @torch.inference_mode()
@@ -143,6 +155,7 @@ def beam_search(
     max_len_a: float = MAX_LEN_A,
     max_len_b: float = MAX_LEN_B,
     n_best: int = 1,
+    return_attention: bool = True,
 ) -> list[list[Hypothesis]]:
     """Beam search over all sentences at once; per sentence the `n_best` best hypotheses, best first.
 
@@ -159,132 +172,162 @@ def beam_search(
     if src.size(0) == 0:
         return []
     with _eval_mode(model):
-        return _beam_search(model, src, src_mask, beam_size, length_penalty, max_len_a, max_len_b, n_best)
+        search = _BeamSearch(model, src, src_mask, beam_size, length_penalty, n_best, return_attention)
+        return search.run(_max_lengths(model, src_mask, max_len_a, max_len_b))
 
 
-def _beam_search(
-    model: Seq2SeqModel,
-    src: torch.Tensor,
-    src_mask: torch.Tensor,
-    beam: int,
-    alpha: float,
-    max_len_a: float,
-    max_len_b: float,
-    n_best: int,
-) -> list[list[Hypothesis]]:
-    batch, device = src.size(0), src.device
-    limits = _max_lengths(model, src_mask, max_len_a, max_len_b)
-    width = int(limits.max()) + 1  # longest possible history, EOS step included
-    state = map_state(model.encode(src, src_mask), lambda t: t.repeat_interleave(beam, dim=0))
+class _StateReorder:
+    """Reorders beam rows of the decoder state, skipping the tensors known to be equal across a sentence's beams.
 
-    # Per active sentence (N of them) and per active row (N * beam).
-    sentences = torch.arange(batch, device=device)
-    beam_scores = torch.full((batch, beam), float("-inf"), device=device)
-    beam_scores[:, 0] = 0.0  # all beams start identical: open only one so they do not duplicate each other
-    tokens = torch.empty(batch * beam, 0, dtype=torch.long, device=device)
-    prev = torch.full((batch * beam,), model.bos_id, dtype=torch.long, device=device)
-    history: torch.Tensor | None = None  # (N * beam, step, S) attention of each open beam
-    pool_scores = torch.full((batch, beam), float("-inf"), device=device)  # finished, normalised, best first
-    pool_lengths = torch.zeros(batch, beam, dtype=torch.long, device=device)
-    pool_tokens = torch.full((batch, beam, width), model.pad_id, dtype=torch.long, device=device)
-    pool_attention: torch.Tensor | None = None
-    results: list[list[Hypothesis]] = [[] for _ in range(batch)]
-    ranks = torch.arange(2 * beam, device=device)
+    Those are the encoder's state expanded to the beams, for as long as `decode_step` hands each back as the very
+    object it was given; the objects are held here, so their ids cannot be reused by new tensors."""
 
-    for step in range(width):
-        n = sentences.numel()
-        log_probs, attention, state = model.decode_step(state, prev)
-        vocab = log_probs.size(-1)
-        log_probs = _restrict(log_probs, (step >= limits).repeat_interleave(beam), model)
-        candidates = (beam_scores.view(-1, 1) + log_probs).view(n, beam * vocab)
-        top_scores, top_index = candidates.topk(2 * beam, dim=1)
-        top_beam, top_token = top_index // vocab, top_index % vocab
-        is_eos = top_token == model.eos_id
-        parents = top_beam + torch.arange(n, device=device).unsqueeze(1) * beam  # rows in the flat batch
+    def __init__(self, state: DecoderState) -> None:
+        self.invariant = {id(t): t for t in _leaves(state)}
 
-        # Finished candidates (EOS within the top `beam`) compete with the pool for its `beam` places.
-        finishing = (is_eos & top_scores.isfinite())[:, :beam]
-        new_scores = torch.where(finishing, top_scores[:, :beam] / length_penalty_factor(step + 1, alpha), -torch.inf)
-        merged_scores, merged_index = torch.cat([pool_scores, new_scores], dim=1).topk(beam, dim=1)
+    def reorder(self, state: DecoderState, rows: torch.Tensor) -> DecoderState:
+        """Beams move within their sentence: invariant tensors stay as they are."""
+        self.invariant = {id(t): t for t in _leaves(state) if id(t) in self.invariant}
+        return map_state(state, lambda t: t if id(t) in self.invariant else t.index_select(0, rows))
 
-        # The `beam` best non-EOS candidates stay open.
-        keep_order = (ranks + is_eos * 2 * beam).topk(beam, dim=1, largest=False).indices
-        beam_scores = top_scores.gather(1, keep_order)
-        open_parents = parents.gather(1, keep_order).view(-1)
-        prev = top_token.gather(1, keep_order).view(-1)
+    def select(self, state: DecoderState, rows: torch.Tensor) -> DecoderState:
+        """Whole sentences leave: every tensor is selected, invariant ones stay invariant."""
+        kept: dict[int, torch.Tensor] = {}
 
-        best_open = beam_scores.max(dim=1).values / length_penalty_factor(step + 1, alpha)
-        done = (merged_scores[:, -1].isfinite() & (best_open <= merged_scores[:, -1])) | (step >= limits)
-        flags = torch.cat([done, finishing.any().view(1)]).cpu()  # the step's one host synchronisation
-        done_cpu, any_finishing = flags[:-1], bool(flags[-1])
+        def pick(t: torch.Tensor) -> torch.Tensor:
+            selected = t.index_select(0, rows)
+            if id(t) in self.invariant:
+                kept[id(selected)] = selected
+            return selected
 
-        if attention is not None:
-            attention = attention.float()
-        if any_finishing:
-            parent_rows = parents[:, :beam]
-            candidate_tokens = F.pad(tokens[parent_rows.reshape(-1)], (0, width - step), value=model.pad_id)
-            all_tokens = torch.cat([pool_tokens, candidate_tokens.view(n, beam, width)], dim=1)
-            pool_tokens = all_tokens.gather(1, merged_index.unsqueeze(-1).expand(-1, -1, width))
-            all_lengths = torch.cat([pool_lengths, torch.full_like(pool_lengths, step)], dim=1)
-            pool_lengths = all_lengths.gather(1, merged_index)
-            if attention is not None:
-                source_len = attention.size(-1)
-                if pool_attention is None:
-                    pool_attention = attention.new_zeros(n, beam, width, source_len)
-                finished_history = attention[parent_rows.reshape(-1)].unsqueeze(1)  # the EOS step's row
-                if history is not None:
-                    finished_history = torch.cat([history[parent_rows.reshape(-1)], finished_history], dim=1)
-                finished_history = F.pad(finished_history, (0, 0, 0, width - step - 1)).view(n, beam, width, source_len)
-                all_attention = torch.cat([pool_attention, finished_history], dim=1)
-                index = merged_index[:, :, None, None].expand(-1, -1, width, source_len)
-                pool_attention = all_attention.gather(1, index)
-        pool_scores = merged_scores
+        state = map_state(state, pick)
+        self.invariant = kept
+        return state
 
-        tokens = torch.cat([tokens.index_select(0, open_parents), prev.unsqueeze(1)], dim=1)
-        state = map_state(state, lambda t: t.index_select(0, open_parents))
-        if attention is not None:
-            step_attention = attention.index_select(0, open_parents).unsqueeze(1)
-            history = step_attention if history is None else torch.cat([history.index_select(0, open_parents),
-                                                                        step_attention], dim=1)
 
-        if not done_cpu.any():
-            continue
-        finished_sentences = done_cpu.nonzero().squeeze(1)
-        scores_cpu, lengths_cpu = pool_scores.cpu(), pool_lengths.cpu()
-        tokens_cpu = pool_tokens[finished_sentences.to(device)].cpu()
-        ids = sentences.cpu()
-        for j, i in enumerate(finished_sentences.tolist()):
-            sentence = int(ids[i])
-            for k in range(n_best):
-                score = float(scores_cpu[i, k])
+def _leaves(state: Any) -> list[torch.Tensor]:
+    found: list[torch.Tensor] = []
+    map_state(state, lambda t: found.append(t) or t)
+    return found
+
+
+class _BeamSearch:
+    """One batch of beam search. Rows are numbered afresh at every step; per step the search records each open
+    row's token and parent row (`tokens[t][r]`, `parents[t][r]`: row r of step t + 1 extended row parents[t][r]
+    of step t with tokens[t][r]) and, when kept, every row's attention, so finished hypotheses are only
+    (step, row) pairs until their sentence is done."""
+
+    def __init__(self, model: Seq2SeqModel, src: torch.Tensor, src_mask: torch.Tensor, beam: int, alpha: float,
+                 n_best: int, return_attention: bool) -> None:
+        self.model, self.src_mask, self.beam, self.alpha, self.n_best = model, src_mask, beam, alpha, n_best
+        self.return_attention = return_attention
+        self.device = src.device
+        self.encoded = model.encode(src, src_mask)
+        self.tokens: list[list[int]] = []
+        self.parents: list[list[int]] = []
+        self.attention: list[torch.Tensor] = []
+
+    def run(self, limits: torch.Tensor) -> list[list[Hypothesis]]:
+        model, beam, device, alpha = self.model, self.beam, self.device, self.alpha
+        batch = limits.size(0)
+        width = int(limits.max()) + 1  # longest possible history, EOS step included
+        state = map_state(self.encoded, lambda t: t.repeat_interleave(beam, dim=0))
+        reorder = _StateReorder(state)
+        sentences = torch.arange(batch)  # per active sentence (N of them), on the CPU
+        beam_scores = torch.full((batch, beam), float("-inf"), device=device)
+        beam_scores[:, 0] = 0.0  # all beams start identical: open only one so they do not duplicate each other
+        prev = torch.full((batch * beam,), model.bos_id, dtype=torch.long, device=device)
+        pool_scores = torch.full((batch, beam), float("-inf"), device=device)  # finished, normalised, best first
+        pool_steps = torch.zeros(batch, beam, dtype=torch.long, device=device)  # the step that produced EOS
+        pool_rows = torch.zeros(batch, beam, dtype=torch.long, device=device)  # the row that did, at that step
+        results: list[list[Hypothesis]] = [[] for _ in range(batch)]
+        ranks = torch.arange(2 * beam, device=device)
+
+        for step in range(width):
+            n = sentences.numel()
+            log_probs, attention, state = model.decode_step(state, prev)
+            if attention is not None and self.return_attention:
+                self.attention.append(attention.float())
+            vocab = log_probs.size(-1)
+            log_probs = _restrict(log_probs, (limits[sentences] <= step).repeat_interleave(beam), model)
+            candidates = (log_probs + beam_scores.view(-1, 1)).view(n, beam * vocab)
+            top_scores, top_index = candidates.topk(2 * beam, dim=1)
+            top_beam, top_token = top_index // vocab, top_index % vocab
+            is_eos = top_token == model.eos_id
+            parents = top_beam + torch.arange(n, device=device).unsqueeze(1) * beam  # rows in the flat batch
+
+            # Finished candidates (EOS within the top `beam`) compete with the pool for its `beam` places.
+            finishing = (is_eos & top_scores.isfinite())[:, :beam]
+            new_scores = torch.where(finishing, top_scores[:, :beam] / length_penalty_factor(step + 1, alpha),
+                                     -torch.inf)
+            merged_scores, merged_index = torch.cat([pool_scores, new_scores], dim=1).topk(beam, dim=1)
+
+            # The `beam` best non-EOS candidates stay open.
+            keep_order = (ranks + is_eos * 2 * beam).topk(beam, dim=1, largest=False).indices
+            beam_scores = top_scores.gather(1, keep_order)
+            open_parents = parents.gather(1, keep_order).view(-1)
+            prev = top_token.gather(1, keep_order).view(-1)
+
+            best_open = beam_scores.max(dim=1).values / length_penalty_factor(step + 1, alpha)
+            converged = merged_scores[:, -1].isfinite() & (best_open <= merged_scores[:, -1])
+            flags = torch.cat([converged, finishing.any().view(1)]).cpu()  # the step's one host synchronisation
+            done, any_finishing = flags[:-1] | (limits[sentences] <= step), bool(flags[-1])
+
+            if any_finishing:
+                pool_steps = torch.cat([pool_steps, torch.full_like(pool_steps, step)], dim=1).gather(1, merged_index)
+                pool_rows = torch.cat([pool_rows, parents[:, :beam]], dim=1).gather(1, merged_index)
+            pool_scores = merged_scores
+            state = reorder.reorder(state, open_parents)
+
+            if done.any():
+                finished = done.nonzero().squeeze(1)
+                self._collect(results, sentences[finished].tolist(), *(
+                    t.index_select(0, finished.to(device)).cpu() for t in (pool_scores, pool_steps, pool_rows)
+                ))
+                if bool(done.all()):
+                    break
+                keep = (~done).nonzero().squeeze(1)
+                sentences = sentences[keep]
+                keep = keep.to(device)
+                keep_rows = (keep.unsqueeze(1) * beam + torch.arange(beam, device=device)).view(-1)
+                beam_scores, pool_scores, pool_steps, pool_rows = (
+                    t.index_select(0, keep) for t in (beam_scores, pool_scores, pool_steps, pool_rows)
+                )
+                state = reorder.select(state, keep_rows)
+                open_parents, prev = open_parents.index_select(0, keep_rows), prev.index_select(0, keep_rows)
+            self.tokens.append(prev.tolist())
+            self.parents.append(open_parents.tolist())
+        return results
+
+    def _collect(self, results: list[list[Hypothesis]], sentences: list[int], scores: torch.Tensor,
+                 steps: torch.Tensor, rows: torch.Tensor) -> None:
+        """Rebuild the `n_best` best finished hypotheses of each done sentence from their (step, row) pairs."""
+        for j, sentence in enumerate(sentences):
+            for k in range(self.n_best):
+                score = float(scores[j, k])
                 if score == float("-inf"):
                     break
-                length = int(lengths_cpu[i, k])
+                path = self._path(int(steps[j, k]), int(rows[j, k]))
                 results[sentence].append(
                     Hypothesis(
-                        tokens=tokens_cpu[j, k, :length].tolist(),
+                        tokens=[self.tokens[t][path[t + 1]] for t in range(len(path) - 1)],
                         score=score,
-                        attention=_attention_rows(
-                            pool_attention[i, k] if pool_attention is not None else None,
-                            length + 1,
-                            src_mask[sentence],
-                        ),
+                        attention=self._attention(path, sentence),
                     )
                 )
-        if bool(done_cpu.all()):
-            break
-        keep = (~done_cpu).nonzero().squeeze(1).to(device)
-        keep_rows = (keep.unsqueeze(1) * beam + torch.arange(beam, device=device)).view(-1)
-        sentences, limits, beam_scores, pool_scores, pool_lengths, pool_tokens = (
-            t.index_select(0, keep) for t in (sentences, limits, beam_scores, pool_scores, pool_lengths, pool_tokens)
-        )
-        if pool_attention is not None:
-            pool_attention = pool_attention.index_select(0, keep)
-        state = map_state(state, lambda t: t.index_select(0, keep_rows))
-        tokens, prev = tokens.index_select(0, keep_rows), prev.index_select(0, keep_rows)
-        if history is not None:
-            history = history.index_select(0, keep_rows)
-    return results
+
+    def _path(self, step: int, row: int) -> list[int]:
+        """Rows of a hypothesis that produced EOS from `row` at `step`, at steps 0..step."""
+        path = [row]
+        for t in range(step - 1, -1, -1):
+            path.append(self.parents[t][path[-1]])
+        return path[::-1]
+
+    def _attention(self, path: list[int], sentence: int) -> torch.Tensor | None:
+        if not self.attention:
+            return None
+        rows = torch.stack([self.attention[t][row] for t, row in enumerate(path)])
+        return rows[:, self.src_mask[sentence]].cpu()
 
 
 def decode(
@@ -296,10 +339,12 @@ def decode(
     max_len_a: float,
     max_len_b: float,
     n_best: int = 1,
+    return_attention: bool = True,
 ) -> list[list[Hypothesis]]:
     """Greedy when beam_size == 1 (cheaper, same result), beam search otherwise; n_best lists in input order."""
     if beam_size == 1:
         if n_best != 1:
             raise ValueError(f"n_best={n_best} needs beam_size >= n_best, but beam_size is 1")
-        return [[hypothesis] for hypothesis in greedy_decode(model, src, src_mask, max_len_a, max_len_b)]
-    return beam_search(model, src, src_mask, beam_size, length_penalty, max_len_a, max_len_b, n_best)
+        return [[h] for h in greedy_decode(model, src, src_mask, max_len_a, max_len_b, return_attention)]
+    return beam_search(model, src, src_mask, beam_size, length_penalty, max_len_a, max_len_b, n_best,
+                       return_attention)

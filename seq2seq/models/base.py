@@ -67,7 +67,9 @@ class Seq2SeqModel(nn.Module):
         self, state: DecoderState, prev_tokens: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor | None, DecoderState]:
         """One incremental step: prev_tokens (B,) -> float32 log-probabilities (B, V), attention over source
-        (B, S) or None, and the next state. Feeding BOS, y1, y2, ... reproduces `forward` position by position."""
+        (B, S) or None, and the next state. Feeding BOS, y1, y2, ... reproduces `forward` position by position.
+        State tensors are never modified in place: what changes is a new tensor, and what does not (the encoder's
+        memory) is handed back as the same object, which beam search then does not reorder."""
         raise NotImplementedError
 
     def forward(

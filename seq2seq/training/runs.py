@@ -20,6 +20,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -100,7 +101,7 @@ def remove_if_empty(folder: Path) -> None:
 def share_main_rank_folder(run_dir: Path) -> Path:
     """Under torchrun every process composed a folder of its own (the pid differs): all follow rank 0's, and the
     others take back theirs, which Hydra created empty."""
-    shared = Path(distributed.broadcast_object(str(run_dir)))
+    shared = Path(distributed.broadcast_object(str(run_dir), "rank 0's run folder"))
     if shared != run_dir:
         remove_if_empty(run_dir)
     return shared
@@ -203,11 +204,14 @@ class TrainingInterrupted(Exception):
 
 class StopSignals:
     """SIGINT and SIGTERM (Ctrl-C, schedulers, torchrun) ask the training loop to stop after the current step
-    and save; a second Ctrl-C stops at once."""
+    and save; a second Ctrl-C stops at once. Where nothing is left to save (a rank waiting for the others, the
+    end-of-training work), `at_once` makes a signal stop the process where it is: a worker whose peer hangs
+    or died still ends on SIGTERM."""
 
     def __init__(self) -> None:
         self.received: int | None = None
         self._previous: dict[int, Any] = {}
+        self._at_once: tuple[str, Path] | None = None
 
     def __enter__(self) -> StopSignals:
         for number in (signal.SIGINT, signal.SIGTERM):
@@ -218,7 +222,29 @@ class StopSignals:
         for number, handler in self._previous.items():
             signal.signal(number, handler)
 
+    @contextlib.contextmanager
+    def at_once(self, doing: str, checkpoint: Path) -> Iterator[None]:
+        """Inside, a signal (or one received before) raises TrainingInterrupted at once, saying it stopped
+        `doing`; `checkpoint`, already written, is where the run continues."""
+        outer, self._at_once = self._at_once, (doing, checkpoint)
+        try:
+            if self.received is not None:
+                self._interrupt(self.received)
+            yield
+        finally:
+            self._at_once = outer
+
+    def _interrupt(self, number: int) -> None:
+        doing, checkpoint = self._at_once
+        raise TrainingInterrupted(
+            f"{signal.Signals(number).name} stopped {doing}; checkpoints up to {checkpoint} are saved", checkpoint,
+            128 + number,
+        )
+
     def _handle(self, number: int, frame: object) -> None:
+        if self._at_once is not None:
+            self.received = number
+            self._interrupt(number)
         if self.received is not None and number == signal.SIGINT:
             raise KeyboardInterrupt
         self.received = number

@@ -34,8 +34,11 @@ class TrainState:
     position: int = 0  # batches of that epoch already consumed
     best_bleu: float = -math.inf
     best_step: int = 0
+    best_loss: float = math.inf  # validation loss of best.pt: breaks ties in BLEU
+    best_averaged: bool = False  # best.pt holds the average of the last validations' weights
     validations_since_best: int = 0
     nonfinite_steps: int = 0
+    out_of_memory_steps: int = 0  # windows skipped because a batch did not fit in memory
     elapsed_seconds: float = 0.0  # wall clock of training (validations included), summed over sessions
     validation_seconds: float = 0.0
     tokens: int = 0  # target tokens trained on, all ranks

@@ -8,6 +8,11 @@ The loss of a window (the accumulated micro-batches of one update) is its summed
 the target tokens of the window on ALL ranks, times the world size: DDP averages gradients over ranks, so the
 update is the gradient of the global per-token mean (as if one process had seen every rank's batches), whatever
 the ranks' token counts.
+
+A batch that runs out of memory is skipped, not fatal: the window's gradients are dropped, the update is not
+made, and the trainer counts and logs it. Under DDP the ranks first agree (a host-side all-reduce of the flag
+before each backward), so all skip the same window; an out-of-memory error inside the backward that all-reduces
+the gradients cannot be recovered and propagates.
 """
 
 from __future__ import annotations
@@ -48,7 +53,11 @@ def wrap_model(model: Seq2SeqModel, device: torch.device, data_parallel: bool, c
     """The module the step runs forward through: DDP across ranks, then torch.compile when asked."""
     module: torch.nn.Module = model
     if data_parallel:
-        module = DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
+        # The models' only buffers are constant tables (sinusoidal positions): no broadcast before each forward,
+        # so a forward is never a collective (and one rank's out-of-memory forward cannot desynchronise them).
+        module = DistributedDataParallel(
+            module, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False
+        )
     if compile:
         module = torch.compile(module, dynamic=True)  # batch shapes change every step
     return module
@@ -63,6 +72,8 @@ class StepResult:
     grad_norm: torch.Tensor
     finite: torch.Tensor
     nonfinite: torch.Tensor  # 1.0 when the step was an anomaly (non-finite loss, or gradient without a scaler)
+    out_of_memory: bool = False  # the window was skipped (no update): a batch did not fit, on this rank or another
+    failed_batch: str = ""  # the shape of this rank's batch that did not fit (empty when another rank's did not)
 
 
 @dataclass
@@ -144,19 +155,58 @@ class TrainStep:
         for i, batch in enumerate(window):
             with phase("data"):
                 batch = self.move(batch)
-            skip_sync = data_parallel and i < len(window) - 1  # all-reduce gradients once, after the last
-            with self._unwrapped().no_sync() if skip_sync else contextlib.nullcontext():
-                with phase("forward"):
-                    loss, loss_sum = self.forward(batch, normaliser)
-                with phase("backward"):
-                    self.backward(loss)
-            window_loss += loss_sum.detach()
+            all_reduces = data_parallel and i == len(window) - 1  # DDP all-reduces gradients in this backward
+            with self._unwrapped().no_sync() if data_parallel and not all_reduces else contextlib.nullcontext():
+                loss = self._forward_backward(batch, normaliser, window_loss, phase, backward=not all_reduces)
+                ran_out = loss is None
+                if data_parallel:
+                    ran_out = distributed.any_rank(ran_out, "the other ranks' out-of-memory check")
+                if ran_out:
+                    failed_batch = describe(batch) if loss is None else ""
+                    del loss  # its graph holds the batch's activations
+                    return self._skip(failed_batch, data_parallel)
+                if all_reduces:
+                    with phase("backward"):
+                        self.backward(loss)
         with phase("optimizer"):
             grad_norm, finite, nonfinite = self.update(window_loss)
         return StepResult(window_loss, window_tokens, grad_norm, finite, nonfinite)
 
+    def _forward_backward(self, batch: Batch, normaliser: float | torch.Tensor, window_loss: torch.Tensor,
+                          phase: PhaseTimer, backward: bool) -> torch.Tensor | None:
+        """Forward (and backward, unless it is DDP's all-reducing one) of one batch, its summed loss added to
+        `window_loss` -> the loss to back-propagate, or None when the batch ran out of memory."""
+        try:
+            with phase("forward"):
+                loss, loss_sum = self.forward(batch, normaliser)
+            if backward:
+                with phase("backward"):
+                    self.backward(loss)
+        except torch.OutOfMemoryError:
+            return None  # leaving the handler frees the traceback and with it the batch's activations
+        window_loss += loss_sum.detach()
+        return loss
+
+    def _skip(self, failed_batch: str, data_parallel: bool) -> StepResult:
+        """Drop the window's gradients and hand the memory back; no update, no schedule step."""
+        self.optimizer.zero_grad(set_to_none=True)
+        if data_parallel:
+            # A rank whose all-reducing forward succeeded now expects its backward; every rank resets DDP's
+            # reducer alike, as DDP itself does when its process group changes (`_update_process_group`).
+            self._unwrapped().reducer._reset_state()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        zero = torch.zeros((), device=self.device)
+        return StepResult(zero, 0, zero, torch.zeros((), dtype=torch.bool, device=self.device), zero,
+                          out_of_memory=True, failed_batch=failed_batch)
+
     def _unwrapped(self) -> torch.nn.Module:
         return getattr(self.train_model, "_orig_mod", self.train_model)  # under torch.compile
+
+
+def describe(batch: Batch) -> str:
+    """A batch's shape as a log line gives it: sentences x padded source / target positions."""
+    return f"{batch.size} sentences x {batch.src.size(1)} source / {batch.tgt_in.size(1)} target positions"
 
 
 class IntervalStats:

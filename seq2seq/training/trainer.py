@@ -1,7 +1,9 @@
 """The training loop: token-budget batches, validation with BLEU, checkpoints, the final test.
 
 One `Trainer` runs on every rank. All ranks train; rank 0 alone logs, validates, decodes and writes files while
-the others wait at a barrier, and every decision to stop is broadcast from rank 0 so ranks never disagree.
+the others wait at a barrier, and every decision to stop is broadcast from rank 0 so ranks never disagree. What
+rank 0 does alone runs inside `distributed.main_rank_only`, so a collective there fails at once instead of
+hanging the run; the end of training (averaging, test, results.json) is a phase of every rank like the others.
 
 The update itself is `step.TrainStep` (no host synchronisation inside); the loop reads the interval's device-side
 statistics only every `log_every` steps. Throughput (train/tokens_per_s, results.json) counts target tokens
@@ -12,6 +14,7 @@ state `runtime.py`'s.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import logging
@@ -20,6 +23,8 @@ import os
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import asdict
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +47,7 @@ from seq2seq.runtime import (
     RuntimeSettingError, configure_device, resolve_device, resolve_precision, rng_state,
     seed_everything, set_rng_state,
 )
-from seq2seq.training.step import IntervalStats, TrainStep
+from seq2seq.training.step import IntervalStats, StepResult, TrainStep, describe
 from seq2seq.training.state import AveragingHistory, Training, TrainState
 from seq2seq.training.validation import Evaluator
 
@@ -81,7 +86,10 @@ class Trainer:
             self.precision = resolve_precision(self.tcfg.precision, self.device)
         except RuntimeSettingError as error:
             raise ConfigError(str(error)) from error
-        self.dist = distributed.init_distributed(self.device.type)
+        self.dist = distributed.init_distributed(
+            self.device.type, timedelta(minutes=float(self.tcfg.collective_timeout_minutes))
+        )
+        self._stops: StopSignals | None = None  # set by `fit`
         self.is_main = self.dist.is_main
         if self.dist.enabled:
             self.run_dir = share_main_rank_folder(self.run_dir)
@@ -110,7 +118,7 @@ class Trainer:
 
         self.loader = make_loader(
             self.data.splits["train"], int(self.tcfg.max_tokens), shuffle=True, seed=int(self.tcfg.seed),
-            rank=self.dist.rank, world_size=self.dist.world_size,
+            rank=self.dist.rank, world_size=self.dist.world_size, pad_multiple=int(self.tcfg.pad_multiple),
         )
         self.sampler: TokenBatchSampler = self.loader.batch_sampler
         self.accumulate = int(self.tcfg.accumulate)
@@ -157,13 +165,13 @@ class Trainer:
     def _prepare_data(self) -> PreparedData:
         """Rank 0 builds the tokenized cache first; the other ranks then load it instead of racing to build it."""
         if not self.is_main:
-            distributed.barrier()
+            distributed.barrier("rank 0's data preparation")
         try:
             prepared = prepare_data(self.cfg, log=log.info if self.is_main else lambda message: None)
         except ValueError as error:  # e.g. a vocabulary too small for the corpus' characters
             raise ConfigError(f"cannot prepare data={self.cfg.data.name}: {error}") from error
         if self.is_main:
-            distributed.barrier()
+            distributed.barrier("rank 0's data preparation")
         return prepared
 
     def _total_steps(self) -> int | None:
@@ -179,7 +187,9 @@ class Trainer:
 
     def _rng_states(self) -> list[dict[str, Any]]:
         """Every rank's RNG states (global ones and its DataLoader's), in rank order."""
-        return distributed.all_gather_object(rng_state({"train_loader": self.loader.generator}))
+        return distributed.all_gather_object(
+            rng_state({"train_loader": self.loader.generator}), f"every rank's random state at step {self.state.step}"
+        )
 
     def _resume(self, path: Path) -> None:
         self.state, rng = self.training.restore(path)
@@ -232,8 +242,8 @@ class Trainer:
         stats = self.interval
         totals = torch.stack([stats.loss_sum, torch.tensor(float(stats.tokens), device=self.device)])
         anomalies = torch.stack([stats.nonfinite, stats.streak_max])
-        distributed.all_reduce(totals, "sum")
-        distributed.all_reduce(anomalies, "max")
+        distributed.all_reduce(totals, f"the training statistics of step {self.state.step}", "sum")
+        distributed.all_reduce(anomalies, f"the non-finite counts of step {self.state.step}", "max")
         loss_sum, tokens = totals.tolist()
         nonfinite, streak_max = (int(v) for v in anomalies.tolist())
         finite_steps = stats.finite_steps.item()
@@ -283,22 +293,43 @@ class Trainer:
         limit = self.tcfg.time_limit_minutes
         return bool(limit) and self._elapsed() >= float(limit) * 60
 
-    def _budget_reached(self) -> bool:
+    def _completed_by(self) -> str | None:
+        """The limit a resumed run has already reached (it is finished), or None."""
         if self.tcfg.max_steps and self.state.step >= int(self.tcfg.max_steps):
-            return True
-        return bool(self.tcfg.max_epochs) and self.state.epoch >= int(self.tcfg.max_epochs)
+            return "max_steps"
+        if self.tcfg.max_epochs and self.state.epoch >= int(self.tcfg.max_epochs):
+            return "max_epochs"
+        if self._time_is_up():
+            return "time_limit_minutes"
+        if self.tcfg.patience and self.state.validations_since_best >= int(self.tcfg.patience):
+            return "patience"
+        return None
 
     def _save_last(self) -> Path:
         """Write checkpoints/last.pt at the current step without validating (interrupts, save_every_minutes)."""
         rng_states = self._rng_states()
         path = self.ckpt_dir / "last.pt"
         if self.is_main:
-            self.state.elapsed_seconds = self._elapsed()
-            save_checkpoint(path, self.training.payload(self.state, rng_states, {}))
-            log.info("step %d: saved %s", self.state.step, path)
-        distributed.barrier()
+            with distributed.main_rank_only(f"saving {path}"):
+                self.state.elapsed_seconds = self._elapsed()
+                save_checkpoint(path, self.training.payload(self.state, rng_states, {}))
+                log.info("step %d: saved %s", self.state.step, path)
+        distributed.barrier(f"rank 0 to save last.pt at step {self.state.step}")
         self._saved_at = time.perf_counter()
         return path
+
+    def _interrupted_at_once(self, doing: str) -> contextlib.AbstractContextManager:
+        """A block that a signal stops at once (last.pt is up to date), instead of after the current step."""
+        if self._stops is None:
+            return contextlib.nullcontext()
+        return self._stops.at_once(doing, self.ckpt_dir / "last.pt")
+
+    def _wait_for_main_rank(self, what: str) -> None:
+        """Every rank meets here after `what`, which rank 0 did alone with last.pt written by then: a signal
+        while waiting stops a rank at once, so a rank whose peer hangs or died still ends on SIGTERM."""
+        if self.dist.enabled:
+            with self._interrupted_at_once(f"waiting for {what}"):
+                distributed.barrier(what)
 
     def _decide(self, boundary: bool, stops: StopSignals | None) -> str | None:
         """After a step: "signal", "time_limit_minutes", "save" (trainer.save_every_minutes) or None. Under DDP
@@ -313,19 +344,42 @@ class Trainer:
         return "save" if minutes and time.perf_counter() - self._saved_at >= float(minutes) * 60 else None
 
     def fit(self, stops: StopSignals | None = None) -> dict[str, Any]:
-        """Train until a limit is reached, then validate, average, test and write results.json (rank 0). A signal
-        in `stops` saves last.pt after the current step and raises TrainingInterrupted (see `_decide`)."""
+        """Train until a limit is reached, then validate, average, test and write results.json, on every rank.
+
+        A signal in `stops` saves last.pt after the current step and raises TrainingInterrupted (see `_decide`);
+        during the end of training it stops at once. A resumed run that finished training but not its end (e.g.
+        killed during the final test) only does the end.
+        """
+        self._stops = stops
         self._saved_at = time.perf_counter()
         self._elapsed_base = self.state.elapsed_seconds
         self._session_start = time.perf_counter()
-        if self._budget_reached() or self._time_is_up():
+        completed, has_results = distributed.broadcast_object(
+            (self._completed_by(), (self.run_dir / "results.json").is_file()),
+            "rank 0's check whether the run is complete",
+        )
+        if completed and has_results:
             log.info(
-                "the run in %s is already complete (step %d, epoch %d, %.1f minutes); raise trainer.max_steps, "
-                "trainer.max_epochs or trainer.time_limit_minutes to train it further.",
-                self.run_dir, self.state.step, self.state.epoch, self._elapsed() / 60,
+                "the run in %s is already complete (%s; step %d, epoch %d, %.1f minutes); raise trainer.max_steps, "
+                "trainer.max_epochs, trainer.time_limit_minutes or trainer.patience to train it further.",
+                self.run_dir, completed, self.state.step, self.state.epoch, self._elapsed() / 60,
             )
             return {}
+        if completed:
+            log.info(
+                "training in %s is complete (%s at step %d) but it has no results.json: averaging and testing now",
+                self.run_dir, completed, self.state.step,
+            )
+            reason = completed
+        else:
+            reason = self._train(stops)
+        self._check_replicas()
+        return self._finish(reason)
+
+    def _train(self, stops: StopSignals | None) -> str:
+        """The training loop and its last validation -> what stopped it."""
         self._reset_interval()
+        self._out_of_memory_streak = 0
         max_steps = int(self.tcfg.max_steps) if self.tcfg.max_steps else None
         eval_every, log_every = int(self.tcfg.eval_every), int(self.tcfg.log_every)
         progress = None
@@ -345,7 +399,12 @@ class Trainer:
                     window = list(itertools.islice(batches, self.accumulate))
                     if not window:
                         break
-                    self.interval.add(self.step(window))
+                    result = self._step(window)
+                    if result.out_of_memory:
+                        self._skipped_for_memory(result)
+                        continue
+                    self._out_of_memory_streak = 0
+                    self.interval.add(result)
                     self.state.step += 1
                     if progress is not None:
                         progress.update(1)
@@ -357,7 +416,7 @@ class Trainer:
                     if step % eval_every == 0:
                         stop = self._validate_and_save() or stop
                     if boundary and self.dist.enabled:
-                        stop = distributed.broadcast_object(stop)  # rank 0 decides for all
+                        stop = distributed.broadcast_object(stop, f"rank 0's stop decision at step {step}")
                     if stop in ("signal", "save"):
                         path = self._save_last()
                     if stop == "signal":
@@ -376,16 +435,51 @@ class Trainer:
         log.info("training stopped at step %d (%s) after %.1f minutes", self.state.step, reason, self._elapsed() / 60)
         if self.state.last_validated_step != self.state.step:
             self._validate_and_save()
-        self._check_replicas()
-        results = self._finish(reason) if self.is_main else {}
-        distributed.barrier()
-        return results
+        return reason
+
+    def _step(self, window: list[Batch]) -> StepResult:
+        """One update; running out of memory where the step cannot skip the batch is a TrainingError with advice."""
+        try:
+            return self.step(window)
+        except torch.OutOfMemoryError as error:
+            raise TrainingError(
+                f"step {self.state.step + 1}: out of memory in the gradient all-reduce or the optimizer update, "
+                f"where a batch cannot be skipped ({describe(window[-1])}). {self._memory_advice()}"
+            ) from error
+
+    def _memory_advice(self) -> str:
+        return (
+            f"Lower trainer.max_tokens (now {self.tcfg.max_tokens} tokens per batch and rank; raise "
+            "trainer.accumulate to keep the update size), then start again or resume from checkpoints/last.pt."
+        )
+
+    def _skipped_for_memory(self, result: StepResult) -> None:
+        """Count a window skipped because a batch did not fit in memory; trainer.max_oom_steps of them in a row
+        stop the run. Every rank gets here alike (the step's ranks agree on skipping)."""
+        self.state.out_of_memory_steps += 1
+        self._out_of_memory_streak += 1
+        if result.failed_batch:
+            log.warning(
+                "rank %d, step %d: out of memory on a batch of %s; skipped it (%d skipped in total)",
+                self.dist.rank, self.state.step + 1, result.failed_batch, self.state.out_of_memory_steps,
+            )
+        else:
+            log.info("step %d: another rank ran out of memory (see its warning); every rank skipped its batch",
+                     self.state.step + 1)
+        limit = int(self.tcfg.max_oom_steps)
+        if self._out_of_memory_streak >= limit:
+            raise TrainingError(
+                f"stopped at step {self.state.step}: {self._out_of_memory_streak} batches in a row did not fit in "
+                f"memory (trainer.max_oom_steps={limit}). {self._memory_advice()}"
+            )
 
     def _check_replicas(self) -> None:
         """Under DDP, compare the ranks' weights bit for bit: a silent desynchronisation would waste the run."""
         if not self.dist.enabled:
             return
-        digests = distributed.all_gather_object(distributed.weights_digest(self.model))
+        digests = distributed.all_gather_object(
+            distributed.weights_digest(self.model), f"every rank's weight digest at step {self.state.step}"
+        )
         listing = ", ".join(f"rank{rank}={digest}" for rank, digest in enumerate(digests))
         if len(set(digests)) != 1:
             raise TrainingError(f"replica weights differ after step {self.state.step}: {listing}")
@@ -399,59 +493,94 @@ class Trainer:
         self.state.last_validated_step = self.state.step
         stop = None
         if self.is_main:
-            started = time.perf_counter()
-            metrics = self.evaluator.validate(self.model, self.state.step)
-            improved = metrics["bleu"] > self.state.best_bleu
-            if improved:
-                self.state.best_bleu, self.state.best_step = metrics["bleu"], self.state.step
-                self.state.validations_since_best = 0
-            else:
-                self.state.validations_since_best += 1
-            log.info(
-                "step %d | valid loss %.3f | ppl %.2f | BLEU %.2f | chrF %.2f | best BLEU %.2f (step %d)",
-                self.state.step, metrics["loss"], metrics["ppl"], metrics["bleu"], metrics["chrf"],
-                self.state.best_bleu, self.state.best_step,
-            )
-            self.state.validation_seconds += time.perf_counter() - started
-            self.state.elapsed_seconds = self._elapsed()
-            payload = self.training.payload(self.state, rng_states, metrics)
-            # last.pt goes last: whatever step it records, best.pt and the averaging history are as new.
-            if improved:
-                save_checkpoint(self.ckpt_dir / "best.pt", payload)
-            self.history.remember(self.model, self.state.step)
-            save_checkpoint(self.ckpt_dir / "last.pt", payload)
-            self.writer.flush()
-            patience = self.tcfg.patience
-            if patience and self.state.validations_since_best >= int(patience):
-                log.info("no BLEU improvement in %d validations: stopping early (trainer.patience)", patience)
-                stop = "patience"
-        distributed.barrier()
+            with distributed.main_rank_only(f"the validation at step {self.state.step}"):
+                stop = self._validate_on_main(rng_states)
+        self._wait_for_main_rank(f"the end of rank 0's validation at step {self.state.step}")
         self._reset_interval()  # validation time does not count towards tokens/s
         return stop
 
-    def _average_checkpoints(self) -> bool:
-        """Evaluate the mean of the last validation weights; keep it as best.pt when it beats the best BLEU."""
+    def _beats_best(self, metrics: dict[str, Any]) -> bool:
+        """A higher BLEU than best.pt's, or the same BLEU with a lower validation loss (early on, every BLEU is 0)."""
+        if metrics["bleu"] != self.state.best_bleu:
+            return metrics["bleu"] > self.state.best_bleu
+        return metrics["loss"] < self.state.best_loss
+
+    def _record_best(self, metrics: dict[str, Any], averaged: bool) -> None:
+        self.state.best_bleu, self.state.best_loss = metrics["bleu"], metrics["loss"]
+        self.state.best_step = self.state.step
+        self.state.best_averaged = averaged
+        self.state.validations_since_best = 0
+
+    def _validate_on_main(self, rng_states: list[dict[str, Any]]) -> str | None:
+        started = time.perf_counter()
+        metrics = self.evaluator.validate(self.model, self.state.step)
+        improved = self._beats_best(metrics)
+        if improved:
+            self._record_best(metrics, averaged=False)
+        else:
+            self.state.validations_since_best += 1
+        log.info(
+            "step %d | valid loss %.3f | ppl %.2f | BLEU %.2f | chrF %.2f | best BLEU %.2f (step %d%s)",
+            self.state.step, metrics["loss"], metrics["ppl"], metrics["bleu"], metrics["chrf"],
+            self.state.best_bleu, self.state.best_step, ", averaged" if self.state.best_averaged else "",
+        )
+        self.state.validation_seconds += time.perf_counter() - started
+        self.state.elapsed_seconds = self._elapsed()
+        payload = self.training.payload(self.state, rng_states, metrics)
+        # last.pt goes last: whatever step it records, best.pt and the averaging history are as new.
+        if improved:
+            save_checkpoint(self.ckpt_dir / "best.pt", payload)
+        self.history.remember(self.model, self.state.step)
+        save_checkpoint(self.ckpt_dir / "last.pt", payload)
+        self.writer.flush()
+        patience = self.tcfg.patience
+        if patience and self.state.validations_since_best >= int(patience):
+            log.info("no better validation in %d validations: stopping early (trainer.patience)", patience)
+            return "patience"
+        return None
+
+    def _average_checkpoints(self) -> None:
+        """Evaluate the mean of the last validations' weights. When it beats best.pt it becomes best.pt, and
+        last.pt records it as the best, so a resumed run does not replace it with a worse validation."""
         averaged = self.history.average()
         if averaged is None:
-            return False
+            return
         weights, steps = averaged
         self.model.load_state_dict(weights)
         metrics = self.evaluator.validate(self.model, self.state.step, prefix="valid_averaged", illustrate=False)
         log.info(
-            "average of the weights at steps %s: valid BLEU %.2f, chrF %.2f (best single checkpoint %.2f)",
-            ", ".join(map(str, steps)), metrics["bleu"], metrics["chrf"], self.state.best_bleu,
+            "average of the weights at steps %s: valid BLEU %.2f, chrF %.2f, loss %.3f (best.pt: BLEU %.2f, loss %.3f)",
+            ", ".join(map(str, steps)), metrics["bleu"], metrics["chrf"], metrics["loss"], self.state.best_bleu,
+            self.state.best_loss,
         )
-        if metrics["bleu"] <= self.state.best_bleu:
-            return False
-        payload = self.training.payload(self.state, self._rng_states(), {**metrics, "averaged_steps": steps})
-        save_checkpoint(self.ckpt_dir / "best.pt", payload)
-        log.info("the averaged weights score higher: saved as %s", self.ckpt_dir / "best.pt")
-        self.state.best_bleu = metrics["bleu"]
-        return True
+        if not self._beats_best(metrics):
+            return
+        self._record_best(metrics, averaged=True)
+        last_path = self.ckpt_dir / "last.pt"
+        last = load_checkpoint(last_path)  # this step's training state, written by its validation
+        last["train_state"], last["best_valid_bleu"] = asdict(self.state), self.state.best_bleu
+        best_path = self.ckpt_dir / "best.pt"
+        save_checkpoint(best_path, {**last, "model": weights, "metrics": {**metrics, "averaged_steps": steps}})
+        save_checkpoint(last_path, last)
+        log.info("the averaged weights score higher: saved as %s, and %s records it as the best", best_path, last_path)
 
     def _finish(self, reason: str) -> dict[str, Any]:
+        """The end of training, on every rank: rank 0 averages, tests and writes results.json while the others
+        wait. Every checkpoint is written by then, so a signal stops it at once; a resume does what is left."""
+        doing = "the end of training (averaging, the test, results.json)"
+        results: dict[str, Any] = {}
+        with self._interrupted_at_once(doing):
+            if self.is_main:
+                with distributed.main_rank_only(doing):
+                    results = self._end_of_training(reason)
+            self._wait_for_main_rank("rank 0's final test and results.json")
+        return results
+
+    def _end_of_training(self, reason: str) -> dict[str, Any]:
         """Rank 0: averaging, test of best.pt (beam search), BLEU by source length, results.json, hparams."""
-        averaged = int(self.tcfg.average_last) > 0 and self._average_checkpoints()
+        if int(self.tcfg.average_last) > 0:
+            self._average_checkpoints()
+        averaged = self.state.best_averaged
         best_path = self.ckpt_dir / "best.pt"
         if not best_path.is_file():
             log.warning("%s is missing (deleted?); testing %s instead", best_path, self.ckpt_dir / "last.pt")
@@ -459,6 +588,7 @@ class Trainer:
         best = load_checkpoint(best_path)
         self.model.load_state_dict(best["model"])
         description = f"best.pt from step {best['step']}" + (", averaged" if averaged else "")
+        log.info("testing %s (beam %d)", description, int(self.tcfg.test_beam_size))
         test = self.evaluator.test(self.model, self.state.step, description)
         train_seconds = self.state.elapsed_seconds
         compute_seconds = max(train_seconds - self.state.validation_seconds, 1e-9)
@@ -479,6 +609,7 @@ class Trainer:
             "best_step": int(best["step"]),
             "averaged": averaged,
             "nonfinite_steps": self.state.nonfinite_steps,
+            "out_of_memory_steps": self.state.out_of_memory_steps,
             "valid_loss": valid.get("loss"),
             "valid_ppl": valid.get("ppl"),
             "valid_bleu": valid.get("bleu"),
@@ -486,7 +617,8 @@ class Trainer:
             "valid_sentences": valid.get("sentences"),
             **test,
         }
-        (self.run_dir / "results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
+        with atomic_write(self.run_dir / "results.json") as handle:
+            handle.write((json.dumps(results, indent=2, ensure_ascii=False) + "\n").encode())
         board.log_hparams(self.writer, self.cfg, results, self.state.step)
         log.info("results written to %s", self.run_dir / "results.json")
         return results
