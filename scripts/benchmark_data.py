@@ -100,6 +100,7 @@ def prepare(corpus: str, cache: str, overrides: list[str], result: str) -> None:
 
     os.environ["SEQ2SEQ_CACHE"] = cache
     from seq2seq.data.prepare import prepare_data
+    from seq2seq.runtime import cpu_name  # here, where torch is loaded anyway: the parent stays small
 
     cfg = OmegaConf.create(
         {"data": OmegaConf.load(CONFIG_DIR / "data" / "tatoeba_zh_en.yaml"),
@@ -109,16 +110,8 @@ def prepare(corpus: str, cache: str, overrides: list[str], result: str) -> None:
     prepared = prepare_data(cfg, log=lambda message: print(message, file=sys.stderr))
     Path(result).write_text(json.dumps({
         "stages": prepared.stage_seconds, "read": prepared.report.read, "kept": prepared.report.kept,
-        "splits": prepared.report.split_sizes,
+        "splits": prepared.report.split_sizes, "cpu": cpu_name(),
     }))
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as handle:
-            return next(line.split(":", 1)[1].strip() for line in handle if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return "unknown CPU"
 
 
 def main() -> None:
@@ -158,7 +151,7 @@ def main() -> None:
     peak_mib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # the largest child, in KiB on Linux
     figures.update(
         wall_seconds=wall, pairs_per_second=figures["read"] / wall, peak_tree_pss_mib=memory.peak_mib,
-        peak_process_rss_mib=peak_mib, cpu=cpu_model(), cores=len(os.sched_getaffinity(0)),
+        peak_process_rss_mib=peak_mib, cores=len(os.sched_getaffinity(0)),
     )
     print(f"input pairs      {figures['read']:,}")
     print(f"kept             {figures['kept']:,}  ({', '.join(f'{k} {v:,}' for k, v in figures['splits'].items())})")

@@ -103,9 +103,14 @@ def resolve_precision(name: str, device: torch.device, setting: str = "trainer.p
 
 
 def device_name(device: torch.device) -> str:
-    """The GPU's name, or the CPU's model name from /proc/cpuinfo, for benchmark reports."""
+    """The GPU's name, or the CPU's, for benchmark reports."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
+    return cpu_name()
+
+
+def cpu_name() -> str:
+    """The CPU's model name from /proc/cpuinfo ("cpu" where it cannot be read)."""
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):

@@ -42,6 +42,7 @@ from datasets.exceptions import DatasetsError
 
 from seq2seq import __version__
 from seq2seq.atomic import atomic_write
+from seq2seq.config import DATA_FORMATS
 from seq2seq.data.clean import (
     DROP_REASONS, CleanedPairs, PickPairs, TsvLayout, clean_table, clean_tsv, side_normalizations, unquote,
 )
@@ -50,7 +51,6 @@ from seq2seq.data.split import first_occurrences, grouped_split, hash_texts
 from seq2seq.data.tokenizer import normalize_text
 from seq2seq.paths import cache_dir, data_dir, data_mirror
 
-FORMATS = ("tsv", "json", "csv", "parquet", "hub")
 DOWNLOAD_TIMEOUT_S = 30
 HUB_PROBE_TIMEOUT_S = 5
 
@@ -168,8 +168,8 @@ def load_corpus(data_cfg: Any, folder: Path) -> tuple[dict[str, Pairs], Cleaning
 
     Only training data is cleaned; the corpus's own valid/test splits come back whole (see the module docstring).
     """
-    if data_cfg.format not in FORMATS:
-        raise CorpusError(f"data.format must be one of {', '.join(FORMATS)}; got {data_cfg.format!r}.")
+    if data_cfg.format not in DATA_FORMATS:
+        raise CorpusError(f"data.format must be one of {', '.join(DATA_FORMATS)}; got {data_cfg.format!r}.")
     try:
         num_proc = resolve_num_proc(data_cfg.get("num_proc"))
         side_normalizations(data_cfg.clean)

@@ -144,8 +144,6 @@ def _cached_model(sentences: Sequence[str], tok_cfg: Any, vocab_size: int, folde
 def _trainer_settings(tok_cfg: Any, vocab_size: int) -> dict[str, Any]:
     """SentencePiece trainer arguments. The vocabulary size is a soft limit (hard_vocab_limit=False): a small
     corpus (e.g. the Chinese side of Tatoeba) may not support as many pieces, and then gets fewer."""
-    if tok_cfg.model_type not in ("unigram", "bpe"):
-        raise ValueError(f"tokenizer.model_type must be unigram or bpe, got {tok_cfg.model_type!r}.")
     return {
         "model_type": str(tok_cfg.model_type),
         "vocab_size": vocab_size,

@@ -14,7 +14,8 @@ from omegaconf import DictConfig
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
-SCHEDULES = ("inverse_sqrt", "cosine", "constant")
+from seq2seq.config import SCHEDULES
+
 _NO_DECAY_MODULES = (nn.Embedding, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.BatchNorm1d)
 
 
