@@ -234,6 +234,9 @@ class TrainerConfig:
                                          at_least=1)
     seed: int = setting(1234, "seed of initialisation, batching and dropout")
     resume: Optional[str] = setting(None, "a checkpoint to continue from, or auto (the newest run of this data/model)")
+    resume_reset: Any = setting(
+        [], "on resume, start these afresh instead of refusing a change: schedule, optimizer, sampler (one or a list)"
+    )
     patience: Optional[int] = setting(
         None, "stop after this many validations without a better BLEU (or, at equal BLEU, loss)", at_least=1
     )

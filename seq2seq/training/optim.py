@@ -56,12 +56,15 @@ def build_optimizer(model: nn.Module, optim_cfg: DictConfig, fused: bool = False
 
 
 def lr_multiplier(
-    schedule: str, warmup_steps: int, total_steps: int | None = None, min_lr_ratio: float = 0.0
+    schedule: str, warmup_steps: int, total_steps: int | None = None, min_lr_ratio: float = 0.0,
+    anchor: tuple[int, float] | None = None,
 ) -> Callable[[int], float]:
     """The factor applied to the peak learning rate after `step` optimizer updates (step 0 = the first update).
 
     inverse_sqrt: linear warmup, then decay with 1/sqrt(step) (Vaswani et al. 2017), equal to 1 at the end of warmup.
-    cosine: linear warmup, then half a cosine down to `min_lr_ratio` at `total_steps`.
+    cosine: linear warmup, then half a cosine down to `min_lr_ratio` at `total_steps`. With `anchor` = (update,
+    factor), set when a resume changed `total_steps`: from that update on, half a cosine from that factor down to
+    `min_lr_ratio` at the new `total_steps`, so the rate goes on from where it was instead of jumping.
     constant: linear warmup, then flat.
     """
     if schedule not in SCHEDULES:
@@ -80,17 +83,36 @@ def lr_multiplier(
             return 1.0
         if schedule == "inverse_sqrt":
             return math.sqrt(max(warmup, 1) / update)
-        progress = min((update - warmup) / max(total_steps - warmup, 1), 1.0)
-        return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+        start, peak = (warmup, 1.0) if anchor is None or update < anchor[0] else anchor
+        progress = min((update - start) / max(total_steps - start, 1), 1.0)
+        return min_lr_ratio + (peak - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
     return factor
 
 
+def schedule_of(
+    optim_cfg: DictConfig, total_steps: int | None, anchor: tuple[int, float] | None = None
+) -> Callable[[int], float]:
+    """The configured schedule's `lr_multiplier`."""
+    return lr_multiplier(
+        str(optim_cfg.schedule), int(optim_cfg.warmup_steps), total_steps, float(optim_cfg.get("min_lr_ratio", 0.0)),
+        anchor,
+    )
+
+
 def build_scheduler(optimizer: torch.optim.Optimizer, optim_cfg: DictConfig, total_steps: int | None) -> LambdaLR:
     """A LambdaLR whose state (the step count) goes into checkpoints; the formula itself comes from the config."""
-    return LambdaLR(
-        optimizer,
-        lr_multiplier(
-            str(optim_cfg.schedule), int(optim_cfg.warmup_steps), total_steps, float(optim_cfg.get("min_lr_ratio", 0.0))
-        ),
-    )
+    return LambdaLR(optimizer, schedule_of(optim_cfg, total_steps))
+
+
+def refit_scheduler(
+    scheduler: LambdaLR, optimizer: torch.optim.Optimizer, lr: float, multiplier: Callable[[int], float]
+) -> None:
+    """After a resume: `lr` as the peak rate of every group and `multiplier` as the schedule, from the restored
+    step count on. LambdaLR's state restores the old peak rates, which would silently ignore a changed optim.lr."""
+    scheduler.lr_lambdas = [multiplier] * len(optimizer.param_groups)
+    scheduler.base_lrs = [lr] * len(optimizer.param_groups)
+    for group in optimizer.param_groups:
+        group["initial_lr"] = lr
+        group["lr"] = lr * multiplier(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]

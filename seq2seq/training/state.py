@@ -43,6 +43,9 @@ class TrainState:
     validation_seconds: float = 0.0
     tokens: int = 0  # target tokens trained on, all ranks
     last_validated_step: int = -1
+    # (update, factor): a cosine schedule re-fitted at a resume that changed its length decays from this factor
+    # at this update to its floor at the new end (optim.lr_multiplier), so the rate never jumps.
+    schedule_anchor: tuple[int, float] | None = None
 
 
 @dataclass
@@ -82,8 +85,12 @@ class Training:
             "num_parameters": self.num_parameters,
         }
 
-    def restore(self, path: Path) -> tuple[TrainState, list[dict[str, Any]]]:
-        """Load weights, optimizer, scheduler and scaler from `path` -> the saved counters and per-rank RNG states.
+    def restore(
+        self, path: Path, resets: frozenset[str] = frozenset()
+    ) -> tuple[TrainState, list[dict[str, Any]], dict[str, Any]]:
+        """Load weights, optimizer, scheduler and scaler from `path` -> the saved counters, per-rank RNG states and
+        the config the checkpoint was written with. `resets` (trainer.resume_reset) leaves the optimizer or the
+        schedule as freshly built, and the sampler at the start of its epoch.
 
         Every way the file cannot continue this configuration is a CheckpointError saying what to do.
         """
@@ -101,34 +108,106 @@ class Training:
             )
         try:
             self.model.load_state_dict(payload["model"])
-            self.optimizer.load_state_dict(payload["optimizer"])
+            if "optimizer" not in resets:
+                self.optimizer.load_state_dict(payload["optimizer"])
         except (RuntimeError, ValueError, KeyError) as error:
             first = str(error).strip().splitlines()[-1].strip()[:200]  # torch lists every key; one says enough
             raise CheckpointError(
                 f"{path} does not fit the configured {self.cfg.model.name} model ({first}). Resume with the "
                 "model settings the checkpoint was trained with (see its run's .hydra/config.yaml)."
             ) from error
-        self.scheduler.load_state_dict(payload["scheduler"])
+        if "schedule" not in resets:
+            self.scheduler.load_state_dict(payload["scheduler"])
         if self.scaler is not None and payload.get("scaler"):
             self.scaler.load_state_dict(payload["scaler"])
-        return TrainState(**payload["train_state"]), payload["rng"]
+        state = TrainState(**payload["train_state"])
+        if "sampler" in resets:
+            state.position = 0
+        if "schedule" in resets:
+            state.schedule_anchor = None
+        return state, payload["rng"], payload["config"]
+
+
+RESUME_RESETS = ("schedule", "optimizer", "sampler")
+# Settings a resume cannot continue exactly, with the trainer.resume_reset that continues anyway (None: nothing
+# can, the weights or vocabularies are those of that setting). Checked by prefix: "model." is every model key.
+_RESUME_RULES: tuple[tuple[str, str | None, str], ...] = (
+    ("model.", None, "the weights belong to that model"),
+    ("tokenizer.", None, "the vocabularies belong to that tokenizer"),
+    ("data source", "sampler", "it was trained on another corpus"),
+    ("data.src_lang", None, "the model translates the other way"),
+    ("data.tgt_lang", None, "the model translates the other way"),
+    ("data.", "sampler", "the training split and its batches differ"),
+    ("trainer.max_tokens", "sampler", "the saved batch position points into other batches"),
+    ("trainer.accumulate", "sampler", "the saved batch position points into other updates"),
+    ("trainer.pad_multiple", "sampler", "the saved batch position points into other batches"),
+    ("trainer.seed", "sampler", "later epochs would shuffle differently"),
+    ("optim.schedule", "schedule", "the learning-rate schedule would change its course"),
+    ("optim.warmup_steps", "schedule", "the learning-rate schedule would change its course"),
+    ("optim.min_lr_ratio", "schedule", "the learning-rate schedule would change its course"),
+)
+_NOT_COMPARED = ("data.name", "data.path", "data.mirror_path", "data.download_url", "data.download_member",
+                 "data.num_proc")  # the name follows the languages; the corpus is compared by `data_source`
+
+
+def resume_resets(cfg: DictConfig) -> frozenset[str]:
+    """trainer.resume_reset as a set: one name or a list of schedule, optimizer, sampler."""
+    value = cfg.trainer.get("resume_reset") or []
+    names = [value] if isinstance(value, str) else [str(name) for name in value]
+    for name in names:
+        if name not in RESUME_RESETS:
+            raise CheckpointError(
+                f"trainer.resume_reset={names}: {name!r} is not one of {', '.join(RESUME_RESETS)}; e.g. "
+                "trainer.resume_reset=[sampler]."
+            )
+    return frozenset(names)
+
+
+def flat_settings(config: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested config as {"group.key": value}; lists stay values."""
+    flat: dict[str, Any] = {}
+    for key, value in (config or {}).items():
+        if isinstance(value, dict):
+            flat.update(flat_settings(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def check_resumable(path: Path, cfg: DictConfig) -> None:
-    """Refuse, before anything is built or written, a checkpoint of another model family, data or tokenizer,
-    naming the first setting that differs (the full weight check follows in `Training.restore`)."""
-    saved = OmegaConf.create(load_checkpoint(path, map_location="cpu")["config"])
-    pairs = [("model.name", saved.model.name, cfg.model.name), ("data.name", saved.data.name, cfg.data.name),
-             ("data source", data_source(saved.data), data_source(cfg.data))]
-    pairs += [(f"data.{key}", saved.data.get(key), cfg.data.get(key)) for key in ("src_lang", "tgt_lang")]
-    pairs += [(f"tokenizer.{key}", saved.tokenizer.get(key), value) for key, value in cfg.tokenizer.items()]
-    for setting, theirs, ours in pairs:
-        if theirs != ours:
-            raise CheckpointError(
-                f"cannot resume from {path}: it is a {saved.model.name} model on {saved.data.name}, and {setting} "
-                f"differs (checkpoint: {theirs}, this run: {ours}). Resume with that run's settings (its "
-                ".hydra/config.yaml), or start a new run without trainer.resume."
-            )
+    """Refuse, before anything is built or written, a checkpoint this config cannot continue exactly, in one line
+    naming the first setting that differs: a model, tokenizer or direction change always, a change of the data,
+    batching or schedule unless trainer.resume_reset asks for that part to start afresh. Other settings (optim.lr,
+    max_steps, validation, ...) apply as given (`Trainer._resume` logs them). The weights are checked by
+    `Training.restore`."""
+    resets = resume_resets(cfg)
+    saved_config = load_checkpoint(path, map_location="cpu")["config"]
+    theirs = flat_settings(saved_config)
+    ours = flat_settings(OmegaConf.to_container(cfg, resolve=True))
+    theirs["data source"], ours["data source"] = data_source(OmegaConf.create(saved_config["data"])), data_source(cfg.data)
+    for setting in ours:
+        if setting in _NOT_COMPARED or setting not in theirs or theirs[setting] == ours[setting]:
+            continue  # a key the checkpoint predates cannot be compared
+        rule = next((rule for rule in _RESUME_RULES if setting.startswith(rule[0])), None)
+        if rule is None or rule[1] in resets:
+            continue
+        _prefix, reset, why = rule
+        advice = (
+            f"resume with the checkpoint's value, or add trainer.resume_reset=[{reset}] to continue without "
+            "an exact replay" if reset else "resume with that run's settings (its .hydra/config.yaml), or start a "
+            "new run without trainer.resume"
+        )
+        raise CheckpointError(
+            f"cannot resume from {path}: {setting} differs (checkpoint: {theirs[setting]}, this run: "
+            f"{ours[setting]}) and {why}; {advice}."
+        )
+
+
+def changed_settings(saved_config: dict[str, Any], cfg: DictConfig) -> dict[str, tuple[Any, Any]]:
+    """The settings of this run that differ from the checkpoint's: {key: (checkpoint, this run)}."""
+    theirs = flat_settings(saved_config)
+    ours = flat_settings(OmegaConf.to_container(cfg, resolve=True))
+    return {key: (theirs[key], value) for key, value in ours.items() if key in theirs and theirs[key] != value}
 
 
 def average_state_dicts(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:

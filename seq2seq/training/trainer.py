@@ -36,7 +36,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from seq2seq.training import board, distributed
 from seq2seq.atomic import atomic_write
-from seq2seq.checkpoint import load_checkpoint, save_checkpoint
+from seq2seq.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from seq2seq.config import ConfigError
 from seq2seq.data.batching import Batch, TokenBatchSampler, collate, make_loader
 from seq2seq.data.prepare import PreparedData, prepare_data
@@ -48,7 +48,8 @@ from seq2seq.runtime import (
     seed_everything, set_rng_state,
 )
 from seq2seq.training.step import IntervalStats, StepResult, TrainStep, describe
-from seq2seq.training.state import AveragingHistory, Training, TrainState
+from seq2seq.training.optim import refit_scheduler, schedule_of
+from seq2seq.training.state import AveragingHistory, Training, TrainState, changed_settings, resume_resets
 from seq2seq.training.validation import Evaluator
 
 log = logging.getLogger("seq2seq.train")
@@ -174,13 +175,15 @@ class Trainer:
             distributed.barrier("rank 0's data preparation")
         return prepared
 
-    def _total_steps(self) -> int | None:
-        """Updates the run will make when it is bounded by steps or epochs (for the cosine schedule and the ETA)."""
+    def _total_steps(self, trainer_cfg: Any = None) -> int | None:
+        """Updates the run will make when it is bounded by steps or epochs (for the cosine schedule and the ETA);
+        `trainer_cfg`: another run's trainer settings (a checkpoint's) instead of this run's."""
+        tcfg = self.tcfg if trainer_cfg is None else trainer_cfg
         bounds = []
-        if self.tcfg.max_steps:
-            bounds.append(int(self.tcfg.max_steps))
-        if self.tcfg.max_epochs:
-            bounds.append(int(self.tcfg.max_epochs) * self.steps_per_epoch)
+        if tcfg.get("max_steps"):
+            bounds.append(int(tcfg.get("max_steps")))
+        if tcfg.get("max_epochs"):
+            bounds.append(int(tcfg.get("max_epochs")) * self.steps_per_epoch)
         return min(bounds) if bounds else None
 
     # ------------------------------------------------------------------ checkpoints
@@ -192,16 +195,25 @@ class Trainer:
         )
 
     def _resume(self, path: Path) -> None:
-        self.state, rng = self.training.restore(path)
-        if len(rng) == self.dist.world_size:
+        """Continue exactly where `path` stopped, or refuse (`check_resumable` has compared the settings); the parts
+        trainer.resume_reset names start afresh. A changed optim.lr, max_steps or other setting applies as given."""
+        resets = resume_resets(self.cfg)
+        self.state, rng, saved_config = self.training.restore(path, resets)
+        if len(rng) == self.dist.world_size and "sampler" not in resets:
             set_rng_state(rng[self.dist.rank], {"train_loader": self.loader.generator})
-        else:
-            log.warning(
-                "%s was written by %d rank(s), this run has %d: training continues from its weights and "
-                "optimizer state, but batches and dropout masks differ from an uninterrupted run.",
-                path, len(rng), self.dist.world_size,
+        elif "sampler" not in resets:
+            raise CheckpointError(
+                f"cannot resume from {path}: it was written by {len(rng)} process(es) and this run has "
+                f"{self.dist.world_size}, so batches and dropout masks would differ; resume with {len(rng)}, or add "
+                "trainer.resume_reset=[sampler] to continue without an exact replay."
             )
+        else:
+            log.warning("trainer.resume_reset: the sampler starts epoch %d afresh, with new random states",
+                        self.state.epoch + 1)
             seed_everything(int(self.tcfg.seed) + self.dist.rank + self.state.step)
+        for part in sorted(resets - {"sampler"}):
+            log.warning("trainer.resume_reset: the %s starts afresh", part)
+        self._refit_schedule(saved_config, resets)
         if self.is_main:
             self.history.forget_after(self.state.step)
         self.resumed = True
@@ -209,6 +221,30 @@ class Trainer:
             "resumed from %s at step %d (epoch %d, %d batches into it), best valid BLEU %.2f",
             path, self.state.step, self.state.epoch + 1, self.state.position, self.state.best_bleu,
         )
+
+    def _refit_schedule(self, saved_config: dict[str, Any], resets: frozenset[str]) -> None:
+        """This run's optimizer hyper-parameters and peak rate over the restored ones, and a cosine schedule whose
+        length changed re-fitted to go on from its current rate (optim.lr_multiplier's anchor); each change logged."""
+        changed = {key: pair for key, pair in changed_settings(saved_config, self.cfg).items()
+                   if not key.startswith("trainer.resume")}
+        if changed:
+            log.info("settings changed since the checkpoint, applied as given: %s",
+                     ", ".join(f"{key} {old} -> {new}" for key, (old, new) in changed.items()))
+        optimizer, scheduler, optim = self.step.optimizer, self.step.scheduler, self.cfg.optim
+        for group in optimizer.param_groups:
+            group["betas"], group["eps"] = tuple(float(beta) for beta in optim.betas), float(optim.eps)
+        optimizer.param_groups[0]["weight_decay"] = float(optim.weight_decay)  # the decayed group (optim.py)
+        old_total = self._total_steps(saved_config.get("trainer", {}))
+        if str(optim.schedule) == "cosine" and "schedule" not in resets and old_total != self.total_steps:
+            if scheduler.last_epoch >= int(optim.warmup_steps):
+                before = schedule_of(optim, old_total, self.state.schedule_anchor)(scheduler.last_epoch)
+                self.state.schedule_anchor = (scheduler.last_epoch + 1, before)
+                log.info("cosine schedule: %s -> %s steps; it decays from %.3g x lr at update %d to its floor at "
+                         "the new end, without a jump", old_total, self.total_steps, before, scheduler.last_epoch + 1)
+        refit_scheduler(scheduler, optimizer, float(optim.lr), schedule_of(optim, self.total_steps, self.state.schedule_anchor))
+        if "optim.lr" in changed:
+            log.info("optim.lr %s -> %s: the schedule goes on at step %d with the new peak (lr now %.3g)",
+                     *changed["optim.lr"], self.state.step, optimizer.param_groups[0]["lr"])
 
     # ------------------------------------------------------------------ training
 
