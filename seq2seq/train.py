@@ -116,7 +116,9 @@ def _train(cfg: DictConfig) -> None:
             for stale in remove_stale_temporaries(trainer.run_dir):
                 log.info("removed %s, left by a process killed while saving", stale)
             lock.record_holder()
-            accept_run(trainer.run_dir, cfg, list(HydraConfig.get().overrides.task), checkpoint, buffered)
+            hydra_cfg = HydraConfig.get()  # train.log has the console's format (configs/train.yaml)
+            accept_run(trainer.run_dir, cfg, list(hydra_cfg.overrides.task), checkpoint, buffered,
+                       hydra_cfg.job_logging.formatters.simple.format)
         else:
             logging.getLogger().removeHandler(buffered)
         accepted = True

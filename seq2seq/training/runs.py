@@ -31,7 +31,6 @@ from seq2seq.training import distributed
 LAST_CHECKPOINT = Path("checkpoints") / "last.pt"
 LOCK_FILE = "run.lock"
 LAUNCHES = Path(".hydra") / "launches.jsonl"
-LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"
 
 
 class RunFolderError(Exception):
@@ -164,8 +163,9 @@ def buffer_log_records() -> logging.handlers.MemoryHandler:
 
 
 def accept_run(run_dir: Path, cfg: DictConfig, overrides: list[str], resumed_from: Path | None,
-               buffered: logging.handlers.MemoryHandler) -> None:
-    """The run is going ahead: keep its config (first launch), record this launch, and start train.log."""
+               buffered: logging.handlers.MemoryHandler, log_format: str) -> None:
+    """The run is going ahead: keep its config (first launch), record this launch, and start train.log, whose lines
+    have `log_format`."""
     hydra_dir = run_dir / ".hydra"
     hydra_dir.mkdir(parents=True, exist_ok=True)
     if not (hydra_dir / "config.yaml").exists():
@@ -181,7 +181,7 @@ def accept_run(run_dir: Path, cfg: DictConfig, overrides: list[str], resumed_fro
     with open(run_dir / LAUNCHES, "a", encoding="utf-8") as history:
         history.write(json.dumps(launch, ensure_ascii=False) + "\n")
     file_handler = logging.FileHandler(run_dir / "train.log", encoding="utf-8")
-    file_handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    file_handler.setFormatter(logging.Formatter(log_format))
     root = logging.getLogger()
     buffered.setTarget(file_handler)
     buffered.flush()
