@@ -10,7 +10,8 @@ trained several times, the newest run of each data/model pair is used unless --a
 `attention_<data>_<n>.png` per sentence of `attention_examples` (from the runs' configs, see configs/train.yaml):
 the runs' best checkpoints side by side, drawn and diagnosed as `python -m seq2seq.inspect` does, the diagnostics
 appended to comparison.md. All of it is logged to TensorBoard under `<out>/comparison`, so
-`tensorboard --logdir runs` shows it beside the runs.
+`tensorboard --logdir runs` shows it beside the runs. With --alignments PREFIX, comparison.md also gets the
+attention AER of every run against PREFIX.tsv / PREFIX.align (scripts/reference_alignments.py).
 """
 
 from __future__ import annotations
@@ -135,11 +136,47 @@ def attention_comparison(runs: list[dict], out: Path, writer: SummaryWriter) -> 
     return markdown
 
 
+def alignment_table(runs: list[dict], prefix: Path, keep_all: bool) -> str:
+    """Attention AER of every run's checkpoint on PREFIX.tsv / PREFIX.align (`seq2seq.evaluate --alignments`
+    per model, in one markdown table): the best map and extraction, and the mean of all layers and heads."""
+    from seq2seq.analysis.alignment import read_alignment_set, score_checkpoint
+    from seq2seq.checkpoint import load_model
+    from seq2seq.data.corpus import CorpusError
+
+    lines = ["| model | best map | extraction | AER | precision | recall | mean of all, argmax AER | pairs |",
+             "|---|---|---|---:|---:|---:|---:|---:|"]
+    for run in runs:
+        path = run_checkpoint(run)
+        if path is None:
+            continue
+        loaded = load_model(path, device=torch.device("cpu"))
+        if not loaded.model.has_attention:
+            lines.append(f"| {run_label(run, keep_all)} | no attention | | | | | | |")
+            continue
+        try:
+            pairs, references = read_alignment_set(prefix, loaded.config.data)
+        except CorpusError as error:
+            sys.exit(f"compare: --alignments: {error}")
+        report = score_checkpoint(loaded, pairs, references, torch.device("cpu"))
+        best = report.best
+        mean = next(row for row in report.rows if row["map"] in ("mean of all", "attention")
+                    and row["extraction"] == "argmax")
+        lines.append(f"| {run_label(run, keep_all)} | {best['map']} | {best['extraction']} | {100 * best['aer']:.1f} | "
+                     f"{100 * best['precision']:.1f} | {100 * best['recall']:.1f} | {100 * mean['aer']:.1f} | "
+                     f"{report.pairs} |")
+    lines += ["", f"AER in percent (lower is better) against {prefix}.align; per map and extraction: "
+              f"python -m seq2seq.evaluate --checkpoint C --tsv {prefix}.tsv --alignments {prefix}.align"]
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("folders", nargs="+", type=Path, help="run folders or folders that contain runs")
     parser.add_argument("--out", type=Path, default=None, help="where to write comparison.md and the plot")
     parser.add_argument("--all", action="store_true", help="every run, not only the newest per model")
+    parser.add_argument("--alignments", type=Path, metavar="PREFIX",
+                        help="also the attention AER of each run on PREFIX.tsv + PREFIX.align "
+                        "(scripts/reference_alignments.py writes them)")
     args = parser.parse_args()
 
     runs = find_runs(args.folders, args.all)
@@ -158,6 +195,10 @@ def main() -> None:
         writer.add_figure("comparison/bleu_by_length", figure)
         attention = attention_comparison(runs, out, writer)
     sections = [table, "", "## Attention", "", *attention] if attention else [table]
+    if args.alignments is not None:
+        alignment = alignment_table(runs, args.alignments, args.all)
+        sections += ["", "## Alignment error rate of the attention", "", alignment]
+        print(alignment)
     (out / "comparison.md").write_text("\n".join(sections) + "\n", encoding="utf-8")
     print(table)
     print(f"\nwrote {out / 'comparison.md'}, {out / 'bleu_by_length.png'} and "

@@ -26,10 +26,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from seq2seq.analysis.alignment import AlignmentError, format_alignment_table, read_pharaoh, score_alignments
+from seq2seq.analysis.alignment import AlignmentError, format_alignment_table, read_pharaoh, score_checkpoint
 from seq2seq.checkpoint import CheckpointError, LoadedModel
 from seq2seq.metrics import bleu_by_length, corpus_scores
-from seq2seq.inference import search
 from seq2seq.inference.predict import translate_sentences
 from seq2seq.cli import UsageError, add_decoding_arguments, decoding_options, load, one_line, read_file_lines
 
@@ -167,15 +166,9 @@ def evaluate_alignments(args: argparse.Namespace, loaded: LoadedModel, device, s
     if len(links) != len(sources):
         raise UsageError(f"{where} has {len(sources)} sentence pairs but {args.alignments} has {len(links)} lines; "
                          "give one alignment line per pair, in order.")
-    data = loaded.config.data
-    trainer = loaded.config.get("trainer", {}) or {}
     print(f"forcing {len(sources)} references of {where} through the model ...", file=sys.stderr)
     start = time.perf_counter()
-    report = score_alignments(
-        loaded.model, loaded.src_tokenizer, loaded.tgt_tokenizer, list(zip(sources, references)), links,
-        str(data.get("src_lang", "zh")), str(data.get("tgt_lang", "en")), device,
-        float(trainer.get("max_len_a", search.MAX_LEN_A)), int(trainer.get("max_len_b", search.MAX_LEN_B)),
-    )
+    report = score_checkpoint(loaded, list(zip(sources, references)), links, device)
     return {"checkpoint": str(args.checkpoint), "model": str(loaded.config.model.name), "data": where,
             "alignments": str(args.alignments), **report.as_dict(), "seconds": round(time.perf_counter() - start, 3)}
 

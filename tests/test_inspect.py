@@ -277,11 +277,16 @@ def test_compare_script_draws_the_attention_examples(checkpoints, tmp_path):
             "target_tokens_per_s": 100.0, "valid_bleu": 1.0, "valid_chrf": 2.0, "test_bleu": 1.0, "test_chrf": 2.0,
             "test_bleu_by_length": [{"bucket": "1-4", "bleu": 1.0, "count": 3}],
         }))
+    (tmp_path / "gold.tsv").write_text("I am a student.\t我是一个学生。\nHe is ill.\t他病了。\n", encoding="utf-8")
+    (tmp_path / "gold.align").write_text("0-0 1-1 2-2 3-2 4-3 5-3 6-3\n0-0 1-2 2-2 3-2\n", encoding="utf-8")
     script = Path(__file__).resolve().parents[1] / "scripts" / "compare.py"
-    run = subprocess.run([sys.executable, str(script), str(tmp_path / "runs")], capture_output=True, timeout=300)
+    run = subprocess.run([sys.executable, str(script), str(tmp_path / "runs"), "--alignments", str(tmp_path / "gold")],
+                         capture_output=True, timeout=300)
     assert run.returncode == 0, run.stderr.decode()
     figure = tmp_path / "runs" / "attention_tatoeba_zh_en_0.png"
     assert figure.read_bytes().startswith(PNG_MAGIC)
     markdown = (tmp_path / "runs" / "comparison.md").read_text(encoding="utf-8")
     assert f"### tatoeba_zh_en: {SENTENCE}" in markdown and "no attention" in markdown
+    assert "## Alignment error rate of the attention" in markdown and "| rnn | no attention |" in markdown
+    assert "| bahdanau | attention |" in markdown and "| transformer | layer 1 " in markdown
     assert list((tmp_path / "runs" / "comparison").glob("events.out.tfevents.*"))

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from seq2seq.analysis.diagnostics import Units, merge_attention, piece_texts
+from seq2seq.checkpoint import LoadedModel
 from seq2seq.data.tokenizer import Tokenizer
 from seq2seq.inference import search
 from seq2seq.inference.forced import force
@@ -300,6 +301,18 @@ def score_alignments(model: Seq2SeqModel, src_tok: Tokenizer, tgt_tok: Tokenizer
             for (name, method), count in counts.items()]
     rows.sort(key=lambda row: (row["aer"], row["map"], EXTRACTIONS.index(row["extraction"])))
     return AlignmentReport(rows, len(kept), skipped)
+
+
+def score_checkpoint(loaded: LoadedModel, pairs: Sequence[tuple[str, str]], references: Sequence[Reference],
+                     device: torch.device) -> AlignmentReport:
+    """`score_alignments` with the languages and length limits a checkpoint was trained with."""
+    data = loaded.config.data
+    trainer = loaded.config.get("trainer", {}) or {}
+    return score_alignments(
+        loaded.model, loaded.src_tokenizer, loaded.tgt_tokenizer, pairs, references, str(data.src_lang),
+        str(data.tgt_lang), device, float(trainer.get("max_len_a", search.MAX_LEN_A)),
+        int(trainer.get("max_len_b", search.MAX_LEN_B)),
+    )
 
 
 def format_alignment_table(report: dict, title: str) -> str:
