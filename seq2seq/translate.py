@@ -29,6 +29,7 @@ from pathlib import Path
 from seq2seq.checkpoint import CheckpointError, LoadedModel
 from seq2seq.cli import UsageError, add_decoding_arguments, decoding_options, load, one_line, read_file_lines, read_lines
 from seq2seq.inference.predict import Translation, translate_sentences
+from seq2seq.models.base import NO_ATTENTION
 
 log = logging.getLogger("seq2seq.translate")
 
@@ -74,8 +75,7 @@ class AttentionOutput:
         self.single = single
         if (plot is not None or show) and not has_attention:
             print(
-                f"note: the {model_name} model has no attention (its decoder sees only the encoder's final state), "
-                "so there is no alignment to plot or show; no plot was written.",
+                f"note: the {model_name} model has no attention: {NO_ATTENTION}; no plot was written.",
                 file=sys.stderr,
             )
 

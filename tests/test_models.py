@@ -20,6 +20,7 @@ from seq2seq.models import (
     count_parameters,
     map_state,
 )
+from seq2seq.models.base import eval_mode
 from seq2seq.paths import CONFIG_DIR
 
 PAD, UNK, BOS, EOS = 0, 1, 2, 3
@@ -395,3 +396,17 @@ def test_each_model_overfits_real_pairs_and_greedy_decodes_them(name: str, corpu
     assert loss < 0.05, f"{name} did not fit 16 pairs: loss {loss:.3f}"
     decoded = [hypothesis.tokens for hypothesis in greedy_decode(model, src, src_mask)]
     assert decoded == info["targets"]
+
+
+def test_eval_mode_turns_dropout_off_and_gives_the_mode_back_even_after_an_error() -> None:
+    model = small_model("transformer_prenorm").train()
+    with eval_mode(model):
+        assert not model.training
+    assert model.training
+    with pytest.raises(RuntimeError), eval_mode(model):
+        raise RuntimeError("decoding failed")
+    assert model.training
+    model.eval()
+    with eval_mode(model):
+        pass
+    assert not model.training

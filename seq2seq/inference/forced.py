@@ -20,7 +20,7 @@ from seq2seq.data.batching import collate
 from seq2seq.data.tokenizer import PAD_ID
 from seq2seq.inference import search
 from seq2seq.inference.search import decode
-from seq2seq.models.base import Seq2SeqModel
+from seq2seq.models.base import Seq2SeqModel, eval_mode
 
 FORCED_BATCH_TOKENS = 4000  # source + target tokens per teacher-forced batch: (L, B, H, T, S) maps stay small
 
@@ -77,14 +77,10 @@ def force(model: Seq2SeqModel, pairs: Sequence[tuple[Sequence[int], Sequence[int
             batches.append([index])
             longest = length
     results: list[Forced | None] = [None] * len(pairs)
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         for batch in batches:
             for index, result in zip(batch, _force_batch(model, [pairs[i] for i in batch], device)):
                 results[index] = result
-    finally:
-        model.train(was_training)
     return results  # type: ignore[return-value]  # every index is filled
 
 
@@ -96,11 +92,8 @@ def attend(model: Seq2SeqModel, src_ids: Sequence[int], device: torch.device,
     """The attention behind one target for one source (ids without "</s>"): the reference when given, else the
     model's own translation (greedy, or beam search with `beam_size` > 1), scored once more by forced decoding."""
     if reference_ids is None:
-        was_training = model.training
-        model.eval()
-        src = torch.tensor([[*src_ids, model.eos_id]], device=device)
+        src = torch.tensor([[*src_ids, model.eos_id]], device=device)  # decode() runs in eval mode
         hypothesis = decode(model, src, torch.ones_like(src, dtype=torch.bool), beam_size=beam_size,
                             length_penalty=length_penalty, max_len_a=max_len_a, max_len_b=max_len_b)[0][0]
-        model.train(was_training)
         reference_ids = hypothesis.tokens
     return force(model, [(list(src_ids), list(reference_ids))], device)[0]

@@ -19,7 +19,7 @@ from seq2seq.inference import search
 from seq2seq.data.batching import collate
 from seq2seq.data.tokenizer import EOS_ID, Tokenizer
 from seq2seq.inference.search import Hypothesis, decode
-from seq2seq.models.base import Seq2SeqModel
+from seq2seq.models.base import Seq2SeqModel, eval_mode
 from seq2seq.runtime import CONCRETE_PRECISIONS, autocast
 
 log = logging.getLogger(__name__)
@@ -137,9 +137,7 @@ def translate_sentences(
     device = torch.device(device)
     limit = max_source_tokens or source_token_limit(model, max_len_a, max_len_b)
     state = {"warned": False}
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         iterator = iter(sentences)
         while chunk := list(islice(iterator, chunk_size)):
             yield from _translate_chunk(
@@ -148,8 +146,6 @@ def translate_sentences(
                 max_tokens=max(max_tokens, limit + 1), max_sentences=max_sentences, device=device, precision=precision,
                 attention=attention,
             )
-    finally:
-        model.train(was_training)
 
 
 def _translate_chunk(

@@ -23,15 +23,13 @@ longer outputs. The returned beam score is that normalised score.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from seq2seq.config import BEAM_SIZE, LENGTH_PENALTY, MAX_LEN_A, MAX_LEN_B  # the schema's decoding defaults
-from seq2seq.models.base import DecoderState, Seq2SeqModel, map_state
+from seq2seq.models.base import DecoderState, Seq2SeqModel, eval_mode, map_state
 
 
 @dataclass
@@ -48,17 +46,6 @@ class Hypothesis:
 def length_penalty_factor(length: int | torch.Tensor, alpha: float) -> float | torch.Tensor:
     """GNMT length penalty ((5 + length) / 6) ** alpha; scores are divided by it."""
     return ((5 + length) / 6) ** alpha
-
-
-@contextmanager
-def _eval_mode(model: Seq2SeqModel) -> Iterator[None]:
-    """Decode without dropout, then give the model back in the mode it came in."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
 
 
 def _max_lengths(model: Seq2SeqModel, src_mask: torch.Tensor, max_len_a: float, max_len_b: float) -> torch.Tensor:
@@ -98,7 +85,7 @@ def greedy_decode(
     """Pick the most probable token at every step; one hypothesis per sentence, in input order."""
     if src.size(0) == 0:
         return []
-    with _eval_mode(model):
+    with eval_mode(model):
         batch, device = src.size(0), src.device
         limits = _max_lengths(model, src_mask, max_len_a, max_len_b)
         width = int(limits.max()) + 1  # longest possible output, EOS step included
@@ -171,7 +158,7 @@ def beam_search(
         raise ValueError(f"n_best={n_best} must be between 1 and beam_size={beam_size}")
     if src.size(0) == 0:
         return []
-    with _eval_mode(model):
+    with eval_mode(model):
         search = _BeamSearch(model, src, src_mask, beam_size, length_penalty, n_best, return_attention)
         return search.run(_max_lengths(model, src_mask, max_len_a, max_len_b))
 

@@ -10,6 +10,8 @@ so a loss computed from it is accurate even outside the autocast region.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -19,6 +21,9 @@ from torch import nn
 from seq2seq.data.tokenizer import BOS_ID, EOS_ID, PAD_ID  # the tokenizers' special ids, defined there once
 
 DecoderState = dict[str, Any]
+
+# What every report says of a model without attention (has_attention False), after "the <name> model has no attention".
+NO_ATTENTION = "its decoder sees the source only through one fixed context vector, so there is no alignment to draw"
 
 
 @dataclass
@@ -88,6 +93,17 @@ def map_state(state: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
     if isinstance(state, (list, tuple)):
         return type(state)(map_state(value, fn) for value in state)
     return state
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Run without dropout, then give the model back in the mode it came in (training or not)."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -17,7 +17,7 @@ from PIL import Image
 from seq2seq.analysis.diagnostics import training_summary
 from seq2seq.data.tokenizer import EOS_ID, Tokenizer
 from seq2seq.inference.forced import attend
-from seq2seq.models.base import Seq2SeqModel
+from seq2seq.models.base import NO_ATTENTION, Seq2SeqModel
 from seq2seq.analysis.plotting import attention_figure, figure_to_png, head_grid_figure
 from seq2seq.inference.predict import source_token_limit
 
@@ -75,8 +75,7 @@ def log_attention(writer: SummaryWriter, model: Seq2SeqModel, model_name: str, s
     if not model.has_attention:
         writer.add_text(
             "attention",
-            f"The {model_name} model has no attention: the decoder sees the source only through the "
-            "encoder's final state, so there is no source-target alignment to draw.",
+            f"The {model_name} model has no attention: {NO_ATTENTION}.",
             step,
         )
         return

@@ -20,7 +20,7 @@ from seq2seq.data.batching import make_loader
 from seq2seq.data.prepare import PreparedData
 from seq2seq.data.split import spread_sample
 from seq2seq.metrics import bleu_by_length, corpus_scores
-from seq2seq.models.base import Seq2SeqModel
+from seq2seq.models.base import Seq2SeqModel, eval_mode
 from seq2seq.inference.predict import translate_sentences
 from seq2seq.runtime import autocast
 from seq2seq.training.step import token_loss
@@ -53,20 +53,18 @@ class Evaluator:
     @torch.inference_mode()
     def loss(self, model: Seq2SeqModel, split: str = "valid") -> tuple[float, float]:
         """Per-token negative log-likelihood (no label smoothing) over a whole split, and its perplexity."""
-        was_training = model.training
-        model.eval()
         loader = make_loader(
             self.data.splits[split], int(self.tcfg.max_tokens), shuffle=False, pad_multiple=int(self.tcfg.pad_multiple)
         )
         total = torch.zeros((), device=self.device, dtype=torch.float64)
         tokens = 0
-        for batch in loader:
-            tokens += batch.num_tgt_tokens
-            batch = batch.to(self.device, non_blocking=True)
-            with autocast(self.device, self.precision):
-                logits = model(batch.src, batch.src_mask, batch.tgt_in).logits
-            total += token_loss(logits, batch.tgt_out)
-        model.train(was_training)
+        with eval_mode(model):
+            for batch in loader:
+                tokens += batch.num_tgt_tokens
+                batch = batch.to(self.device, non_blocking=True)
+                with autocast(self.device, self.precision):
+                    logits = model(batch.src, batch.src_mask, batch.tgt_in).logits
+                total += token_loss(logits, batch.tgt_out)
         loss = total.item() / max(tokens, 1)
         return loss, math.exp(min(loss, 50.0))
 
