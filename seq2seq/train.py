@@ -23,6 +23,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import CompactHydraException
 from omegaconf import DictConfig, OmegaConf
 
+from seq2seq.allocator import use_jemalloc
 from seq2seq.training import distributed
 from seq2seq.checkpoint import CheckpointError
 from seq2seq.data.corpus import CorpusError
@@ -150,6 +151,7 @@ def _train(cfg: DictConfig) -> None:
 def main() -> None:
     """Console entry: an explicit hydra.run.dir / hydra.sweep.dir that cannot be created, a misspelt key or a value
     of the wrong type is one line and exit status 2, not the report Hydra would print."""
+    use_jemalloc()
     created: list[Path] = []
     for argument in sys.argv[1:]:
         setting, _, value = argument.partition("=")

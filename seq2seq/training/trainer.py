@@ -38,6 +38,7 @@ from seq2seq.training import board, distributed
 from seq2seq.atomic import atomic_write
 from seq2seq.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from seq2seq.config import ConfigError
+from seq2seq.allocator import active_allocator
 from seq2seq.data.batching import Batch, TokenBatchSampler, collate, make_loader
 from seq2seq.data.prepare import PreparedData, prepare_data
 from seq2seq.models import build_model, count_parameters
@@ -112,9 +113,9 @@ class Trainer:
         self.model.to(self.device)
         self.num_parameters = count_parameters(self.model)
         log.info(
-            "model %s: %s trainable parameters | device %s, precision %s, %d thread(s)%s",
+            "model %s: %s trainable parameters | device %s, precision %s, %d thread(s)%s, %s allocator",
             cfg.model.name, f"{self.num_parameters:,}", self.device, self.precision, torch.get_num_threads(),
-            f", {self.dist.world_size} ranks" if self.dist.enabled else "",
+            f", {self.dist.world_size} ranks" if self.dist.enabled else "", active_allocator(),
         )
 
         self.loader = make_loader(

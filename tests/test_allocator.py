@@ -1,0 +1,43 @@
+"""Training processes run on jemalloc when the machine has it (one re-exec, same pid), glibc when asked or absent."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from seq2seq.allocator import ENV_CHOICE, find_jemalloc
+
+PROBE = (
+    "import os, sys; from seq2seq.allocator import use_jemalloc, active_allocator; "
+    "pid = os.getpid(); use_jemalloc(); print(pid, os.getpid(), active_allocator(), sys.argv[1:])"
+)
+
+
+def _probe(choice: str | None) -> subprocess.CompletedProcess:
+    env = {key: value for key, value in os.environ.items() if key not in (ENV_CHOICE, "LD_PRELOAD")}
+    if choice is not None:
+        env[ENV_CHOICE] = choice
+    return subprocess.run([sys.executable, "-c", PROBE, "a", "b=c"], env=env, capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.skipif(find_jemalloc() is None, reason="libjemalloc2 is not installed (apt-get install libjemalloc2)")
+def test_jemalloc_is_preloaded_by_one_reexec_with_the_same_pid_and_arguments():
+    result = _probe(None)
+    assert result.returncode == 0, result.stderr
+    before, after, allocator, args = result.stdout.split(" ", 3)
+    assert before == after and allocator == "jemalloc" and args.strip() == "['a', 'b=c']"
+
+
+def test_system_choice_keeps_glibc():
+    result = _probe("system")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split(" ", 3)[2] == "glibc"
+
+
+def test_unknown_choice_is_one_line_and_exit_2():
+    result = _probe("tcmalloc")
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"error: {ENV_CHOICE}='tcmalloc' must be jemalloc or system"
