@@ -396,3 +396,41 @@ def test_equal_bleu_is_broken_by_the_validation_loss(hooked, tmp_path):
     assert load_checkpoint(run / "checkpoints" / "best.pt")["step"] == 20
     assert load_checkpoint(run / "checkpoints" / "last.pt")["train_state"]["best_loss"] == 4.0
     assert results(run)["best_step"] == 20 and results(run)["averaged"] is False
+
+
+# ----------------------------------------------------------------------------- the GPU suite, as a CPU smoke test
+
+GPU_CHECK = Path(__file__).resolve().parents[1] / "scripts" / "gpu_check.sh"
+
+
+def gpu_check(ws: Workspace, out: Path, *options: str, timeout: float = 900) -> tuple[int, list[list[str]]]:
+    result = subprocess.run(
+        ["bash", str(GPU_CHECK), "--device", "cpu", "--steps", "4", "--models", "tiny_rnn tiny_transformer",
+         "--out", str(out), *options, "--", *ws.overrides],
+        cwd=ws.root, env={**ws.env, "PYTHON": sys.executable}, capture_output=True, text=True, timeout=timeout,
+    )
+    return result.returncode, [line.split() for line in (out / "summary.txt").read_text().splitlines()]
+
+
+@pytest.mark.slow
+@pytest.mark.corpus
+def test_gpu_suite_runs_on_the_cpu(ws, tmp_path):
+    """scripts/gpu_check.sh --device cpu: the suite's own plumbing (train, checkpoint, translate, torchrun,
+    benchmark of the real step, decoding speed) works, so on a GPU machine only the GPU can fail."""
+    status, lines = gpu_check(ws, tmp_path)
+    checks = [(line[1], line[0]) for line in lines if line[0] != "figure"]
+    assert status == 0, lines
+    assert checks == [(name, "PASS") for name in ["tiny_rnn-fp32", "tiny_transformer-fp32", "torchrun-nproc_2",
+                                                  "benchmark", "speed-train", "decode-fp32-beam_1",
+                                                  "decode-fp32-beam_5"]], lines
+    summary = (tmp_path / "summary.txt").read_text()
+    assert "replica weights identical on 2 ranks" in summary and "MFU" in summary
+    figures = {line[1]: float(line[2]) for line in lines if line[0] == "figure"}
+    assert figures["base_transformer.target_tokens_per_s"] > 0 and figures["decode-fp32-beam_5.sentences_per_s"] > 0
+    assert figures["tiny_rnn-fp32.target_tokens_per_s"] > 0
+
+
+def test_gpu_suite_skips_what_its_budget_cannot_cover(ws, tmp_path):
+    status, lines = gpu_check(ws, tmp_path, "--budget-minutes", "0.2", timeout=300)
+    assert status == 3 and lines and all(line[0] == "SKIP" for line in lines), lines
+    assert lines[0][1] == "tiny_rnn-fp32" and "of the budget left" in " ".join(lines[0])
