@@ -32,6 +32,8 @@ from functools import lru_cache
 
 import numpy as np
 
+from seq2seq.data.tokenizer import UNSPACED_CHARACTER
+
 WORD_BOUNDARY = "▁"
 EOS_PIECE = "</s>"
 INNER_WORD_PUNCTUATION = frozenset("'’-")
@@ -40,9 +42,8 @@ AGREEMENT_TOLERANCE = 0.1  # a near tie: the other word's weight within this of 
 
 
 def is_cjk(char: str) -> bool:
-    """Han, kana and hangul: scripts written without spaces between words."""
-    name = unicodedata.name(char, "")
-    return name.startswith(("CJK UNIFIED", "CJK COMPATIBILITY IDEOGRAPH", "HIRAGANA", "KATAKANA", "HANGUL"))
+    """A character of a script written without spaces between words (Han, kana): one unit of its own."""
+    return UNSPACED_CHARACTER.fullmatch(char) is not None
 
 
 def is_punctuation(text: str) -> bool:

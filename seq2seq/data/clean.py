@@ -22,7 +22,7 @@ import pyarrow as pa
 
 from seq2seq.data.shards import Pairs, run_chunks, write_shard
 from seq2seq.data.split import hash_texts
-from seq2seq.data.tokenizer import check_normalization, normalize_text
+from seq2seq.data.tokenizer import UNSPACED_CHARACTER, check_normalization, normalize_text
 
 # Why a training pair is dropped: the cleaning rules below, then deduplication, a sentence shared with a given
 # evaluation split (corpus.py) and a side over the token cap (prepare.py).
@@ -35,11 +35,6 @@ LINES_LISTED = 20  # line numbers kept per kind of bad line; the counts are alwa
 CHUNK_BYTES = 8 << 20  # of a TSV file per task: tens of thousands of lines
 CHUNK_ROWS = 50_000  # of an Arrow table per task
 
-# Scripts written without spaces between words: each character counts as one length unit, like a word.
-_UNSPACED = re.compile(
-    "[\u2e80-\u2fdf\u3040-\u30ff\u3100-\u312f\u31a0-\u31bf\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
-    "\U00020000-\U0003134f]"
-)
 _WORD = re.compile(r"[^\W_]+")
 _BOM = b"\xef\xbb\xbf"
 
@@ -53,8 +48,8 @@ def length_units(text: str) -> int:
     3x the characters of its Chinese translation), while one Han character carries roughly one English word's
     worth of meaning (typical unit ratios are 0.5-2). Punctuation does not count.
     """
-    unspaced = len(_UNSPACED.findall(text))
-    return unspaced + len(_WORD.findall(_UNSPACED.sub(" ", text) if unspaced else text))
+    unspaced = len(UNSPACED_CHARACTER.findall(text))
+    return unspaced + len(_WORD.findall(UNSPACED_CHARACTER.sub(" ", text) if unspaced else text))
 
 
 def unquote(value: str) -> str:

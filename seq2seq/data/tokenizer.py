@@ -15,6 +15,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import unicodedata
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -29,6 +30,13 @@ SPECIAL_IDS = {"pad_id": PAD_ID, "unk_id": UNK_ID, "bos_id": BOS_ID, "eos_id": E
 NORMALIZATION_FORMS = ("NFC", "NFD", "NFKC", "NFKD")
 LEGACY_NORMALIZATION = "NFKC"  # what both sides got before the form was recorded per side (checkpoints, caches)
 TOKENIZER_FORMAT = 2  # bump when the training recipe changes, so cached models are not reused
+
+# Scripts written without spaces between words (Han, kana, bopomofo, CJK radicals): each character is a word-like
+# unit, for the cleaning's length ratio and for grouping attention by words.
+UNSPACED_CHARACTER = re.compile(
+    "[\u2e80-\u2fdf\u3040-\u30ff\u3100-\u312f\u31a0-\u31bf\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
+    "\U00020000-\U0003134f]"
+)
 
 
 def check_normalization(form: str | None, setting: str) -> str | None:
