@@ -80,7 +80,8 @@ PAGE_TEMPLATE = r"""<!DOCTYPE html>
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>__TITLE__</title>
 <style>
-  body { font-family: system-ui, "Noto Sans CJK SC", "Noto Sans", sans-serif; margin: 1em 1.5em; color: #222; }
+  body { font-family: system-ui, "Noto Sans", "Noto Sans CJK SC", "WenQuanYi Micro Hei", sans-serif; margin: 1em 1.5em;
+         color: #222; }
   h1 { font-size: 1.2em; margin: 0 0 .5em; }
   #controls { display: flex; flex-wrap: wrap; gap: 1em; align-items: center; margin-bottom: .8em; }
   #controls label { font-size: .9em; }
@@ -92,7 +93,7 @@ PAGE_TEMPLATE = r"""<!DOCTYPE html>
   .panel { border: 1px solid #ddd; border-radius: 6px; padding: .6em; max-width: 100%; overflow: auto; }
   .panel h2 { font-size: 1em; margin: 0 0 .2em; }
   .translation { font-size: .95em; margin: 0 0 .5em; color: #333; }
-  .note { white-space: pre-line; color: #666; font-size: .9em; padding: 2em 1em; }
+  .note { color: #666; font-size: .9em; padding: 2em 1em; max-width: 18em; }
   table.map { border-collapse: collapse; font-size: 13px; }
   table.map th { font-weight: normal; padding: 1px 4px; white-space: nowrap; }
   table.map thead th { vertical-align: bottom; }
