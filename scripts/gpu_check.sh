@@ -57,9 +57,10 @@ SUMMARY="$OUT/summary.txt"
 FAILED=0 INCOMPLETE=0
 
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1  # this tree's seq2seq, installed or not
-if [ -n "$WHEELS" ]; then
-    "$PYTHON" -m pip install --quiet --no-index --no-deps --find-links "$WHEELS" "$WHEELS"/*.whl \
+if [ -n "$WHEELS" ]; then  # beside the machine's own packages, not over them (scripts/gpu_wheels.sh fetches them)
+    "$PYTHON" -m pip install --quiet --no-index --no-deps --no-compile --target "$OUT/site" "$WHEELS"/*.whl \
         || { echo "gpu_check.sh: installing the wheels in $WHEELS failed" >&2; exit 2; }
+    export PYTHONPATH="$PYTHONPATH:$OUT/site"
 fi
 if ! "$PYTHON" -c "import hydra, datasets, sentencepiece, sacrebleu, tensorboard, matplotlib, pytest" 2>/dev/null; then
     echo "gpu_check.sh: dependencies are missing; fetch them as wheels where there is internet access (README," >&2
@@ -116,6 +117,10 @@ else
 fi
 TRAIN=(-m seq2seq.train "trainer.device=$DEVICE" "trainer.max_steps=$STEPS" "trainer.eval_every=$STEPS"
        "trainer.time_limit_minutes=null")
+if ! "$PYTHON" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('mplfonts') is None)"; then
+    TRAIN+=("trainer.num_attention_samples=0" "attention_examples=[]")  # no CJK font to draw Chinese heatmaps with
+    echo "note: mplfonts is not installed, so the trainings draw no attention heatmaps" | tee -a "$SUMMARY"
+fi
 LAST_MODEL="${MODELS##* }"
 
 train_check() {  # train_check NAME PRECISION OVERRIDES...: train, then translate from the checkpoint
