@@ -18,6 +18,8 @@ from seq2seq.runtime import DEVICES, PRECISIONS, RuntimeSettingError, resolve_de
 
 log = logging.getLogger("seq2seq.cli")
 
+INVALID_UTF8_LISTED = 10  # input lines with invalid UTF-8 warned about one by one; one more warning says more follow
+
 # Everything str.splitlines() treats as a line break: none may reach the output, or line counts would drift.
 LINE_BREAKS = re.compile("[\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029]+")
 
@@ -31,11 +33,21 @@ def decode_line(raw: bytes) -> str:
     return raw.decode("utf-8", errors="replace").rstrip("\r\n")
 
 
-def read_lines(stream: io.BufferedIOBase) -> Iterator[str]:
-    """Lines of a binary stream, split on b"\\n" only, a UTF-8 byte-order mark dropped from the first."""
-    for number, raw in enumerate(stream):
+def read_lines(stream: io.BufferedIOBase, name: str = "stdin") -> Iterator[str]:
+    """Lines of a binary stream, split on b"\\n" only, a UTF-8 byte-order mark dropped from the first. A line that
+    is not valid UTF-8 is still translated (its bad bytes as U+FFFD), with a warning naming `name` and the line."""
+    invalid = 0
+    for number, raw in enumerate(stream, start=1):
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError:
+            invalid += 1
+            if invalid <= INVALID_UTF8_LISTED:
+                log.warning("%s line %d is not valid UTF-8: its bad bytes are translated as U+FFFD", name, number)
+            elif invalid == INVALID_UTF8_LISTED + 1:
+                log.warning("%s has more lines that are not valid UTF-8 after line %d; they are not listed", name, number)
         line = decode_line(raw)
-        yield line.removeprefix("\ufeff") if number == 0 else line
+        yield line.removeprefix("\ufeff") if number == 1 else line
 
 
 def one_line(text: str) -> str:
@@ -102,4 +114,4 @@ def _runtime(resolve, *args, setting: str):
 
 def read_file_lines(path: Path) -> Iterator[str]:
     with open(path, "rb") as handle:
-        yield from read_lines(handle)
+        yield from read_lines(handle, str(path))

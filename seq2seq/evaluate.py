@@ -29,7 +29,7 @@ from pathlib import Path
 from seq2seq.analysis.alignment import AlignmentError, format_alignment_table, read_pharaoh, score_checkpoint
 from seq2seq.checkpoint import CheckpointError, LoadedModel
 from seq2seq.metrics import bleu_by_length, corpus_scores
-from seq2seq.inference.predict import translate_sentences
+from seq2seq.inference.predict import translate_sentences, with_progress
 from seq2seq.cli import UsageError, add_decoding_arguments, decoding_options, load, one_line, read_file_lines
 
 log = logging.getLogger("seq2seq.evaluate")
@@ -117,9 +117,8 @@ def evaluate(args: argparse.Namespace) -> dict:
     print(f"translating {len(sources)} sentences of {where} ...", file=sys.stderr)
     start = time.perf_counter()
     hypotheses, lengths = [], []
-    for translation in translate_sentences(
-        loaded.model, loaded.src_tokenizer, loaded.tgt_tokenizer, sources, **options
-    ):
+    translations = translate_sentences(loaded.model, loaded.src_tokenizer, loaded.tgt_tokenizer, sources, **options)
+    for translation in with_progress(translations, len(sources), "translating"):
         hypotheses.append(one_line(translation.text))
         lengths.append(translation.num_src_tokens)
     seconds = time.perf_counter() - start

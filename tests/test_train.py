@@ -139,7 +139,9 @@ def test_checkpoint_holds_everything_and_translates(sweep, family):
     (translation,) = translate_sentences(
         loaded.model, loaded.src_tokenizer, loaded.tgt_tokenizer, ["我是一个学生。"], beam_size=2
     )
-    assert isinstance(translation.text, str) and translation.hypotheses
+    assert translation.src_pieces[-1] == "</s>" and len(translation.src_pieces) > 1
+    best = translation.best  # hypotheses always hold one entry, even for an empty input: check what it holds
+    assert best.pieces and translation.text.strip() and math.isfinite(best.score) and best.score < 0
 
 
 @pytest.mark.slow

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from itertools import islice
 
 import torch
+from tqdm import tqdm
 
 from seq2seq.inference import search
 from seq2seq.data.batching import collate
@@ -202,3 +204,9 @@ def _to_translated(hypothesis: Hypothesis, tgt_tok: Tokenizer, src_len: int) -> 
         score=float(hypothesis.score),
         attention=attention,
     )
+
+def with_progress(translations: Iterable[Translation], total: int, what: str) -> Iterator[Translation]:
+    """`translations` with a progress bar on stderr when it is a terminal (tqdm's rule), so a long final
+    validation, test or evaluation shows how far it is; nothing is printed into logs or pipes."""
+    with tqdm(translations, total=total, desc=what, unit="sent", file=sys.stderr, disable=None, leave=False) as bar:
+        yield from bar

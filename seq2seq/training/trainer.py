@@ -301,11 +301,13 @@ class Trainer:
             self.writer.add_scalar("train/epoch", self.state.epoch + self.state.position / max(len(self.sampler), 1), step)
         if progress is not None:
             postfix = {"loss": f"{loss:.3f}", "lr": f"{lr:.2e}", "tok/s": f"{tokens_per_s:,.0f}"}
-            if self.tcfg.time_limit_minutes:
-                left = max(float(self.tcfg.time_limit_minutes) * 60 - self._elapsed(), 0.0)
+            left = self._time_left(step, elapsed / max(stats.steps, 1))
+            if left is not None:
                 postfix["time left"] = f"{left / 60:.1f}min"
+            if self.tcfg.time_limit_minutes:
                 # The bar's total (and so its ETA) is the step the time limit will stop at, at this pace.
-                reachable = step + int(left * stats.steps / max(elapsed, 1e-9))
+                budget = max(float(self.tcfg.time_limit_minutes) * 60 - self._elapsed(), 0.0)
+                reachable = step + int(budget * stats.steps / max(elapsed, 1e-9))
                 progress.total = min(reachable, self.total_steps or reachable)
             progress.set_postfix(postfix, refresh=False)
         if nonfinite:
@@ -321,6 +323,16 @@ class Trainer:
                 "raise optim.warmup_steps, keep trainer.grad_clip on or use trainer.precision=fp32, then resume "
                 "from checkpoints/last.pt or start again."
             )
+
+    def _time_left(self, step: int, seconds_per_step: float) -> float | None:
+        """Seconds of training left: to the time limit or, when the step budget (max_steps, max_epochs) ends
+        first at this pace, to that; None when neither bounds the run. Validations are not counted."""
+        candidates = []
+        if self.tcfg.time_limit_minutes:
+            candidates.append(max(float(self.tcfg.time_limit_minutes) * 60 - self._elapsed(), 0.0))
+        if self.total_steps:
+            candidates.append(max(self.total_steps - step, 0) * seconds_per_step)
+        return min(candidates) if candidates else None
 
     def _elapsed(self) -> float:
         """Wall-clock seconds of training, validations included, summed over resumed sessions."""

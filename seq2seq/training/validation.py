@@ -21,7 +21,7 @@ from seq2seq.data.prepare import PreparedData
 from seq2seq.data.split import spread_sample
 from seq2seq.metrics import bleu_by_length, corpus_scores
 from seq2seq.models.base import Seq2SeqModel, eval_mode
-from seq2seq.inference.predict import translate_sentences
+from seq2seq.inference.predict import translate_sentences, with_progress
 from seq2seq.runtime import autocast
 from seq2seq.training.step import token_loss
 
@@ -68,17 +68,17 @@ class Evaluator:
         loss = total.item() / max(tokens, 1)
         return loss, math.exp(min(loss, 50.0))
 
-    def translate(self, model: Seq2SeqModel, sources: list[str], beam_size: int) -> list[str]:
-        """Detokenized translations through the same path as `seq2seq.translate`."""
-        return [
-            translation.text
-            for translation in translate_sentences(
-                model, self.data.src_tokenizer, self.data.tgt_tokenizer, sources, beam_size=beam_size,
-                length_penalty=float(self.tcfg.length_penalty), max_len_a=float(self.tcfg.max_len_a),
-                max_len_b=int(self.tcfg.max_len_b), max_tokens=int(self.tcfg.max_tokens), device=self.device,
-                precision=self.precision,
-            )
-        ]
+    def translate(
+        self, model: Seq2SeqModel, sources: list[str], beam_size: int, what: str = "validating"
+    ) -> list[str]:
+        """Detokenized translations through the same path as `seq2seq.translate`, with a progress bar on a terminal."""
+        translations = translate_sentences(
+            model, self.data.src_tokenizer, self.data.tgt_tokenizer, sources, beam_size=beam_size,
+            length_penalty=float(self.tcfg.length_penalty), max_len_a=float(self.tcfg.max_len_a),
+            max_len_b=int(self.tcfg.max_len_b), max_tokens=int(self.tcfg.max_tokens), device=self.device,
+            precision=self.precision,
+        )
+        return [translation.text for translation in with_progress(translations, len(sources), what)]
 
     def validate(self, model: Seq2SeqModel, step: int, prefix: str = "valid", illustrate: bool = True) -> dict:
         """Loss, perplexity, BLEU and chrF on the validation split, logged under `prefix`; with `illustrate`,
@@ -125,7 +125,7 @@ class Evaluator:
             log.warning("data=%s has no test split: skipping the test evaluation", self.cfg.data.name)
             return {"test_bleu": None, "test_chrf": None, "test_bleu_by_length": []}
         beam = int(self.tcfg.test_beam_size)
-        hypotheses = self.translate(model, list(test_split["src"]), beam)
+        hypotheses = self.translate(model, list(test_split["src"]), beam, "testing")
         references = list(test_split["tgt"])
         tgt_lang = str(self.cfg.data.tgt_lang)
         scores = corpus_scores(hypotheses, references, tgt_lang)
