@@ -176,7 +176,7 @@ def drawn_map(layers: np.ndarray, view: View) -> np.ndarray:
 def comparison_figure(inspected: Sequence[Inspected], title: str, view: View, words: bool):
     """The models side by side; a map with more than MAX_FIGURE_UNITS rows or columns shows its first ones and
     says so in its title (the HTML page and the JSON keep all of them)."""
-    panels = []
+    panels, cut = [], False
     for item in inspected:
         if item.layers is None:
             panels.append(Panel(item.label, item.translation, [], [], None, NO_ATTENTION_NOTE))
@@ -189,11 +189,13 @@ def comparison_figure(inspected: Sequence[Inspected], title: str, view: View, wo
             matrix = analysis.merge_attention(matrix, src_units, tgt_units)
             src_labels, tgt_labels = src_units.labels, tgt_units.labels
         if max(len(src_labels), len(tgt_labels)) > MAX_FIGURE_UNITS:
-            panel_title += (f"\nfirst {min(len(tgt_labels), MAX_FIGURE_UNITS)} of {len(tgt_labels)} rows, "
-                            f"{min(len(src_labels), MAX_FIGURE_UNITS)} of {len(src_labels)} columns")
+            panel_title = f"{item.label} ({len(tgt_labels)}×{len(src_labels)}, first {MAX_FIGURE_UNITS} drawn)"
             src_labels, tgt_labels = src_labels[:MAX_FIGURE_UNITS], tgt_labels[:MAX_FIGURE_UNITS]
             matrix = matrix[..., : len(tgt_labels), : len(src_labels)]
+            cut = True
         panels.append(Panel(panel_title, item.translation, src_labels, tgt_labels, matrix))
+    if cut:
+        title = f"[maps cut to their first {MAX_FIGURE_UNITS} rows and columns; see --html or --json for all] {title}"
     return side_by_side_figure(panels, title=title)
 
 
