@@ -7,21 +7,20 @@ from __future__ import annotations
 import argparse
 import io
 import logging
-import re
-from collections.abc import Iterator
+import os
+import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
 
-from seq2seq.checkpoint import LoadedModel, load_model
+from seq2seq.checkpoint import CheckpointError, LoadedModel, load_model
+from seq2seq.inference.output import OutputError
 from seq2seq.runtime import DEVICES, PRECISIONS, RuntimeSettingError, resolve_device, resolve_precision
 
 log = logging.getLogger("seq2seq.cli")
 
 INVALID_UTF8_LISTED = 10  # input lines with invalid UTF-8 warned about one by one; one more warning says more follow
-
-# Everything str.splitlines() treats as a line break: none may reach the output, or line counts would drift.
-LINE_BREAKS = re.compile("[\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029]+")
 
 
 class UsageError(Exception):
@@ -48,10 +47,6 @@ def read_lines(stream: io.BufferedIOBase, name: str = "stdin") -> Iterator[str]:
                 log.warning("%s has more lines that are not valid UTF-8 after line %d; they are not listed", name, number)
         line = decode_line(raw)
         yield line.removeprefix("\ufeff") if number == 1 else line
-
-
-def one_line(text: str) -> str:
-    return LINE_BREAKS.sub(" ", text)
 
 
 def add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
@@ -115,3 +110,23 @@ def _runtime(resolve, *args, setting: str):
 def read_file_lines(path: Path) -> Iterator[str]:
     with open(path, "rb") as handle:
         yield from read_lines(handle, str(path))
+
+
+def run_command(parser: argparse.ArgumentParser, run: Callable[[argparse.Namespace], None],
+                argv: list[str] | None) -> int:
+    """The `main` of translate and evaluate: parse `argv`, log to stderr (INFO with --verbose), `run`. A problem the
+    user can fix is one line and exit status 2, Ctrl-C exit 130, and a reader that went away (`| head`) a quiet stop."""
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s: %(message)s",
+                        stream=sys.stderr)
+    try:
+        run(args)
+    except (CheckpointError, UsageError, OutputError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # and keep Python from complaining at exit
+        return 0
+    except KeyboardInterrupt:
+        return 130
+    return 0

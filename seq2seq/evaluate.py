@@ -27,10 +27,13 @@ import time
 from pathlib import Path
 
 from seq2seq.analysis.alignment import AlignmentError, format_alignment_table, read_pharaoh, score_checkpoint
-from seq2seq.checkpoint import CheckpointError, LoadedModel
+from seq2seq.checkpoint import LoadedModel
 from seq2seq.metrics import bleu_by_length, corpus_scores
 from seq2seq.inference.predict import translate_sentences, with_progress
-from seq2seq.cli import UsageError, add_decoding_arguments, decoding_options, load, one_line, read_file_lines
+from seq2seq.cli import (
+    UsageError, add_decoding_arguments, decoding_options, load, read_file_lines, run_command,
+)
+from seq2seq.inference.output import one_line
 
 log = logging.getLogger("seq2seq.evaluate")
 
@@ -187,23 +190,18 @@ def format_report(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s: %(message)s",
-                        stream=sys.stderr)
-    try:
-        result = evaluate(args)
-    except (CheckpointError, UsageError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
+    return run_command(build_parser(), report, argv)
+
+
+def report(args: argparse.Namespace) -> None:
+    """Evaluate and print the scores (or the alignment error rates)."""
+    result = evaluate(args)
     if "alignments" in result:
         print(format_alignment_table(result, f"{result['model']} on {result['data']}, alignment error rate"))
-        return 0
+        return
     print(format_report(result))
     if args.verbose:
         print(f"{result['sentences'] / max(result['seconds'], 1e-9):.1f} sentences/s", file=sys.stderr)
-    return 0
 
 
 if __name__ == "__main__":

@@ -17,29 +17,19 @@ be piped. Errors a user can fix (missing or damaged checkpoint, unreadable input
 from __future__ import annotations
 
 import argparse
-import bisect
 import logging
-import os
 import sys
 import time
-import unicodedata
 from collections.abc import Iterable
 from pathlib import Path
 
-from seq2seq.checkpoint import CheckpointError, LoadedModel
-from seq2seq.cli import UsageError, add_decoding_arguments, decoding_options, load, one_line, read_file_lines, read_lines
-from seq2seq.inference.predict import Translation, translate_sentences
-from seq2seq.models.base import NO_ATTENTION
+from seq2seq.checkpoint import LoadedModel
+from seq2seq.analysis.terminal import AttentionOutput
+from seq2seq.cli import UsageError, add_decoding_arguments, decoding_options, load, read_file_lines, read_lines, run_command
+from seq2seq.inference.output import TranslationWriter, format_translation
+from seq2seq.inference.predict import translate_sentences
 
 log = logging.getLogger("seq2seq.translate")
-
-SHADES = " ░▒▓█"
-SHADE_LEVELS = (0.05, 0.15, 0.3, 0.5)  # attention weight at which each next shade starts
-
-
-def shorten(text: str, limit: int = 60) -> str:
-    return text if len(text) <= limit else text[: limit - 1] + "…"
-
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -66,112 +56,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-class AttentionOutput:
-    """Where heatmaps go and what to say about them; reports once when the model has no attention."""
-
-    def __init__(self, plot: Path | None, show: bool, has_attention: bool, model_name: str, single: bool) -> None:
-        self.plot, self.show, self.written = plot, show, []
-        self.enabled = (plot is not None or show) and has_attention
-        self.single = single
-        if (plot is not None or show) and not has_attention:
-            print(
-                f"note: the {model_name} model has no attention: {NO_ATTENTION}; no plot was written.",
-                file=sys.stderr,
-            )
-
-    def path_for(self, number: int) -> Path:
-        if self.plot.suffix.lower() != ".png":
-            return self.plot / f"{number:04d}.png"
-        if self.single:
-            return self.plot
-        return self.plot.with_name(f"{self.plot.stem}-{number:04d}.png")
-
-    def handle(self, number: int, translation: Translation) -> None:
-        hypothesis = translation.best
-        if not self.enabled or hypothesis.attention is None or not translation.src_pieces:
-            return
-        if self.show:
-            print(alignment_text(translation), file=sys.stderr)
-        if self.plot is not None:
-            from seq2seq.analysis.plotting import attention_figure, figure_to_png
-
-            figure = attention_figure(
-                hypothesis.attention, translation.src_pieces, hypothesis.attention_pieces,
-                title=f"{shorten(translation.source)} → {shorten(hypothesis.text)}",
-            )
-            path = self.path_for(number)
-            try:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_bytes(figure_to_png(figure))
-            except OSError as error:
-                raise UsageError(f"cannot write --attention-plot {path}: {error.strerror or error}.") from error
-            self.written.append(path)
-
-    def report(self) -> None:
-        if self.written:
-            shown = ", ".join(str(p) for p in self.written[:3]) + (" ..." if len(self.written) > 3 else "")
-            print(f"wrote {len(self.written)} attention plot(s): {shown}", file=sys.stderr)
-
-
-def display_width(text: str) -> int:
-    """Terminal columns: wide (CJK) characters take two."""
-    return sum(2 if unicodedata.east_asian_width(ch) in "WF" else 1 for ch in text)
-
-
-def pad(text: str, width: int) -> str:
-    return text + " " * max(width - display_width(text), 0)
-
-
-def alignment_text(translation: Translation) -> str:
-    """Terminal view of an alignment: per target piece the most attended source piece and its weight, then a
-    shaded row over the numbered source pieces (blank < 0.05 <= ░ < 0.15 <= ▒ < 0.3 <= ▓ < 0.5 <= █)."""
-    hypothesis = translation.best
-    attention = hypothesis.attention
-    tgt, src = hypothesis.attention_pieces, translation.src_pieces
-    tgt_width = max(display_width(piece) for piece in tgt)
-    src_width = max(display_width(piece) for piece in src)
-    lines = [f"{translation.source} → {hypothesis.text}"]
-    for row, piece in enumerate(tgt):
-        weights = attention[row]
-        best = int(weights.argmax())
-        cells = "".join(SHADES[bisect.bisect_right(SHADE_LEVELS, float(w))] * 2 for w in weights)
-        lines.append(f"  {pad(piece, tgt_width)} → {pad(src[best], src_width)} {float(weights[best]):.2f} |{cells}|")
-    lines.append("  source: " + " ".join(f"{i}:{piece}" for i, piece in enumerate(src)))
-    return "\n".join(lines)
-
-
-def format_translation(translation: Translation, n_best: int) -> str:
-    if n_best == 1:
-        return one_line(translation.text) + "\n"
-    return "".join(
-        f"{rank}\t{hypothesis.score:.4f}\t{one_line(hypothesis.text)}\n"
-        for rank, hypothesis in enumerate(translation.hypotheses[:n_best], start=1)
-    )
-
-
-class Output:
-    """UTF-8 lines to stdout or a file, written as bytes so the terminal's locale can never make writing fail."""
-
-    def __init__(self, path: Path | None) -> None:
-        self.path = path
-        if path is None:
-            self.stream = sys.stdout.buffer
-            return
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self.stream = open(path, "wb")
-        except OSError as error:
-            raise UsageError(f"cannot write --output {path}: {error.strerror or error}.") from error
-
-    def write(self, text: str) -> None:
-        self.stream.write(text.encode("utf-8", errors="replace"))
-        self.stream.flush()
-
-    def close(self) -> None:
-        if self.path is not None:
-            self.stream.close()
-
-
 def input_sentences(args: argparse.Namespace) -> tuple[Iterable[str], bool]:
     """The sentences to translate and whether the count is known to be one (for the attention plot name)."""
     if args.sentences:
@@ -190,7 +74,7 @@ def run_batch(args: argparse.Namespace, loaded: LoadedModel, options: dict) -> N
     attention = AttentionOutput(
         args.attention_plot, args.show_attention, loaded.model.has_attention, loaded.config.model.name, single
     )
-    out = Output(args.output)
+    out = TranslationWriter(args.output)
     stats = {"sentences": 0, "src_tokens": 0, "tgt_tokens": 0}
     progress = None
     if sys.stderr.isatty() and not args.sentences:
@@ -262,30 +146,21 @@ def run_interactive(args: argparse.Namespace, loaded: LoadedModel, options: dict
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s: %(message)s",
-                        stream=sys.stderr)
-    try:
-        if args.n_best < 1 or args.chunk_size < 1:
-            raise UsageError("--n-best and --chunk-size must be at least 1.")
-        loaded, device = load(args)
-        options = decoding_options(args, loaded, device)
-        options["beam_size"] = max(options["beam_size"], args.n_best)
-        interactive = args.interactive or (not args.sentences and args.input is None and sys.stdin.isatty())
-        if interactive:
-            run_interactive(args, loaded, options)
-        else:
-            run_batch(args, loaded, options)
-    except (CheckpointError, UsageError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except BrokenPipeError:
-        # The reader went away (e.g. `| head`): stop quietly, and keep Python from complaining at exit.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
-    except KeyboardInterrupt:
-        return 130
-    return 0
+    return run_command(build_parser(), translate, argv)
+
+
+def translate(args: argparse.Namespace) -> None:
+    """Translate the command line's sentences, a file or stdin, or talk to the user."""
+    if args.n_best < 1 or args.chunk_size < 1:
+        raise UsageError("--n-best and --chunk-size must be at least 1.")
+    loaded, device = load(args)
+    options = decoding_options(args, loaded, device)
+    options["beam_size"] = max(options["beam_size"], args.n_best)
+    interactive = args.interactive or (not args.sentences and args.input is None and sys.stdin.isatty())
+    if interactive:
+        run_interactive(args, loaded, options)
+    else:
+        run_batch(args, loaded, options)
 
 
 if __name__ == "__main__":

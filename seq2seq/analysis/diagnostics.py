@@ -46,6 +46,11 @@ def is_cjk(char: str) -> bool:
     return UNSPACED_CHARACTER.fullmatch(char) is not None
 
 
+def display_width(text: str) -> int:
+    """Columns a text takes on a terminal or a tick label: wide (CJK) characters take two."""
+    return sum(2 if unicodedata.east_asian_width(ch) in "WF" else 1 for ch in text)
+
+
 def is_punctuation(text: str) -> bool:
     return bool(text) and all(unicodedata.category(ch).startswith("P") for ch in text)
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import io
 import math
-import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -23,6 +22,8 @@ from matplotlib import font_manager
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ft2font import FT2Font
+
+from seq2seq.analysis.diagnostics import display_width
 
 CJK_FONT_FILE = "NotoSansCJKsc-Regular.otf"
 LATIN_FALLBACK = "DejaVu Sans"
@@ -93,8 +94,7 @@ def _label_size(n_tokens: int) -> float:
 
 def _label_inches(label: str, size: float) -> float:
     """Rough printed width: about 0.55 em per narrow character, twice that for wide (CJK) ones."""
-    columns = sum(2 if unicodedata.east_asian_width(ch) in "WF" else 1 for ch in label)
-    return columns * 0.55 * size / 72
+    return display_width(label) * 0.55 * size / 72
 
 
 def _draw(
