@@ -20,7 +20,10 @@ What is measured, on the trainer's own batches of the training split (or synthet
     only), and MFU = achieved model FLOP/s / the matrix-multiply peak measured here on the same device and
     in the dtype of the precision in use;
   - decoding speed with a trained checkpoint (--checkpoint) on test sentences: greedy and beam 5, sentences/s and
-    target tokens/s (an untrained model emits arbitrary lengths, so decoding is only timed with a checkpoint).
+    target tokens/s, per wall-clock second and per CPU second of this process (steadier on a shared machine), text
+    only as `seq2seq.evaluate` decodes; with --int8 also the Linear layers quantised to int8 (CPU), with the
+    share of outputs that stay the same (an untrained model emits arbitrary lengths, so decoding is only timed with
+    a checkpoint). --decode times decoding alone.
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ from seq2seq.checkpoint import load_model
 from seq2seq.data.batching import Batch, collate
 from seq2seq.models import build_model, count_parameters
 from seq2seq.paths import CONFIG_DIR
-from seq2seq.inference.predict import translate_sentences
+from seq2seq.inference.predict import quantize_int8, translate_sentences
 from seq2seq.runtime import (
     AUTOCAST_DTYPES, RuntimeSettingError, configure_device, device_name, resolve_device, resolve_precision,
     seed_everything, synchronize,
@@ -60,6 +63,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--synthetic", action="store_true", help="random tokens with Tatoeba-like lengths")
     parser.add_argument("--checkpoint", type=Path, default=None, help="trained checkpoint whose decoding to time")
     parser.add_argument("--decode-sentences", type=int, default=1500, help="test sentences to decode")
+    parser.add_argument("--decode", action="store_true", help="time decoding only (needs --checkpoint)")
+    parser.add_argument("--int8", action="store_true", help="also decode with int8 Linear layers (CPU only)")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     return parser.parse_intermixed_args()
 
@@ -163,18 +168,44 @@ def time_phases(step: TrainStep, windows: list[list[Batch]]) -> dict[str, float]
     return {name: 1000 * seconds / len(windows) for name, seconds in phases.items()}
 
 
-def benchmark_decoding(model, src_tok, tgt_tok, sentences, device, precision, beam_size) -> dict:
+def benchmark_decoding(model, src_tok, tgt_tok, sentences, device, precision, beam_size) -> tuple[dict, list[str]]:
+    """Figures of one decoding of `sentences`, and its translations."""
     synchronize(device)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     outputs = list(
         translate_sentences(
-            model, src_tok, tgt_tok, sentences, beam_size=beam_size, device=device, precision=precision
+            model, src_tok, tgt_tok, sentences, beam_size=beam_size, device=device, precision=precision,
+            attention=False,
         )
     )
     synchronize(device)
-    seconds = time.perf_counter() - start
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     tokens = sum(len(t.hypotheses[0].pieces) for t in outputs)
-    return {"beam_size": beam_size, "sentences_per_s": len(outputs) / seconds, "target_tokens_per_s": tokens / seconds}
+    figures = {
+        "beam_size": beam_size, "sentences_per_s": len(outputs) / seconds, "target_tokens_per_s": tokens / seconds,
+        "sentences_per_cpu_s": len(outputs) / cpu_seconds,
+    }
+    return figures, [t.text for t in outputs]
+
+
+def decoding_figures(args: argparse.Namespace, sentences: list[str], device: torch.device, precision: str) -> list:
+    """Greedy and beam 5 with the checkpoint, and with --int8 the same with its Linear layers in int8."""
+    trained = load_model(args.checkpoint, device)
+    models = {"fp32" if precision == "fp32" else precision: (trained.model, precision)}
+    if args.int8:
+        if device.type != "cpu":
+            sys.exit("benchmark: --int8 quantises for CPU inference; add trainer.device=cpu")
+        models["int8"] = (quantize_int8(trained.model), "fp32")
+    decoding = []
+    for beam in (1, 5):
+        reference = None
+        for name, (model, model_precision) in models.items():
+            figures, texts = benchmark_decoding(model, trained.src_tokenizer, trained.tgt_tokenizer, sentences,
+                                                device, model_precision, beam)
+            reference = reference or texts
+            same = sum(a == b for a, b in zip(reference, texts)) / max(len(texts), 1)
+            decoding.append({"weights": name, **figures, "same_output_share": same})
+    return decoding
 
 
 def main() -> None:
@@ -190,10 +221,31 @@ def main() -> None:
         torch.set_num_threads(int(cfg.trainer.num_threads))
     configure_device(device)
     seed_everything(int(cfg.trainer.seed))
+    if args.decode or args.int8:
+        if args.checkpoint is None:
+            sys.exit("benchmark: --decode and --int8 time a trained checkpoint's decoding; add --checkpoint PATH")
+        if args.synthetic:
+            sys.exit("benchmark: --checkpoint decodes real test sentences; drop --synthetic")
+    report = {"device": device_name(device), "precision": precision, "model": cfg.model.name,
+              "overrides": args.overrides}
+    if not args.decode:
+        report |= training_figures(args, cfg, device, precision)
+    if args.checkpoint is not None:
+        from seq2seq.data.prepare import prepare_data
 
+        sentences = list(prepare_data(cfg).splits["test"]["src"])[: args.decode_sentences]
+        report["decoding"] = decoding_figures(args, sentences, device, precision)
+    report |= {"torch": torch.__version__, "threads": torch.get_num_threads()}
+    print_table(report)
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))
+        print(f"wrote {args.json}", file=sys.stderr)
+
+
+def training_figures(args: argparse.Namespace, cfg, device: torch.device, precision: str) -> dict:
+    """Throughput, phases, memory, FLOPs and MFU of the trainer's own step."""
     accumulate = int(cfg.trainer.accumulate)
     count = accumulate * (1 + args.warmup + args.steps + args.phase_steps)  # +1: the FLOP-counting update
-    data = None
     if args.synthetic:
         src_vocab, tgt_vocab = cfg.tokenizer.src_vocab_size, cfg.tokenizer.tgt_vocab_size
         batches = synthetic_batches(cfg.trainer.max_tokens, count, src_vocab, tgt_vocab, cfg.trainer.seed)
@@ -212,25 +264,8 @@ def main() -> None:
     training["ms_per_step"] = time_phases(step, windows[1 + args.warmup + args.steps :]) if args.phase_steps else {}
     peak = matmul_peak(device, AUTOCAST_DTYPES.get(precision, torch.float32))
     achieved = flops_per_tgt_token * training["target_tokens_per_s"]
-
-    decoding = []
-    if args.checkpoint is not None:
-        if data is None:
-            sys.exit("benchmark: --checkpoint decodes real test sentences; drop --synthetic")
-        trained = load_model(args.checkpoint, device)
-        sentences = list(data.splits["test"]["src"])[: args.decode_sentences]
-        for beam in (1, 5):
-            decoding.append(
-                benchmark_decoding(trained.model, trained.src_tokenizer, trained.tgt_tokenizer, sentences, device,
-                                   precision, beam)
-            )
-
-    report = {
-        "device": device_name(device),
-        "precision": precision,
+    return {
         "compile": bool(cfg.trainer.compile),
-        "model": cfg.model.name,
-        "overrides": args.overrides,
         "parameters": count_parameters(model),
         "max_tokens": cfg.trainer.max_tokens,
         "accumulate": accumulate,
@@ -241,21 +276,30 @@ def main() -> None:
         "matmul_peak_tflops": peak / 1e12,
         "mfu": achieved / peak,
         "peak_memory_mib": peak_memory_mib(device),
-        "decoding": decoding,
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
     }
-    print_table(report)
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=2))
-        print(f"wrote {args.json}", file=sys.stderr)
 
 
 def print_table(report: dict) -> None:
-    training = report["training"]
     rows = [
         ("device", f"{report['device']} ({report['threads']} threads), {report['precision']}"
-                   f"{', compiled' if report['compile'] else ''}"),
+                   f"{', compiled' if report.get('compile') else ''}"),
+    ]
+    if "training" in report:
+        rows += training_rows(report)
+    for decode in report.get("decoding", []):
+        rows.append(
+            (f"decode beam {decode['beam_size']}, {decode['weights']}",
+             f"{decode['sentences_per_s']:.1f} sentences/s ({decode['sentences_per_cpu_s']:.1f} per CPU second), "
+             f"{decode['target_tokens_per_s']:.0f} tokens/s, {100 * decode['same_output_share']:.1f} % same output")
+        )
+    width = max(len(name) for name, _ in rows)
+    for name, value in rows:
+        print(f"{name:<{width}}  {value}")
+
+
+def training_rows(report: dict) -> list[tuple[str, str]]:
+    training = report["training"]
+    return [
         ("model", f"{report['model']}, {report['parameters'] / 1e6:.2f} M parameters"),
         ("batches", f"{report['data']}, max_tokens {report['max_tokens']} x {report['accumulate']}, "
                     f"{training['target_tokens_per_step']:.0f} real target tokens/step"),
@@ -269,14 +313,6 @@ def print_table(report: dict) -> None:
         ("matmul peak (measured)", f"{report['matmul_peak_tflops']:.3f} TFLOP/s"),
         ("MFU", f"{100 * report['mfu']:.1f} %"),
     ]
-    for decode in report["decoding"]:
-        rows.append(
-            (f"decode beam {decode['beam_size']}",
-             f"{decode['sentences_per_s']:.1f} sentences/s, {decode['target_tokens_per_s']:.0f} tokens/s")
-        )
-    width = max(len(name) for name, _ in rows)
-    for name, value in rows:
-        print(f"{name:<{width}}  {value}")
 
 
 if __name__ == "__main__":

@@ -377,3 +377,21 @@ def test_decoding_without_attention_gives_the_same_hypotheses(beam_size: int) ->
     for kept, dropped in zip(with_attention, without, strict=True):
         assert [(h.tokens, h.score) for h in kept] == [(h.tokens, h.score) for h in dropped]
         assert all(h.attention is not None for h in kept) and all(h.attention is None for h in dropped)
+
+
+def test_int8_copy_quantises_the_linear_layers_and_leaves_the_model_alone() -> None:
+    from seq2seq.inference.predict import quantize_int8
+
+    model = random_model("transformer", seed=5, vocab=8, sharpen=1.0)
+    before = {name: p.clone() for name, p in model.state_dict().items()}
+    quantized = quantize_int8(model)
+    assert not any(type(m) is torch.nn.Linear for m in quantized.modules())
+    assert all(torch.equal(before[name], p) for name, p in model.state_dict().items())
+    src, src_mask = source([6, 3, 8, 5], seed=2, vocab=9)
+    exact = greedy_decode(model, src, src_mask)
+    approximate = greedy_decode(quantized, src, src_mask)
+    for e, a in zip(exact, approximate, strict=True):
+        assert math.isfinite(a.score) and all(t not in (PAD, BOS, EOS) for t in a.tokens)
+        torch.testing.assert_close(a.attention.sum(-1), torch.ones(len(a.tokens) + 1))
+        if a.tokens == e.tokens:
+            assert a.score == pytest.approx(e.score, rel=0.02)
