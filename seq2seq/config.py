@@ -249,7 +249,12 @@ class TrainerConfig:
     length_penalty: float = setting(LENGTH_PENALTY, "GNMT length penalty exponent", at_least=0)
     max_len_a: float = setting(MAX_LEN_A, "outputs stop at max_len_a * source length + max_len_b tokens", at_least=0)
     max_len_b: int = setting(MAX_LEN_B, "see max_len_a", at_least=1)
-    valid_max_sentences: Optional[int] = setting(None, "decode at most this many validation sentences", at_least=1)
+    valid_max_sentences: Optional[int] = setting(
+        None, "decode a seeded sample of this many validation sentences, spread over the split", at_least=1
+    )
+    test_max_sentences: Optional[int] = setting(
+        None, "the final test on a seeded sample of this many pairs (quick trials; not comparable)", at_least=1
+    )
     num_attention_samples: int = setting(3, "validation pairs drawn as heatmaps", at_least=0)
     num_text_samples: int = setting(5, "validation translations shown in TensorBoard", at_least=0)
     save_every_minutes: Optional[float] = setting(None, "also write last.pt this often between validations", above=0)

@@ -124,6 +124,11 @@ class Evaluator:
         if not len(test_split):
             log.warning("data=%s has no test split: skipping the test evaluation", self.cfg.data.name)
             return {"test_bleu": None, "test_chrf": None, "test_bleu_by_length": []}
+        limit = self.tcfg.get("test_max_sentences")
+        if limit is not None and int(limit) < len(test_split):
+            log.info("test on a seeded sample of %d of the %d test pairs (trainer.test_max_sentences): not comparable "
+                     "with scores on the whole split", int(limit), len(test_split))
+            test_split = test_split.select(spread_sample(len(test_split), int(limit), int(self.tcfg.seed)))
         beam = int(self.tcfg.test_beam_size)
         hypotheses = self.translate(model, list(test_split["src"]), beam, "testing")
         references = list(test_split["tgt"])
