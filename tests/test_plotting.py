@@ -75,7 +75,7 @@ def test_figure_grows_with_tokens():
 def test_head_grid_has_one_panel_per_head(caplog):
     figure = head_grid_figure(np.stack([_attention(5, 5, seed) for seed in range(6)]), SRC, TGT)
     panels = [ax for ax in figure.axes if ax.images and ax.get_title().startswith("head")]
-    assert [ax.get_title() for ax in panels] == [f"head {h}" for h in range(6)]
+    assert [ax.get_title() for ax in panels] == [f"head {h}" for h in range(1, 7)]  # from 1, like --layer
     png, messages = _render_capturing(figure, caplog)
     assert png.startswith(PNG_MAGIC)
     assert not [m for m in messages if "missing" in m.lower()], messages
