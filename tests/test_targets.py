@@ -11,6 +11,8 @@ from conftest import tatoeba_cfg
 from omegaconf import OmegaConf
 
 from seq2seq.checkpoint import load_model, save_checkpoint
+from seq2seq.config import saved_config
+from seq2seq.data.clean import side_normalizations
 from seq2seq.data import corpus as corpus_module
 from seq2seq.data.corpus import CorpusError
 from seq2seq.data.prepare import prepare_data
@@ -90,6 +92,13 @@ def test_checkpoints_without_recorded_normalisation_translate_as_before(checkpoi
     assert again.tgt_tokenizer.decode(again.tgt_tokenizer.encode("Ｆｕｌｌ")) == "Ｆｕｌｌ"
     (translation,) = translate_sentences(again.model, again.src_tokenizer, again.tgt_tokenizer, ["我是学生。"])
     assert isinstance(translation.text, str)
+
+
+def test_a_checkpoint_config_from_before_the_per_side_keys_folds_both_sides():
+    """evaluate --split rebuilds an old checkpoint's splits as it was trained: one normalisation for both sides."""
+    old = saved_config({"data": {"clean": {"normalization": "NFKC", "max_chars": 300}}, "model": {"name": "rnn"}})
+    assert side_normalizations(old.data.clean) == ("NFKC", "NFKC")
+    assert side_normalizations(saved_config({"model": {"name": "rnn"}}).data.clean) == ("NFKC", None)
 
 
 def test_the_other_direction_names_its_runs():

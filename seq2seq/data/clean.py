@@ -60,7 +60,12 @@ def unquote(value: str) -> str:
 
 
 def side_normalizations(clean_cfg: Any) -> tuple[str | None, str | None]:
-    """(source, target) Unicode normalisation of data.clean, checked; the tokenizers apply the same forms."""
+    """(source, target) Unicode normalisation of data.clean, checked; the tokenizers apply the same forms. The
+    config of a checkpoint written before the per-side keys has one `normalization` for both sides (evaluate --split
+    rebuilds its splits with it)."""
+    if "normalization" in clean_cfg:
+        form = check_normalization(clean_cfg.normalization, "data.clean.normalization")
+        return form, form
     return (
         check_normalization(clean_cfg.src_normalization, "data.clean.src_normalization"),
         check_normalization(clean_cfg.tgt_normalization, "data.clean.tgt_normalization"),
