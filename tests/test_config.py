@@ -15,7 +15,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from seq2seq.checkpoint import load_model
-from seq2seq.cli import decoding_options
+from seq2seq.cli import add_decoding_arguments, decoding_options
 import seq2seq.train  # noqa: F401  registers the resolvers that hydra.run.dir in configs/train.yaml calls
 from seq2seq.config import (
     BEAM_SIZE, MAX_LEN_B, MODEL_CONFIGS as MODEL_CONFIGS_SCHEMA, ConfigError, OptimConfig, RNNConfig, TrainerConfig, check_config,
@@ -72,7 +72,7 @@ def test_experiment_compare_composes():
 
 @pytest.mark.parametrize("data", DATA_CONFIGS)
 def test_cli_prints_the_job_config_for_every_data_config(data):
-    result = train_cli("--cfg", "job", f"data={data}")
+    result = train_cli("--cfg", "job", "--resolve", f"data={data}")  # data.name interpolates the direction
     assert result.returncode == 0, result.stderr
     assert f"name: {data}" in result.stdout
     assert "max_steps:" in result.stdout and "attention_examples:" in result.stdout
@@ -224,8 +224,9 @@ def test_a_checkpoint_written_before_newer_keys_still_loads_with_their_defaults(
     torch.save(payload, tmp_path / "old.pt")
     loaded = load_model(tmp_path / "old.pt")
     assert loaded.config.model.context == "final" and loaded.config.data.alignments_path is None
-    arguments = argparse.Namespace(beam_size=None, length_penalty=None, max_len_a=None, max_len_b=None,
-                                   max_tokens=100, batch_size=None, precision="fp32")
+    parser = argparse.ArgumentParser()
+    add_decoding_arguments(parser)
+    arguments = parser.parse_args(["--checkpoint", str(tmp_path / "old.pt"), "--precision", "fp32"])
     options = decoding_options(arguments, loaded, torch.device("cpu"))
     assert (options["beam_size"], options["max_len_b"]) == (BEAM_SIZE, MAX_LEN_B)
     assert options["length_penalty"] == 0.6
