@@ -7,7 +7,8 @@ import unicodedata
 from pathlib import Path
 
 import pytest
-from conftest import tatoeba_cfg
+import torch
+from conftest import _config, _train, corpus_pairs, tatoeba_cfg
 from omegaconf import OmegaConf
 
 from seq2seq.checkpoint import load_model, save_checkpoint
@@ -16,8 +17,9 @@ from seq2seq.data.clean import side_normalizations
 from seq2seq.data import corpus as corpus_module
 from seq2seq.data.corpus import CorpusError
 from seq2seq.data.prepare import prepare_data
-from seq2seq.data.tokenizer import LEGACY_NORMALIZATION
+from seq2seq.data.tokenizer import LEGACY_NORMALIZATION, build_tokenizers
 from seq2seq.inference.predict import translate_sentences
+from seq2seq.models import build_model
 from seq2seq.paths import CONFIG_DIR
 
 
@@ -92,6 +94,26 @@ def test_checkpoints_without_recorded_normalisation_translate_as_before(checkpoi
     assert again.tgt_tokenizer.decode(again.tgt_tokenizer.encode("Ｆｕｌｌ")) == "Ｆｕｌｌ"
     (translation,) = translate_sentences(again.model, again.src_tokenizer, again.tgt_tokenizer, ["我是学生。"])
     assert isinstance(translation.text, str)
+
+
+@pytest.mark.slow
+@pytest.mark.corpus
+def test_a_model_learns_chinese_targets_with_their_punctuation(corpus_path, tmp_path):
+    """en->zh in miniature: a tiny Transformer learns 32 Tatoeba pairs whose Chinese has full-width punctuation by
+    heart, and greedy decoding writes them back as written (，？ and not , ?)."""
+    pairs = [(en, zh) for zh, en in corpus_pairs(corpus_path, 3000) if "，" in zh or "？" in zh][:32]
+    tok_cfg = OmegaConf.create({**_config("transformer")["tokenizer"], "src_vocab_size": 400, "tgt_vocab_size": 400})
+    src_tok, tgt_tok = build_tokenizers([en for en, _ in pairs], [zh for _, zh in pairs], tok_cfg, tmp_path,
+                                        ("NFKC", None))
+    examples = [{"src_ids": src_tok.encode(en), "tgt_ids": tgt_tok.encode(zh)} for en, zh in pairs]
+    torch.manual_seed(0)
+    model = build_model(OmegaConf.create(_config("transformer")["model"]), src_tok.vocab_size, tgt_tok.vocab_size)
+    _train(model, examples, steps=300)
+    outputs = [t.text for t in translate_sentences(model, src_tok, tgt_tok, [en for en, _ in pairs], beam_size=1)]
+    learnt = [out for out, (_, zh) in zip(outputs, pairs) if out == " ".join(zh.split())]
+    assert len(learnt) >= len(pairs) // 2
+    assert any("，" in out or "？" in out for out in learnt)
+    assert not any("," in out or "?" in out for out in outputs)
 
 
 def test_a_checkpoint_config_from_before_the_per_side_keys_folds_both_sides():
