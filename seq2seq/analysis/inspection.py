@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,11 +28,9 @@ from seq2seq.cli import UsageError
 from seq2seq.inference import search
 from seq2seq.inference.forced import attend
 from seq2seq.inference.predict import source_token_limit
+from seq2seq.models.base import NO_ATTENTION
 
-NO_ATTENTION_NOTE = (
-    "no attention:\nthe decoder sees the source only\nthrough the encoder's final state,\n"
-    "so there is no alignment to draw"
-)
+NO_ATTENTION_NOTE = "no attention:\n" + textwrap.fill(NO_ATTENTION, 34)  # a figure panel's lines
 MAX_FIGURE_UNITS = 60  # rows and columns drawn per heatmap: beyond this a PNG cell is too small to read
 
 

@@ -19,6 +19,7 @@ import numpy as np
 
 from seq2seq.analysis import diagnostics as analysis
 from seq2seq.analysis.inspection import Inspection, View
+from seq2seq.models.base import NO_ATTENTION
 
 WEIGHT_DECIMALS = 5
 
@@ -34,7 +35,9 @@ def page_item(inspection: Inspection) -> dict:
     for item, report in zip(inspection.inspected, inspection.reports):
         model: dict = {"label": item.label, "family": item.family, "translation": item.translation,
                        "forced": item.forced, "has_attention": item.layers is not None, "report": report}
-        if item.layers is not None:
+        if item.layers is None:
+            model["note"] = f"no attention: {NO_ATTENTION}"
+        else:
             src, tgt = analysis.merge_words(item.src_pieces), analysis.merge_words(item.tgt_pieces)
             model["pieces"] = {"src": item.src_pieces, "tgt": item.tgt_pieces, "layers": _layers(item.layers)}
             model["words"] = {"src": src.labels, "tgt": tgt.labels,
@@ -236,8 +239,7 @@ PAGE_TEMPLATE = r"""<!DOCTYPE html>
     section.appendChild(element("p", { class: "translation" },
       (model.forced ? "reference (forced): " : "translation: ") + (model.translation || "(empty)")));
     if (!model.has_attention) {
-      section.appendChild(element("div", { class: "note" },
-        "no attention: the decoder sees the source only through the encoder's final state, so there is no alignment to draw"));
+      section.appendChild(element("div", { class: "note" }, model.note));
     } else {
       section.appendChild(heatmap(model));
     }
