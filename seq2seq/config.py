@@ -3,9 +3,11 @@ one-line doc, in one place.
 
 The dataclasses below are registered in Hydra's ConfigStore: `base_train` under configs/train.yaml types every
 group, and each model file names its family's schema first (`defaults: [base_transformer, _self_]`), so a misspelt
-key or a value of the wrong type fails while the config is composed. The YAML files under configs/ hold the
-recipes: the values chosen for a corpus or a model, and why. `python -m seq2seq.train --cfg job` prints every key
-as composed.
+key or a value of the wrong type fails while the config is composed (importing this module registers them, which
+every module that builds models or data does; a script that composes configs/train.yaml needs it imported). The
+YAML files under configs/ hold the recipes: the values chosen for a corpus or a model, and why. A model file
+without a schema line (a test's tiny model) still composes and is checked by `check_config`.
+`python -m seq2seq.train --cfg job` prints every key as composed.
 
 Types are checked by OmegaConf while composing; `check_config` then checks what a type cannot say (ranges, names
 from a closed list, rules between keys, what this machine can run) and reports every problem at once. A key's
