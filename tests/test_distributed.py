@@ -360,15 +360,25 @@ def test_under_ddp_every_rank_skips_the_update_a_batch_of_one_ran_out_of_memory_
 
 @pytest.mark.slow
 @pytest.mark.corpus
-def test_out_of_memory_batches_are_counted_logged_and_too_many_in_a_row_stop_with_advice(hooked, tmp_path):
+def test_one_process_skips_an_out_of_memory_batch_and_breaks_bleu_ties_by_the_validation_loss(hooked, tmp_path):
+    """One run for two rules of a single process (training subprocesses are the slow part): a batch that runs
+    out of memory is skipped, logged with its shape and counted; and at equal BLEU the lower loss wins best.pt,
+    from the validations and from the average alike. Then too many skipped batches in a row stop a run."""
     run = tmp_path / "run"
+    scores = {"valid@10": {"bleu": 0.0, "loss": 5.0}, "valid@20": {"bleu": 0.0, "loss": 4.0},
+              "valid@30": {"bleu": 0.0, "loss": 4.5}, "valid_averaged@30": {"bleu": 0.0, "loss": 9.0}}
     status, output = train(
-        hooked, *QUIET, "trainer.max_steps=10", "trainer.eval_every=10", f"hydra.run.dir={run}",
-        hook={"out_of_memory": {"calls": [3]}}, launcher=None, log=tmp_path / "once.log",
+        hooked, *QUIET, "trainer.max_steps=30", "trainer.eval_every=10", "trainer.average_last=2",
+        f"hydra.run.dir={run}", hook={"scores": scores, "out_of_memory": {"calls": [3]}}, launcher=None,
+        log=tmp_path / "train.log",
     )
     assert status == 0, output[-4000:]
     assert re.search(r"rank 0, step 3: out of memory on a batch of \d+ sentences x \d+ source / \d+ target", output)
-    assert results(run)["steps"] == 10 and results(run)["out_of_memory_steps"] == 1
+    finished = results(run)
+    assert finished["steps"] == 30 and finished["out_of_memory_steps"] == 1
+    assert load_checkpoint(run / "checkpoints" / "best.pt")["step"] == 20
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["train_state"]["best_loss"] == 4.0
+    assert finished["best_step"] == 20 and finished["averaged"] is False
 
     status, output = train(
         hooked, *QUIET, "trainer.max_steps=10", "trainer.max_oom_steps=3", f"hydra.run.dir={tmp_path / 'stopped'}",
@@ -377,25 +387,6 @@ def test_out_of_memory_batches_are_counted_logged_and_too_many_in_a_row_stop_wit
     assert status == 1
     assert "stopped at step 1: 3 batches in a row did not fit in memory (trainer.max_oom_steps=3)" in output
     assert "Lower trainer.max_tokens (now 1024 tokens per batch and rank" in output and "Traceback" not in output
-
-
-# ----------------------------------------------------------------------------- best.pt at equal BLEU
-
-
-@pytest.mark.slow
-@pytest.mark.corpus
-def test_equal_bleu_is_broken_by_the_validation_loss(hooked, tmp_path):
-    run = tmp_path / "run"
-    scores = {"valid@10": {"bleu": 0.0, "loss": 5.0}, "valid@20": {"bleu": 0.0, "loss": 4.0},
-              "valid@30": {"bleu": 0.0, "loss": 4.5}, "valid_averaged@30": {"bleu": 0.0, "loss": 9.0}}
-    status, output = train(
-        hooked, *QUIET, "trainer.max_steps=30", "trainer.eval_every=10", "trainer.average_last=2",
-        f"hydra.run.dir={run}", hook={"scores": scores}, launcher=None, log=tmp_path / "train.log",
-    )
-    assert status == 0, output[-4000:]
-    assert load_checkpoint(run / "checkpoints" / "best.pt")["step"] == 20
-    assert load_checkpoint(run / "checkpoints" / "last.pt")["train_state"]["best_loss"] == 4.0
-    assert results(run)["best_step"] == 20 and results(run)["averaged"] is False
 
 
 # ----------------------------------------------------------------------------- the GPU suite, as a CPU smoke test

@@ -499,7 +499,8 @@ class Trainer:
     def _memory_advice(self) -> str:
         return (
             f"Lower trainer.max_tokens (now {self.tcfg.max_tokens} tokens per batch and rank; raise "
-            "trainer.accumulate to keep the update size), then start again or resume from checkpoints/last.pt."
+            "trainer.accumulate to keep the update size), then start again, or resume from checkpoints/last.pt "
+            "with trainer.resume_reset=[sampler] (the batches are cut anew)."
         )
 
     def _skipped_for_memory(self, result: StepResult) -> None:
