@@ -81,8 +81,8 @@ def load_torch_file(path: Path, map_location: str | torch.device = "cpu") -> Any
             "seq2seq checkpoints hold only tensors, numbers, text and RNG states. Use a checkpoint from a source "
             "you trust, written by seq2seq's trainer."
         ) from error
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as error:
-        raise _unreadable(path, error) from error
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, IndexError, KeyError, TypeError) as error:
+        raise _unreadable(path, error) from error  # what the weights-only unpickler raises on bytes that are no pickle
 
 
 def _unreadable(path: Path, error: Exception) -> CheckpointError:
