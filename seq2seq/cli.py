@@ -45,7 +45,8 @@ def read_lines(stream: io.BufferedIOBase, name: str = "stdin") -> Iterator[str]:
             if invalid <= INVALID_UTF8_LISTED:
                 log.warning("%s line %d is not valid UTF-8: its bad bytes are translated as U+FFFD", name, number)
             elif invalid == INVALID_UTF8_LISTED + 1:
-                log.warning("%s has more lines that are not valid UTF-8 after line %d; they are not listed", name, number)
+                log.warning("%s has more lines that are not valid UTF-8 after line %d; they are not listed",
+                            name, number)
         line = decode_line(raw)
         yield line.removeprefix("\ufeff") if number == 1 else line
 

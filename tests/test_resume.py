@@ -113,8 +113,9 @@ def test_a_longer_cosine_goes_on_from_the_current_rate():
 
 # ----------------------------------------------------------------------------- end to end
 
-RUN_ARGS = ["model=tiny_transformer", "trainer.eval_every=10", "trainer.num_attention_samples=0", "attention_examples=[]",
-            "trainer.test_beam_size=1", "trainer.average_last=0", "optim.schedule=cosine", "optim.warmup_steps=4"]
+RUN_ARGS = ["model=tiny_transformer", "trainer.eval_every=10", "trainer.num_attention_samples=0",
+            "attention_examples=[]", "trainer.test_beam_size=1", "trainer.average_last=0", "optim.schedule=cosine",
+            "optim.warmup_steps=4"]
 
 
 @pytest.mark.slow

@@ -66,7 +66,8 @@ def test_checkpoints_of_the_previous_format_still_translate_and_resume(checkpoin
     expected_draw = np.random.rand(3)
     model = load_model(checkpoints["rnn"]).model
     optimizer = torch.optim.AdamW(model.parameters())
-    model(torch.ones(1, 3, dtype=torch.long), torch.ones(1, 3, dtype=torch.bool), torch.ones(1, 2, dtype=torch.long)).logits.sum().backward()
+    ids = torch.ones(1, 3, dtype=torch.long)
+    model(ids, torch.ones(1, 3, dtype=torch.bool), ids[:, :2]).logits.sum().backward()
     optimizer.step()
     old = tmp_path / "old-last.pt"
     torch.save({**base, "optimizer": optimizer.state_dict(), "rng": [saved_rng], "train_state": {"step": 60}}, old)

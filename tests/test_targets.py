@@ -129,5 +129,6 @@ def test_the_other_direction_names_its_runs():
     data.src_lang, data.tgt_lang = "en", "zh"
     assert data.name == "tatoeba_en_zh"
     for other in ("opus100_zh_en", "wmt19_zh_en"):
-        swapped = OmegaConf.merge(OmegaConf.load(CONFIG_DIR / "data" / f"{other}.yaml"), {"src_lang": "en", "tgt_lang": "zh"})
+        swapped = OmegaConf.merge(OmegaConf.load(CONFIG_DIR / "data" / f"{other}.yaml"),
+                                  {"src_lang": "en", "tgt_lang": "zh"})
         assert swapped.name == other.replace("zh_en", "en_zh")

@@ -224,7 +224,8 @@ def _shares_a_sentence(
     grouped split guarantees for carved splits, so a given test set is never partly trained on."""
     forms = dict(zip(("src", "tgt"), side_normalizations(clean_cfg)))
     evaluation = {
-        side: np.concatenate([hash_texts(normalize_text(text, form) for text in split.texts(side)) for split in given.values()])
+        side: np.concatenate([hash_texts(normalize_text(text, form) for text in split.texts(side))
+                              for split in given.values()])
         for side, form in forms.items()
     }
     return np.isin(src_hash, evaluation["src"]) | np.isin(tgt_hash, evaluation["tgt"])

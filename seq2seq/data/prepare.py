@@ -74,7 +74,7 @@ def prepare_data(cfg: Any, log: Callable[[str], None] = print) -> PreparedData:
 
 def direction_line(data_cfg: Any, prepared: PreparedData) -> str:
     """The translation direction and each side's normalisation, so a run of the other direction says so."""
-    forms = [tokenizer.normalization or "none, as written" for tokenizer in (prepared.src_tokenizer, prepared.tgt_tokenizer)]
+    forms = [side.normalization or "none, as written" for side in (prepared.src_tokenizer, prepared.tgt_tokenizer)]
     return (
         f"direction: {data_cfg.src_lang} -> {data_cfg.tgt_lang} (source normalisation {forms[0]}, "
         f"target normalisation {forms[1]})"
@@ -234,7 +234,8 @@ def _tokenize_rows(
             src_ids, tgt_ids = [src_ids[i] for i in keep], [tgt_ids[i] for i in keep]
     else:
         over_cap = sum(len(ids) > MAX_SENTENCE_TOKENS for ids in (*src_ids, *tgt_ids))
-        src_ids, tgt_ids = [ids[:MAX_SENTENCE_TOKENS] for ids in src_ids], [ids[:MAX_SENTENCE_TOKENS] for ids in tgt_ids]
+        src_ids = [ids[:MAX_SENTENCE_TOKENS] for ids in src_ids]
+        tgt_ids = [ids[:MAX_SENTENCE_TOKENS] for ids in tgt_ids]
     shard = pa.table(
         {
             "src": table.column("src"),

@@ -184,7 +184,7 @@ def check_resumable(path: Path, cfg: DictConfig) -> None:
     saved_config = load_checkpoint(path, map_location="cpu")["config"]
     theirs = flat_settings(saved_config)
     ours = flat_settings(OmegaConf.to_container(cfg, resolve=True))
-    theirs["data source"], ours["data source"] = data_source(OmegaConf.create(saved_config["data"])), data_source(cfg.data)
+    theirs["data source"], ours["data source"] = data_source(saved_config["data"]), data_source(cfg.data)
     for setting in ours:
         if setting in _NOT_COMPARED or setting not in theirs or theirs[setting] == ours[setting]:
             continue  # a key the checkpoint predates cannot be compared

@@ -242,7 +242,8 @@ class Trainer:
                 self.state.schedule_anchor = (scheduler.last_epoch + 1, before)
                 log.info("cosine schedule: %s -> %s steps; it decays from %.3g x lr at update %d to its floor at "
                          "the new end, without a jump", old_total, self.total_steps, before, scheduler.last_epoch + 1)
-        refit_scheduler(scheduler, optimizer, float(optim.lr), schedule_of(optim, self.total_steps, self.state.schedule_anchor))
+        multiplier = schedule_of(optim, self.total_steps, self.state.schedule_anchor)
+        refit_scheduler(scheduler, optimizer, float(optim.lr), multiplier)
         if "optim.lr" in changed:
             log.info("optim.lr %s -> %s: the schedule goes on at step %d with the new peak (lr now %.3g)",
                      *changed["optim.lr"], self.state.step, optimizer.param_groups[0]["lr"])
