@@ -175,6 +175,8 @@ def main() -> None:
             remove_if_empty(folder)
         print(f"error: {composition_error_message(error)}", file=sys.stderr, flush=True)
         sys.exit(2)
+    except BrokenPipeError:  # `--cfg job | head`: the reader went away; stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 if __name__ == "__main__":
