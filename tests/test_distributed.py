@@ -273,8 +273,9 @@ def test_sigterm_ends_a_worker_stuck_waiting_for_another_rank(tmp_path):
 def test_a_collective_in_rank_0_only_code_fails_at_once_instead_of_hanging():
     """In one process every collective is an identity, so without this check the bug would only show as a
     hang under torchrun."""
-    with distributed.main_rank_only("the final test"), pytest.raises(distributed.CollectiveError, match="the final test"):
-        distributed.all_gather_object(1, "every rank's random state")
+    with distributed.main_rank_only("the final test"):
+        with pytest.raises(distributed.CollectiveError, match="the final test"):
+            distributed.all_gather_object(1, "every rank's random state")
     assert distributed.all_gather_object(1, "every rank's random state") == [1]
 
 
