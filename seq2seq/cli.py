@@ -54,10 +54,13 @@ def read_lines(stream: io.BufferedIOBase, name: str = "stdin") -> Iterator[str]:
 def add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
     """Options shared with `seq2seq.evaluate`; defaults (None) fall back to the checkpoint's trainer settings."""
     parser.add_argument("--checkpoint", required=True, type=Path, help="checkpoint file (best.pt or last.pt of a run)")
-    parser.add_argument("--beam-size", type=int, help="beam width, 1 = greedy (default: trainer.test_beam_size of the checkpoint)")
+    parser.add_argument("--beam-size", type=int,
+                        help="beam width, 1 = greedy (default: trainer.test_beam_size of the checkpoint)")
     parser.add_argument("--length-penalty", type=float, help="GNMT length penalty exponent (default: as in training)")
-    parser.add_argument("--max-len-a", type=float, help="outputs stop at a * source length + b tokens: a (default: as in training)")
-    parser.add_argument("--max-len-b", type=int, help="outputs stop at a * source length + b tokens: b (default: as in training)")
+    parser.add_argument("--max-len-a", type=float,
+                        help="outputs stop at a * source length + b tokens: a (default: as in training)")
+    parser.add_argument("--max-len-b", type=int,
+                        help="outputs stop at a * source length + b tokens: b (default: as in training)")
     parser.add_argument("--max-tokens", type=int, default=4096,
                         help="token budget of a batch: sentences x longest source (default 4096)")
     parser.add_argument("--batch-size", type=int, help="at most this many sentences per batch (default: no limit)")

@@ -73,7 +73,7 @@ def setting(
 
 @dataclass
 class SplitConfig:
-    valid_size: Optional[int] = setting(None, "validation pairs carved from training when the corpus has none", at_least=1)
+    valid_size: Optional[int] = setting(None, "validation pairs carved from training if none are given", at_least=1)
     test_size: Optional[int] = setting(None, "test pairs carved from training when the corpus has none", at_least=1)
     seed: int = setting(1234, "seed of the grouped split")
 
@@ -111,7 +111,7 @@ class DataConfig:
     src_lang: str = setting(MISSING, "source language code (a column name)")
     tgt_lang: str = setting(MISSING, "target language code (a column name)")
     split: SplitConfig = field(default_factory=SplitConfig, metadata={"doc": "the grouped train/valid/test split"})
-    num_proc: Optional[int] = setting(None, "processes that clean and tokenize; null = every available core", at_least=1)
+    num_proc: Optional[int] = setting(None, "processes that clean and tokenize; null = every core", at_least=1)
     clean: CleanConfig = field(default_factory=CleanConfig, metadata={"doc": "cleaning of the training pairs"})
 
     def rules(self) -> Iterator[str]:
@@ -195,7 +195,9 @@ class TransformerConfig(ModelConfig):
                    "pick sizes that divide")
 
 
-MODEL_CONFIGS: dict[str, type[ModelConfig]] = {"rnn": RNNConfig, "bahdanau": BahdanauConfig, "transformer": TransformerConfig}
+MODEL_CONFIGS: dict[str, type[ModelConfig]] = {
+    "rnn": RNNConfig, "bahdanau": BahdanauConfig, "transformer": TransformerConfig,
+}
 
 
 # ----------------------------------------------------------------------------- optimisation and training
