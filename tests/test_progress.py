@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import io
 import sys
-from types import SimpleNamespace
 
 import pytest
+from omegaconf import OmegaConf
 
 from seq2seq.inference.predict import with_progress
-from seq2seq.training.trainer import Trainer
+from seq2seq.training.limits import StoppingRules
+from seq2seq.training.state import TrainState
 
 
 class _Terminal(io.StringIO):
@@ -26,15 +27,31 @@ def test_decoding_progress_goes_to_a_terminal_only(monkeypatch, stream, shown):
     assert (stream.getvalue() == "") is not shown
 
 
-def fake_trainer(max_steps: int | None, minutes: float | None, elapsed: float) -> SimpleNamespace:
-    return SimpleNamespace(tcfg=SimpleNamespace(time_limit_minutes=minutes), total_steps=max_steps,
-                           _elapsed=lambda: elapsed)
+def rules(max_steps: int | None, minutes: float | None, elapsed: float) -> StoppingRules:
+    config = OmegaConf.create({"max_steps": max_steps, "max_epochs": None, "time_limit_minutes": minutes,
+                               "patience": None, "save_every_minutes": None})
+    limits = StoppingRules(config, total_steps=max_steps)
+    limits.start_session(elapsed)
+    return limits
 
 
 def test_time_left_is_the_step_budget_when_it_ends_first():
     """trainer.max_steps=50 with the 24-minute default: 40 steps left at 0.5 s each is 20 s, not 23.5 minutes."""
-    assert Trainer._time_left(fake_trainer(50, 24, elapsed=30.0), step=10, seconds_per_step=0.5) == pytest.approx(20.0)
-    assert Trainer._time_left(fake_trainer(20_000, 24, elapsed=60.0), 10, 0.5) == pytest.approx(23 * 60)
-    assert Trainer._time_left(fake_trainer(None, 24, elapsed=60.0), 10, 0.5) == pytest.approx(23 * 60)
-    assert Trainer._time_left(fake_trainer(50, None, elapsed=0.0), 50, 0.5) == 0.0
-    assert Trainer._time_left(fake_trainer(None, None, elapsed=0.0), 10, 0.5) is None
+    assert rules(50, 24, elapsed=30.0).time_left(step=10, seconds_per_step=0.5) == pytest.approx(20.0)
+    assert rules(20_000, 24, elapsed=60.0).time_left(10, 0.5) == pytest.approx(23 * 60)
+    assert rules(None, 24, elapsed=60.0).time_left(10, 0.5) == pytest.approx(23 * 60)
+    assert rules(50, None, elapsed=0.0).time_left(50, 0.5) == 0.0
+    assert rules(None, None, elapsed=0.0).time_left(10, 0.5) is None
+
+
+def test_the_bar_ends_at_the_step_the_run_will_stop_at():
+    """At 0.5 s a step with 23 minutes left, the time limit stops the run near step 10 + 2,760, before 20,000."""
+    assert rules(20_000, 24, elapsed=60.0).last_step(10, 0.5) == pytest.approx(2_770, abs=2)
+    assert rules(50, 24, elapsed=60.0).last_step(10, 0.5) == 50
+    assert rules(50, None, elapsed=0.0).last_step(10, 0.5) == 50
+
+
+def test_completed_by_names_the_limit_a_resumed_run_has_reached():
+    assert rules(50, 24, elapsed=0.0).completed_by(TrainState(step=50)) == "max_steps"
+    assert rules(50, 24, elapsed=24 * 60.0).completed_by(TrainState(step=10)) == "time_limit_minutes"
+    assert rules(50, 24, elapsed=0.0).completed_by(TrainState(step=10)) is None

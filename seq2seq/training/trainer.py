@@ -6,7 +6,8 @@ rank 0 does alone runs inside `distributed.main_rank_only`, so a collective ther
 hanging the run; the end of training (averaging, test, results.json) is a phase of every rank like the others.
 
 The update itself is `step.TrainStep` (no host synchronisation inside); the loop reads the interval's device-side
-statistics only every `log_every` steps. Throughput (train/tokens_per_s, results.json) counts target tokens
+statistics only every `log_every` steps. When to stop (steps, epochs, the time limit, patience, periodic saves) and
+the progress bar are `limits.py`'s. Throughput (train/tokens_per_s, results.json) counts target tokens
 (y + EOS) of all ranks per second of training. Checkpoint contents and resume are `state.py`'s;
 TensorBoard drawing is `board.py`'s; validation and the test `validation.py`'s; devices, precision and random
 state `runtime.py`'s.
@@ -20,7 +21,6 @@ import json
 import logging
 import math
 import os
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import asdict
@@ -31,7 +31,6 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Sampler
-from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from seq2seq.training import board, distributed
@@ -43,6 +42,7 @@ from seq2seq.data.batching import Batch, TokenBatchSampler, collate, make_loader
 from seq2seq.data.prepare import PreparedData, prepare_data
 from seq2seq.models import build_model, count_parameters
 from seq2seq.models.base import Seq2SeqModel
+from seq2seq.training.limits import ProgressBar, StoppingRules
 from seq2seq.training.runs import StopSignals, TrainingInterrupted, share_main_rank_folder
 from seq2seq.runtime import (
     RuntimeSettingError, configure_device, resolve_device, resolve_precision, rng_state,
@@ -149,8 +149,7 @@ class Trainer:
             self.writer = SummaryWriter(log_dir=str(self.run_dir), **purge)
             self.evaluator = Evaluator(cfg, self.data, self.device, self.precision, self.writer)
         self.interval = IntervalStats(self.device)
-        self._elapsed_base = self.state.elapsed_seconds
-        self._session_start = time.perf_counter()
+        self.rules = StoppingRules(self.tcfg, self.total_steps)
         self._interval_start = time.perf_counter()
 
     # ------------------------------------------------------------------ setup
@@ -272,7 +271,7 @@ class Trainer:
         self.interval.reset()
         self._interval_start = time.perf_counter()
 
-    def _log_interval(self, progress: tqdm | None) -> None:
+    def _log_interval(self, progress: ProgressBar | None) -> None:
         """Read the interval's statistics (the one host synchronisation) and log them on rank 0.
 
         Raises TrainingError, on every rank alike, after `max_nonfinite_steps` consecutive non-finite steps.
@@ -301,16 +300,7 @@ class Trainer:
             self.writer.add_scalar("train/nonfinite_steps", self.state.nonfinite_steps, step)
             self.writer.add_scalar("train/epoch", self.state.epoch + self.state.position / max(len(self.sampler), 1), step)
         if progress is not None:
-            postfix = {"loss": f"{loss:.3f}", "lr": f"{lr:.2e}", "tok/s": f"{tokens_per_s:,.0f}"}
-            left = self._time_left(step, elapsed / max(stats.steps, 1))
-            if left is not None:
-                postfix["time left"] = f"{left / 60:.1f}min"
-            if self.tcfg.time_limit_minutes:
-                # The bar's total (and so its ETA) is the step the time limit will stop at, at this pace.
-                budget = max(float(self.tcfg.time_limit_minutes) * 60 - self._elapsed(), 0.0)
-                reachable = step + int(budget * stats.steps / max(elapsed, 1e-9))
-                progress.total = min(reachable, self.total_steps or reachable)
-            progress.set_postfix(postfix, refresh=False)
+            progress.show(step, loss, lr, tokens_per_s, elapsed / max(stats.steps, 1))
         if nonfinite:
             log.warning(
                 "step %d: %d step(s) with a non-finite loss or gradient skipped in the last %d (%d in total)",
@@ -325,47 +315,17 @@ class Trainer:
                 "from checkpoints/last.pt or start again."
             )
 
-    def _time_left(self, step: int, seconds_per_step: float) -> float | None:
-        """Seconds of training left: to the time limit or, when the step budget (max_steps, max_epochs) ends
-        first at this pace, to that; None when neither bounds the run. Validations are not counted."""
-        candidates = []
-        if self.tcfg.time_limit_minutes:
-            candidates.append(max(float(self.tcfg.time_limit_minutes) * 60 - self._elapsed(), 0.0))
-        if self.total_steps:
-            candidates.append(max(self.total_steps - step, 0) * seconds_per_step)
-        return min(candidates) if candidates else None
-
-    def _elapsed(self) -> float:
-        """Wall-clock seconds of training, validations included, summed over resumed sessions."""
-        return self._elapsed_base + (time.perf_counter() - self._session_start)
-
-    def _time_is_up(self) -> bool:
-        limit = self.tcfg.time_limit_minutes
-        return bool(limit) and self._elapsed() >= float(limit) * 60
-
-    def _completed_by(self) -> str | None:
-        """The limit a resumed run has already reached (it is finished), or None."""
-        if self.tcfg.max_steps and self.state.step >= int(self.tcfg.max_steps):
-            return "max_steps"
-        if self.tcfg.max_epochs and self.state.epoch >= int(self.tcfg.max_epochs):
-            return "max_epochs"
-        if self._time_is_up():
-            return "time_limit_minutes"
-        if self.tcfg.patience and self.state.validations_since_best >= int(self.tcfg.patience):
-            return "patience"
-        return None
-
     def _save_last(self) -> Path:
         """Write checkpoints/last.pt at the current step without validating (interrupts, save_every_minutes)."""
         rng_states = self._rng_states()
         path = self.ckpt_dir / "last.pt"
         if self.is_main:
             with distributed.main_rank_only(f"saving {path}"):
-                self.state.elapsed_seconds = self._elapsed()
+                self.state.elapsed_seconds = self.rules.elapsed()
                 save_checkpoint(path, self.training.payload(self.state, rng_states, {}))
                 log.info("step %d: saved %s", self.state.step, path)
         distributed.barrier(f"rank 0 to save last.pt at step {self.state.step}")
-        self._saved_at = time.perf_counter()
+        self.rules.saved()
         return path
 
     def _interrupted_at_once(self, doing: str) -> contextlib.AbstractContextManager:
@@ -388,10 +348,9 @@ class Trainer:
             return None
         if stops is not None and stops.received:
             return "signal"
-        if self._time_is_up():
+        if self.rules.time_is_up():
             return "time_limit_minutes"
-        minutes = self.tcfg.get("save_every_minutes")
-        return "save" if minutes and time.perf_counter() - self._saved_at >= float(minutes) * 60 else None
+        return "save" if self.rules.save_due() else None
 
     def fit(self, stops: StopSignals | None = None) -> dict[str, Any]:
         """Train until a limit is reached, then validate, average, test and write results.json, on every rank.
@@ -401,18 +360,16 @@ class Trainer:
         killed during the final test) only does the end.
         """
         self._stops = stops
-        self._saved_at = time.perf_counter()
-        self._elapsed_base = self.state.elapsed_seconds
-        self._session_start = time.perf_counter()
+        self.rules.start_session(self.state.elapsed_seconds)
         completed, has_results = distributed.broadcast_object(
-            (self._completed_by(), (self.run_dir / "results.json").is_file()),
+            (self.rules.completed_by(self.state), (self.run_dir / "results.json").is_file()),
             "rank 0's check whether the run is complete",
         )
         if completed and has_results:
             log.info(
                 "the run in %s is already complete (%s; step %d, epoch %d, %.1f minutes); raise trainer.max_steps, "
                 "trainer.max_epochs, trainer.time_limit_minutes or trainer.patience to train it further.",
-                self.run_dir, completed, self.state.step, self.state.epoch, self._elapsed() / 60,
+                self.run_dir, completed, self.state.step, self.state.epoch, self.rules.elapsed() / 60,
             )
             return {}
         if completed:
@@ -430,20 +387,14 @@ class Trainer:
         """The training loop and its last validation -> what stopped it."""
         self._reset_interval()
         self._out_of_memory_streak = 0
-        max_steps = int(self.tcfg.max_steps) if self.tcfg.max_steps else None
         eval_every, log_every = int(self.tcfg.eval_every), int(self.tcfg.log_every)
-        progress = None
-        if self.is_main:
-            progress = tqdm(
-                total=self.total_steps, initial=self.state.step, desc="train", unit="step", file=sys.stderr,
-                dynamic_ncols=True, mininterval=1.0, smoothing=0.05,
-            )
+        progress = ProgressBar(self.is_main, self.rules, initial=self.state.step)
         reason = "max_epochs"
         batches = self._batches()
         with logging_redirect_tqdm():
             try:
                 while True:
-                    if max_steps is not None and self.state.step >= max_steps:
+                    if self.rules.steps_done(self.state.step):
                         reason = "max_steps"
                         break
                     window = list(itertools.islice(batches, self.accumulate))
@@ -456,8 +407,7 @@ class Trainer:
                     self._out_of_memory_streak = 0
                     self.interval.add(result)
                     self.state.step += 1
-                    if progress is not None:
-                        progress.update(1)
+                    progress.advance()
                     step = self.state.step
                     boundary = step % log_every == 0 or step % eval_every == 0
                     if boundary:
@@ -478,11 +428,10 @@ class Trainer:
                         reason = stop
                         break
             finally:
-                if progress is not None:
-                    progress.close()
+                progress.close()
         if self.interval.steps:
             self._log_interval(None)
-        log.info("training stopped at step %d (%s) after %.1f minutes", self.state.step, reason, self._elapsed() / 60)
+        log.info("training stopped at step %d (%s) after %.1f minutes", self.state.step, reason, self.rules.elapsed() / 60)
         if self.state.last_validated_step != self.state.step:
             self._validate_and_save()
         return reason
@@ -576,7 +525,7 @@ class Trainer:
             self.state.best_bleu, self.state.best_step, ", averaged" if self.state.best_averaged else "",
         )
         self.state.validation_seconds += time.perf_counter() - started
-        self.state.elapsed_seconds = self._elapsed()
+        self.state.elapsed_seconds = self.rules.elapsed()
         payload = self.training.payload(self.state, rng_states, metrics)
         # last.pt goes last: whatever step it records, best.pt and the averaging history are as new.
         if improved:
@@ -584,8 +533,8 @@ class Trainer:
         self.history.remember(self.model, self.state.step)
         save_checkpoint(self.ckpt_dir / "last.pt", payload)
         self.writer.flush()
-        patience = self.tcfg.patience
-        if patience and self.state.validations_since_best >= int(patience):
+        patience = self.rules.patience
+        if patience and self.state.validations_since_best >= patience:
             log.info("no better validation in %d validations: stopping early (trainer.patience)", patience)
             return "patience"
         return None
