@@ -11,6 +11,11 @@ Configuration mistakes are reported before any data is read, as one readable mes
 
 from __future__ import annotations
 
+from seq2seq.allocator import use_jemalloc
+
+if __name__ == "__main__":
+    use_jemalloc()  # `python -m seq2seq.train`: re-execute before torch and Hydra are imported (the imports below)
+
 import logging
 import os
 import shlex
@@ -23,7 +28,6 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import CompactHydraException
 from omegaconf import DictConfig, OmegaConf
 
-from seq2seq.allocator import use_jemalloc
 from seq2seq.training import distributed
 from seq2seq.checkpoint import CheckpointError
 from seq2seq.data.corpus import CorpusError
@@ -151,7 +155,7 @@ def _train(cfg: DictConfig) -> None:
 def main() -> None:
     """Console entry: an explicit hydra.run.dir / hydra.sweep.dir that cannot be created, a misspelt key or a value
     of the wrong type is one line and exit status 2, not the report Hydra would print."""
-    use_jemalloc()
+    use_jemalloc()  # the seq2seq-train console script comes here first; a no-op once jemalloc is loaded
     created: list[Path] = []
     for argument in sys.argv[1:]:
         setting, _, value = argument.partition("=")
