@@ -43,7 +43,7 @@ from hydra import compose, initialize_config_dir
 from torch.utils.flop_counter import FlopCounterMode
 
 from seq2seq.checkpoint import load_model
-from seq2seq.data.batching import Batch, collate
+from seq2seq.data.batching import Batch, collate, padded_length
 from seq2seq.models import build_model, count_parameters
 from seq2seq.paths import CONFIG_DIR
 from seq2seq.inference.predict import quantize_int8, translate_sentences
@@ -91,17 +91,23 @@ def real_batches(cfg, count: int) -> tuple[list[Batch], object]:
     from seq2seq.data.prepare import prepare_data
 
     data = prepare_data(cfg)
-    loader = make_loader(data.splits["train"], int(cfg.trainer.max_tokens), shuffle=True, seed=int(cfg.trainer.seed))
+    loader = make_loader(
+        data.splits["train"], int(cfg.trainer.max_tokens), shuffle=True, seed=int(cfg.trainer.seed),
+        pad_multiple=int(cfg.trainer.pad_multiple),
+    )
     return list(itertools.islice(itertools.cycle(loader), count)), data
 
 
-def synthetic_batches(max_tokens: int, count: int, src_vocab: int, tgt_vocab: int, seed: int) -> list[Batch]:
-    """Batches of random ids whose lengths follow Tatoeba's (median ~10 target pieces, up to ~40)."""
+def synthetic_batches(
+    max_tokens: int, count: int, src_vocab: int, tgt_vocab: int, seed: int, pad_multiple: int
+) -> list[Batch]:
+    """Batches of random ids whose lengths follow Tatoeba's (median ~10 target pieces, up to ~40), padded and budgeted
+    as the trainer's sampler does."""
     generator = torch.Generator().manual_seed(seed)
     batches = []
     for _ in range(count):
         length = int(torch.randint(6, 40, (1,), generator=generator))
-        size = max(1, max_tokens // (length + 1))
+        size = max(1, max_tokens // padded_length(length + 1, pad_multiple))
         examples = [
             {
                 "src_ids": torch.randint(4, src_vocab, (length,), generator=generator).tolist(),
@@ -110,7 +116,7 @@ def synthetic_batches(max_tokens: int, count: int, src_vocab: int, tgt_vocab: in
             }
             for i in range(size)
         ]
-        batches.append(collate(examples))
+        batches.append(collate(examples, pad_multiple))
     return batches
 
 
@@ -248,7 +254,9 @@ def training_figures(args: argparse.Namespace, cfg, device: torch.device, precis
     count = accumulate * (1 + args.warmup + args.steps + args.phase_steps)  # +1: the FLOP-counting update
     if args.synthetic:
         src_vocab, tgt_vocab = cfg.tokenizer.src_vocab_size, cfg.tokenizer.tgt_vocab_size
-        batches = synthetic_batches(cfg.trainer.max_tokens, count, src_vocab, tgt_vocab, cfg.trainer.seed)
+        batches = synthetic_batches(
+            cfg.trainer.max_tokens, count, src_vocab, tgt_vocab, cfg.trainer.seed, cfg.trainer.pad_multiple
+        )
     else:
         batches, data = real_batches(cfg, count)
         src_vocab, tgt_vocab = data.src_tokenizer.vocab_size, data.tgt_tokenizer.vocab_size

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -71,3 +73,39 @@ def test_extra_padding_leaves_the_loss_unchanged(family):
             logits = model(batch.src, batch.src_mask, batch.tgt_in).logits
             losses.append(float(token_loss(logits, batch.tgt_out)))
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+
+
+@pytest.mark.corpus
+@pytest.mark.parametrize("multiple", [1, 8])
+def test_trainer_trains_on_batches_padded_and_budgeted_as_configured(corpus_path, cache, tmp_path, multiple):
+    """The trainer's own training batches (not a loader built beside it): every length a multiple of
+    trainer.pad_multiple, padded size within max_tokens, and a resumed epoch serves the tail of the same batches."""
+    from hydra import compose, initialize_config_dir
+
+    import seq2seq.train  # noqa: F401  (registers the config schema and resolvers)
+    from seq2seq.paths import CONFIG_DIR
+    from seq2seq.training.trainer import Trainer
+
+    corpus = tmp_path / "slice.tsv"
+    corpus.write_text("".join(corpus_path.open(encoding="utf-8").readlines()[:3000]), encoding="utf-8")
+    overrides = [
+        "model=transformer", *(f"model.{key}={value}" for key, value in TINY_MODELS["transformer"].items()),
+        f"data.path={corpus}", "data.split.valid_size=100", "data.split.test_size=100",
+        "tokenizer.src_vocab_size=1500", "tokenizer.tgt_vocab_size=400", "tokenizer.character_coverage=0.98",
+        "trainer.max_tokens=400", f"trainer.pad_multiple={multiple}", "trainer.device=cpu",
+    ]
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=overrides)
+    trainer = Trainer(cfg, tmp_path / "run")
+    batches = list(itertools.islice(trainer._batches(), 40))
+    for batch in batches:
+        for tensor in (batch.src, batch.tgt_in, batch.tgt_out):
+            assert tensor.size(1) % multiple == 0
+        assert batch.size * max(batch.src.size(1), batch.tgt_in.size(1)) <= 400
+        assert batch.num_tgt_tokens <= batch.tgt_in.numel()
+    if multiple == 8:
+        assert any(batch.src.size(1) > int(batch.src_mask.sum(1).max()) for batch in batches), "nothing was padded"
+
+    trainer.state.position = 25
+    resumed = list(itertools.islice(trainer._batches(), 15))
+    assert [b.indices.tolist() for b in resumed] == [b.indices.tolist() for b in batches[25:]]

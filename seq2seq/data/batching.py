@@ -137,14 +137,27 @@ class TokenBatchSampler(Sampler[list[int]]):
         self.rank = rank
         self.world_size = world_size
         self.epoch = 0
+        self.start = 0  # batches of this epoch already trained on (set by `resume_at`), skipped when iterating
         self._order = np.zeros(0, dtype=np.int64)  # row numbers, sorted by length, cut into batches at...
         self._bounds = np.zeros(1, dtype=np.int64)  # ...these positions: batch b is order[bounds[b]:bounds[b + 1]]
         self._batch_ids: np.ndarray | None = None  # this rank's batches, in the order they are served
 
     def set_epoch(self, epoch: int) -> None:
+        """Serve `epoch`'s batches (a new shuffle), from its first batch on."""
+        self.start = 0
         if epoch != self.epoch:
             self.epoch = epoch
             self._batch_ids = None
+
+    def resume_at(self, epoch: int, position: int) -> None:
+        """Serve `epoch`'s batches from batch `position` on: the ones before it were trained on before a resume."""
+        self.set_epoch(epoch)
+        self.start = position
+
+    @property
+    def batches_per_epoch(self) -> int:
+        """This rank's batches in a whole epoch, whatever `resume_at` skips."""
+        return len(self._rank_batches())
 
     def _rank_batches(self) -> np.ndarray:
         if self._batch_ids is None:
@@ -181,11 +194,12 @@ class TokenBatchSampler(Sampler[list[int]]):
     def __iter__(self) -> Iterator[list[int]]:
         batch_ids = self._rank_batches()
         order, bounds = self._order, self._bounds
-        for batch in batch_ids.tolist():
+        for batch in batch_ids[self.start :].tolist():
             yield order[bounds[batch] : bounds[batch + 1]].tolist()
 
     def __len__(self) -> int:
-        return len(self._rank_batches())
+        """Batches left to serve in this epoch."""
+        return max(self.batches_per_epoch - self.start, 0)
 
 
 def _sort_by_lengths(src: np.ndarray, tgt: np.ndarray, tie_break: np.ndarray) -> np.ndarray:
@@ -241,11 +255,11 @@ class _ListColumn:
 
 def make_loader(
     dataset: datasets.Dataset, max_tokens: int, shuffle: bool, seed: int = 0, rank: int = 0, world_size: int = 1,
-    pad_multiple: int = 1,
+    pad_multiple: int = 1, pin_memory: bool = False,
 ) -> DataLoader:
     """Batches of a tokenized split (columns src_ids, tgt_ids, index), padded lengths rounded up to multiples of
-    `pad_multiple`. Call `loader.batch_sampler.set_epoch(e)`
-    before each epoch to get a new shuffle. The loader draws from its own seeded `generator` (its state can be
+    `pad_multiple` (training, validation and benchmarks all batch through here). Call
+    `loader.batch_sampler.set_epoch(e)` (or `resume_at(e, position)`) before each epoch to get a new shuffle. The loader draws from its own seeded `generator` (its state can be
     checkpointed), never from the global torch RNG whose state drives dropout."""
     examples = _Examples(dataset)
     sampler = TokenBatchSampler(
@@ -255,5 +269,5 @@ def make_loader(
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(
         examples, batch_sampler=sampler, collate_fn=functools.partial(collate, pad_multiple=pad_multiple),
-        num_workers=0, generator=generator,
+        num_workers=0, pin_memory=pin_memory, generator=generator,
     )

@@ -30,7 +30,6 @@ from typing import Any
 
 import torch
 from omegaconf import DictConfig
-from torch.utils.data import DataLoader, Sampler
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from seq2seq.training import board, distributed
@@ -38,7 +37,7 @@ from seq2seq.atomic import atomic_write
 from seq2seq.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from seq2seq.config import ConfigError
 from seq2seq.allocator import active_allocator
-from seq2seq.data.batching import Batch, TokenBatchSampler, collate, make_loader
+from seq2seq.data.batching import Batch, TokenBatchSampler, make_loader
 from seq2seq.data.prepare import PreparedData, prepare_data
 from seq2seq.models import build_model, count_parameters
 from seq2seq.models.base import Seq2SeqModel
@@ -58,22 +57,6 @@ log = logging.getLogger("seq2seq.train")
 
 class TrainingError(Exception):
     """Training cannot go on (e.g. the loss stayed non-finite); the message says why and what to try."""
-
-
-class _SkipBatches(Sampler[list[int]]):
-    """The sampler's batches for one epoch, without the first `skip` (already trained on before a resume)."""
-
-    def __init__(self, sampler: TokenBatchSampler, skip: int) -> None:
-        self.sampler = sampler
-        self.skip = skip
-
-    def __iter__(self) -> Iterator[list[int]]:
-        for position, batch in enumerate(self.sampler):
-            if position >= self.skip:
-                yield batch
-
-    def __len__(self) -> int:
-        return max(len(self.sampler) - self.skip, 0)
 
 
 class Trainer:
@@ -121,10 +104,11 @@ class Trainer:
         self.loader = make_loader(
             self.data.splits["train"], int(self.tcfg.max_tokens), shuffle=True, seed=int(self.tcfg.seed),
             rank=self.dist.rank, world_size=self.dist.world_size, pad_multiple=int(self.tcfg.pad_multiple),
+            pin_memory=self.device.type == "cuda",
         )
         self.sampler: TokenBatchSampler = self.loader.batch_sampler
         self.accumulate = int(self.tcfg.accumulate)
-        self.steps_per_epoch = max(math.ceil(len(self.sampler) / self.accumulate), 1)
+        self.steps_per_epoch = max(math.ceil(self.sampler.batches_per_epoch / self.accumulate), 1)
         self.total_steps = self._total_steps()
 
         self.step = TrainStep.from_config(self.model, cfg, self.device, self.precision, self.dist.enabled, self.total_steps)
@@ -253,14 +237,10 @@ class Trainer:
         """Training batches across epochs, from the saved position on; updates `state.epoch/position` as it goes."""
         max_epochs = int(self.tcfg.max_epochs) if self.tcfg.max_epochs else None
         while max_epochs is None or self.state.epoch < max_epochs:
-            self.sampler.set_epoch(self.state.epoch)
-            if len(self.sampler) == 0:
+            self.sampler.resume_at(self.state.epoch, self.state.position)
+            if self.sampler.batches_per_epoch == 0:
                 raise TrainingError("the training split yields no batches; check the data config and max_tokens.")
-            loader = DataLoader(
-                self.loader.dataset, batch_sampler=_SkipBatches(self.sampler, self.state.position), collate_fn=collate,
-                num_workers=0, pin_memory=self.device.type == "cuda", generator=self.loader.generator,
-            )
-            for batch in loader:
+            for batch in self.loader:
                 self.state.position += 1
                 yield batch
             self.state.epoch += 1
@@ -297,8 +277,11 @@ class Trainer:
             self.writer.add_scalar("train/lr", lr, step)
             self.writer.add_scalar("train/grad_norm", grad_norm, step)
             self.writer.add_scalar("train/tokens_per_s", tokens_per_s, step)
+            # Real (unpadded) target tokens per update, all ranks and accumulated batches: what the budget buys.
+            self.writer.add_scalar("train/target_tokens_per_step", tokens / max(stats.steps, 1), step)
             self.writer.add_scalar("train/nonfinite_steps", self.state.nonfinite_steps, step)
-            self.writer.add_scalar("train/epoch", self.state.epoch + self.state.position / max(len(self.sampler), 1), step)
+            epoch = self.state.epoch + self.state.position / max(self.sampler.batches_per_epoch, 1)
+            self.writer.add_scalar("train/epoch", epoch, step)
         if progress is not None:
             progress.show(step, loss, lr, tokens_per_s, elapsed / max(stats.steps, 1))
         if nonfinite:
@@ -599,7 +582,7 @@ class Trainer:
             "run_dir": str(self.run_dir.resolve()),
             "parameters": self.num_parameters,
             "steps": self.state.step,
-            "epochs": round(self.state.epoch + self.state.position / max(len(self.sampler), 1), 3),
+            "epochs": round(self.state.epoch + self.state.position / max(self.sampler.batches_per_epoch, 1), 3),
             "stopped_by": reason,
             "train_minutes": train_seconds / 60,
             "target_tokens_per_s": self.state.tokens / compute_seconds,
