@@ -4,7 +4,8 @@ glibc's malloc keeps freed blocks of every tensor size it has seen in its heap, 
 activations of a new size at nearly every batch, so the heap grows far beyond what is live. jemalloc's size classes
 and decay return that memory. An allocator cannot be swapped in a running process, so `use_jemalloc` re-executes
 the command once with jemalloc preloaded (the same process id, so torchrun and job schedulers see no difference);
-SEQ2SEQ_ALLOCATOR=system keeps glibc. Standard library only: it runs before torch is loaded.
+SEQ2SEQ_ALLOCATOR=system keeps glibc, and an allocator the user preloads (LD_PRELOAD naming tcmalloc, mimalloc, ...)
+is left in charge. Standard library only: it runs before torch is loaded.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import sys
 from pathlib import Path
 
 ENV_CHOICE = "SEQ2SEQ_ALLOCATOR"  # jemalloc (default: when installed) | system
+ALLOCATORS = ("jemalloc", "tcmalloc", "mimalloc", "snmalloc", "tbbmalloc", "hoard")  # malloc replacements, by name
 _LIBRARY_DIRS = ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib", "/usr/local/lib")
 
 
@@ -29,12 +31,18 @@ def find_jemalloc() -> str | None:
 
 
 def active_allocator() -> str:
-    """'jemalloc' when this process has it loaded, else 'glibc'."""
+    """The malloc replacement this process has loaded ('jemalloc', 'tcmalloc', ...), else 'glibc'."""
     try:
         maps = Path("/proc/self/maps").read_text()
     except OSError:
         return "glibc"
-    return "jemalloc" if "libjemalloc" in maps else "glibc"
+    return next((name for name in ALLOCATORS if f"lib{name}" in maps), "glibc")
+
+
+def preloaded_allocator() -> str | None:
+    """The allocator LD_PRELOAD names, if any: the user's choice, which a re-exec must not override."""
+    libraries = os.environ.get("LD_PRELOAD", "").replace(":", " ").split()
+    return next((name for library in libraries for name in ALLOCATORS if name in Path(library).name), None)
 
 
 def use_jemalloc() -> None:
@@ -43,10 +51,10 @@ def use_jemalloc() -> None:
     if choice not in ("jemalloc", "system"):
         print(f"error: {ENV_CHOICE}={choice!r} must be jemalloc or system", file=sys.stderr)
         sys.exit(2)
-    if choice == "system" or sys.platform != "linux" or active_allocator() == "jemalloc":
+    if choice == "system" or sys.platform != "linux" or active_allocator() != "glibc" or preloaded_allocator():
         return
     library = find_jemalloc()
-    if library is None or library in os.environ.get("LD_PRELOAD", ""):  # absent, or preloaded and still not loaded
+    if library is None:
         return
     preload = " ".join(filter(None, (library, os.environ.get("LD_PRELOAD"))))
     os.environ["LD_PRELOAD"] = preload

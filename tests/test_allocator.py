@@ -16,10 +16,12 @@ PROBE = (
 )
 
 
-def _probe(choice: str | None) -> subprocess.CompletedProcess:
+def _probe(choice: str | None, preload: str | None = None) -> subprocess.CompletedProcess:
     env = {key: value for key, value in os.environ.items() if key not in (ENV_CHOICE, "LD_PRELOAD")}
     if choice is not None:
         env[ENV_CHOICE] = choice
+    if preload is not None:
+        env["LD_PRELOAD"] = preload
     return subprocess.run([sys.executable, "-c", PROBE, "a", "b=c"], env=env, capture_output=True, text=True, timeout=60)
 
 
@@ -41,3 +43,18 @@ def test_unknown_choice_is_one_line_and_exit_2():
     result = _probe("tcmalloc")
     assert result.returncode == 2
     assert result.stderr.strip() == f"error: {ENV_CHOICE}='tcmalloc' must be jemalloc or system"
+
+
+@pytest.mark.skipif(find_jemalloc() is None, reason="libjemalloc2 is not installed (apt-get install libjemalloc2)")
+def test_an_allocator_the_user_preloads_is_not_overridden(tmp_path):
+    """LD_PRELOAD naming another allocator: no re-exec and no jemalloc put before it (the loader ignores the missing
+    file, so the process stays on glibc, which shows that jemalloc was not slipped in)."""
+    user_choice = str(tmp_path / "libtcmalloc_minimal.so.4")
+    result = _probe(None, preload=user_choice)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split(" ", 3)[2] == "glibc"
+    env_probe = "import os; from seq2seq.allocator import use_jemalloc; use_jemalloc(); print(os.environ['LD_PRELOAD'])"
+    env = {key: value for key, value in os.environ.items() if key != ENV_CHOICE}
+    shown = subprocess.run([sys.executable, "-c", env_probe], env={**env, "LD_PRELOAD": user_choice},
+                           capture_output=True, text=True, timeout=60)
+    assert shown.stdout.strip() == user_choice
