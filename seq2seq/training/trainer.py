@@ -586,6 +586,7 @@ class Trainer:
             "stopped_by": reason,
             "train_minutes": train_seconds / 60,
             "target_tokens_per_s": self.state.tokens / compute_seconds,
+            "target_tokens_per_step": self.state.tokens / max(self.state.step, 1),
             "device": str(self.device),
             "precision": self.precision,
             "world_size": self.dist.world_size,
