@@ -68,6 +68,11 @@ def test_lr_max_steps_and_other_settings_apply_without_refusal(saved):
                                     "trainer.time_limit_minutes=60", "optim.weight_decay=0.01"))
 
 
+def test_adding_alignment_pairs_to_a_resumed_run_is_allowed(saved, tmp_path):
+    """data.alignments_path only adds AER to the validations: the run trains on the same batches."""
+    check_resumable(saved, composed(f"data.alignments_path={tmp_path / 'gold'}"))
+
+
 def test_an_unknown_reset_is_one_clear_error(saved):
     with pytest.raises(CheckpointError, match="'schedules' is not one of schedule, optimizer, sampler"):
         check_resumable(saved, composed("trainer.resume_reset=schedules"))

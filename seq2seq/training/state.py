@@ -147,7 +147,7 @@ _RESUME_RULES: tuple[tuple[str, str | None, str], ...] = (
     ("optim.min_lr_ratio", "schedule", "the learning-rate schedule would change its course"),
 )
 _NOT_COMPARED = ("data.name", "data.path", "data.mirror_path", "data.download_url", "data.download_member",
-                 "data.num_proc")  # the name follows the languages; the corpus is compared by `data_source`
+                 "data.num_proc", "data.alignments_path")  # name: languages; corpus: `data_source`; AER: not trained on
 
 
 def resume_resets(cfg: DictConfig) -> frozenset[str]:
