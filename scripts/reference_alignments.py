@@ -6,13 +6,17 @@
         --alignments data/align/tatoeba_valid.align
     python -m seq2seq.train data.alignments_path=data/align/tatoeba_valid      # AER in TensorBoard
     python scripts/reference_alignments.py --out en_zh_valid data.src_lang=en data.tgt_lang=zh   # other direction
+    python scripts/reference_alignments.py --out data/align/tatoeba_test --split test --checkpoint best.pt
 
 Writes OUT.tsv, the split's pairs in the corpus layout (data.columns, as `evaluate --tsv` and
 `data.alignments_path` read them), and OUT.align, one Pharaoh line per pair with the `data.src_lang` side first.
 The split is the one training makes from the same data config (the arguments after the options are the
 training command's Hydra overrides). Tokens are counted as seq2seq/analysis/alignment.py counts them:
-characters of a Chinese or Japanese side, space-separated words otherwise, after the side's normalisation
-(data.clean.src_normalization / tgt_normalization); the aligner sees them lowercased.
+characters of a Chinese or Japanese side, space-separated words otherwise, after the normalisation of the model
+that will be scored: with --checkpoint, that checkpoint's tokenizers' (what `evaluate --alignments` normalises
+with), else the config's data.clean.src_normalization / tgt_normalization (what a training run with these
+overrides uses for data.alignments_path). A different form could move the indices (NFKC turns "…" into "...",
+one Chinese character into three). The aligner sees the tokens lowercased.
 
 eflomal (Östling & Tiedemann 2016, a Bayesian IBM model with fertility and HMM distortion) aligns the training
 and the chosen split together (unsupervised: more text, better statistics; no test text is used unless asked),
@@ -34,6 +38,7 @@ from hydra import compose, initialize_config_dir
 from seq2seq.analysis.alignment import (Reference, counts_characters, format_pharaoh, grow_diag_final,
                                         parse_pharaoh, tokens)
 from seq2seq.atomic import atomic_write
+from seq2seq.checkpoint import CheckpointError, checkpoint_tokenizers, load_checkpoint
 from seq2seq.data.clean import side_normalizations
 from seq2seq.data.corpus import CorpusError, load_corpus
 from seq2seq.data.tokenizer import normalize_text
@@ -44,6 +49,24 @@ def aligner_input(texts: list[str], characters: bool, form: str | None) -> list[
     """One line per sentence, its tokens (after the side's normalisation `form`) lowercased and joined by
     spaces; a sentence without tokens is "-", as eflomal cannot read an empty line (its links are dropped)."""
     return [" ".join(tokens(normalize_text(text, form), characters)).lower() or "-" for text in texts]
+
+
+def scored_normalizations(checkpoint: Path | None, data_cfg) -> tuple[str | None, str | None]:
+    """The (source, target) normalisation link indices count tokens after: the scored checkpoint's tokenizers',
+    else the config's data.clean (a run trained with it scores with its own)."""
+    if checkpoint is None:
+        return side_normalizations(data_cfg.clean)
+    try:
+        payload = load_checkpoint(checkpoint)
+        src_tok, tgt_tok = checkpoint_tokenizers(payload)
+    except CheckpointError as error:
+        sys.exit(f"reference_alignments: {error}")
+    saved = payload["config"]["data"]
+    if (saved["src_lang"], saved["tgt_lang"]) != (data_cfg.src_lang, data_cfg.tgt_lang):
+        sys.exit(f"reference_alignments: {checkpoint} translates {saved['src_lang']}→{saved['tgt_lang']} but the "
+                 f"config aligns {data_cfg.src_lang}→{data_cfg.tgt_lang}; add data.src_lang={saved['src_lang']} "
+                 f"data.tgt_lang={saved['tgt_lang']}.")
+    return src_tok.normalization, tgt_tok.normalization
 
 
 def run_eflomal(src_lines: list[str], tgt_lines: list[str]) -> tuple[list[str], list[str]]:
@@ -70,12 +93,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True, help="writes OUT.tsv and OUT.align")
     parser.add_argument("--split", choices=("valid", "test"), default="valid", help="the split to align (default valid)")
+    parser.add_argument("--checkpoint", type=Path, help="the checkpoint the links will score: tokens are counted "
+                        "after its normalisation (default: the config's data.clean)")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides of the training command, e.g. data.src_lang=en")
     args = parser.parse_args()
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
         cfg = compose(config_name="train", overrides=args.overrides)
     data = cfg.data
     src_lang, tgt_lang = str(data.src_lang), str(data.tgt_lang)
+    src_form, tgt_form = scored_normalizations(args.checkpoint, data)
+    print(f"tokens counted after normalisation {src_form} ({src_lang}) and {tgt_form} ({tgt_lang})", file=sys.stderr)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="seq2seq-align-corpus-") as folder:
         try:
@@ -90,7 +117,6 @@ def main() -> None:
     print(f"aligning {len(train_src):,} training + {len(sources):,} {args.split} pairs with eflomal "
           f"({src_lang}: {'characters' if src_chars else 'words'}, {tgt_lang}: {'characters' if tgt_chars else 'words'})",
           file=sys.stderr)
-    src_form, tgt_form = side_normalizations(data.clean)
     src_lines = aligner_input(train_src + sources, src_chars, src_form)
     tgt_lines = aligner_input(train_tgt + targets, tgt_chars, tgt_form)
     forward, reverse = run_eflomal(src_lines, tgt_lines)

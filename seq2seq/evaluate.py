@@ -4,7 +4,8 @@
     seq2seq-evaluate --checkpoint best.pt --split valid --beam-size 1
     seq2seq-evaluate --checkpoint best.pt --src test.zh --ref test.en --output hyps.en --json scores.json
     seq2seq-evaluate --checkpoint best.pt --tsv other-cmn-eng.tsv  # manythings layout, every line scored as given
-    seq2seq-evaluate --checkpoint best.pt --tsv valid.tsv --alignments valid.align   # attention AER, no BLEU
+    seq2seq-evaluate --checkpoint best.pt --tsv test.tsv --alignments test.align   # attention AER, no BLEU
+    seq2seq-evaluate --checkpoint best.pt --tsv test.tsv --alignments test.align --select-on data/align/valid
 
 Prints sacreBLEU BLEU and chrF with their signatures, and BLEU by source length (SentencePiece tokens). The
 checkpoint carries its tokenizers and data config, so it works when copied alone; --split rebuilds the split from
@@ -12,8 +13,10 @@ that config (same corpus, cleaning and seed give the same split), finding the co
 (data.path, $SEQ2SEQ_DATA_MIRROR, data/, download).
 
 With --alignments (Pharaoh reference links of the pairs, one line each; see seq2seq/analysis/alignment.py) the
-references are forced through the model instead of translating, and the alignment error rate of its attention
-is printed for every decoder layer and head, the layer means and the mean of all, best first.
+references are forced through the model instead of translating, and the alignment error rate of its attention,
+as predicted and shifted (Shift-Att), is scored for every decoder layer and head, the layer means and the mean of
+all, by every extraction. Per extraction the map is chosen on one part of the pairs (the first half, or the pairs
+of --select-on) and its AER printed on the other (the second half, or every given pair): a held-out figure.
 """
 
 from __future__ import annotations
@@ -26,7 +29,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from seq2seq.analysis.alignment import AlignmentError, format_alignment_table, read_pharaoh, score_checkpoint
+from seq2seq.analysis.alignment import (AlignmentError, AlignmentSet, format_alignment_table, read_alignment_set,
+                                        read_pharaoh, score_checkpoint)
 from seq2seq.checkpoint import LoadedModel
 from seq2seq.metrics import bleu_by_length, corpus_scores
 from seq2seq.inference.predict import translate_sentences, with_progress
@@ -34,6 +38,7 @@ from seq2seq.cli import (
     UsageError, add_decoding_arguments, decoding_options, load, read_file_lines, run_command,
 )
 from seq2seq.inference.output import one_line
+from seq2seq.models.base import NO_ATTENTION
 
 log = logging.getLogger("seq2seq.evaluate")
 
@@ -58,6 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--alignments", type=Path, metavar="FILE.align",
                         help="Pharaoh reference alignments of the pairs (one line each): score the attention's "
                         "alignment error rate per layer and head instead of translating")
+    parser.add_argument("--select-on", type=Path, metavar="PREFIX",
+                        help="with --alignments: choose each extraction's map on PREFIX.tsv + PREFIX.align (e.g. the "
+                        "validation pairs) and report it on every given pair (default: choose on the first half of "
+                        "the given pairs, report on the second)")
     return parser
 
 
@@ -105,7 +114,12 @@ def load_pairs(args: argparse.Namespace, loaded: LoadedModel) -> tuple[list[str]
 def evaluate(args: argparse.Namespace) -> dict:
     if args.limit is not None and args.limit < 1:
         raise UsageError(f"--limit must be at least 1, got {args.limit}.")
+    if args.select_on is not None and args.alignments is None:
+        raise UsageError("--select-on needs --alignments (it chooses the attention map that --alignments scores).")
     loaded, device = load(args)
+    if args.alignments is not None and not loaded.model.has_attention:
+        raise UsageError(f"--alignments scores attention, and the {loaded.config.model.name} model has none "
+                         f"({NO_ATTENTION}).")
     options = decoding_options(args, loaded, device)
     sources, references, where = load_pairs(args, loaded)
     if args.limit is not None:
@@ -158,7 +172,8 @@ def _write_json(args: argparse.Namespace, result: dict) -> None:
 
 def evaluate_alignments(args: argparse.Namespace, loaded: LoadedModel, device, sources: list[str],
                         references: list[str], where: str) -> dict:
-    """AER of the checkpoint's attention on the pairs against the --alignments links."""
+    """AER of the checkpoint's attention against the --alignments links: each extraction's map chosen on the
+    first half of the pairs (or on --select-on) and reported on the rest."""
     try:
         links = read_pharaoh(args.alignments)
     except AlignmentError as error:
@@ -168,9 +183,20 @@ def evaluate_alignments(args: argparse.Namespace, loaded: LoadedModel, device, s
     if len(links) != len(sources):
         raise UsageError(f"{where} has {len(sources)} sentence pairs but {args.alignments} has {len(links)} lines; "
                          "give one alignment line per pair, in order.")
-    print(f"forcing {len(sources)} references of {where} through the model ...", file=sys.stderr)
-    start = time.perf_counter()
-    report = score_checkpoint(loaded, list(zip(sources, references)), links, device)
+    from seq2seq.data.corpus import CorpusError  # loads `datasets`, as reading --select-on does
+
+    given = AlignmentSet(where, list(zip(sources, references)), links)
+    try:
+        if args.select_on is None:
+            selection, held_out = given.halves()
+        else:
+            selection, held_out = read_alignment_set(args.select_on, loaded.config.data), given
+        print(f"forcing {len(selection.pairs) + len(held_out.pairs)} references through the model ...",
+              file=sys.stderr)
+        start = time.perf_counter()
+        report = score_checkpoint(loaded, selection, held_out, device)
+    except (AlignmentError, CorpusError) as error:
+        raise UsageError(str(error)) from error
     return {"checkpoint": str(args.checkpoint), "model": str(loaded.config.model.name), "data": where,
             "alignments": str(args.alignments), **report.as_dict(), "seconds": round(time.perf_counter() - start, 3)}
 

@@ -207,6 +207,20 @@ def test_a_2000_character_sentence_warns_where_it_is_cut_and_stays_readable(chec
     assert width / columns >= 12 and height >= 12 * min(inspect_lib.MAX_FIGURE_UNITS, 20)  # cells of 12+ pixels
 
 
+def test_a_reference_past_the_models_positions_is_cut_with_a_warning(checkpoints, tmp_path, capsysbinary):
+    """The tiny Transformer has 64 target positions (BOS and 63 pieces): a longer reference is forced up to there
+    and the user is told how much is left out."""
+    reference = "I am a student. " * 30
+    code, _, stderr = _inspect(capsysbinary, "--checkpoint", checkpoints["transformer"], SENTENCE, "--reference",
+                               reference, "--json", tmp_path / "cut.json")
+    assert code == 0, stderr
+    model = json.loads((tmp_path / "cut.json").read_text(encoding="utf-8"))["models"][0]
+    assert model["target_pieces"] == 64 and model["reference_pieces_cut"] > 0  # 63 pieces and "</s>"
+    warning = next(line for line in stderr.splitlines() if line.startswith("warning:"))
+    assert (f"has target positions for the first 63 of {63 + model['reference_pieces_cut']} reference pieces; the "
+            "rest is not forced") in warning
+
+
 @pytest.mark.parametrize("problem", ["missing", "garbage"])
 def test_unusable_checkpoint_is_one_line_and_exit_2(checkpoints, tmp_path, problem):
     path = tmp_path / "broken.pt"
@@ -288,5 +302,7 @@ def test_compare_script_draws_the_attention_examples(checkpoints, tmp_path):
     markdown = (tmp_path / "runs" / "comparison.md").read_text(encoding="utf-8")
     assert f"### tatoeba_zh_en: {SENTENCE}" in markdown and "no attention" in markdown
     assert "## Alignment error rate of the attention" in markdown and "| rnn | no attention |" in markdown
-    assert "| bahdanau | attention |" in markdown and "| transformer | layer 1 " in markdown
+    assert "| model | chosen on the first half | extraction | held-out AER |" in markdown
+    assert "| bahdanau | attention, attention |" in markdown or "| bahdanau | shift-att, attention |" in markdown
+    assert "| transformer | attention, layer 1 " in markdown or "| transformer | shift-att, layer 1 " in markdown
     assert list((tmp_path / "runs" / "comparison").glob("events.out.tfevents.*"))

@@ -1,5 +1,6 @@
 """Alignment error rate (AER) of attention-derived word alignments against reference alignments, for every
-Transformer decoder layer and head, the layer means, the mean of all, and Bahdanau's attention.
+Transformer decoder layer and head, the layer means, the mean of all, and Bahdanau's attention, each read as is
+and shifted; the map and extraction are chosen on one part of the pairs and reported on another.
 
 Reference alignments are in Pharaoh format: one line per sentence pair, space-separated links `i-j` (sure) or
 `i?j` (possible), `i` indexing the source side (the checkpoint's `data.src_lang`) and `j` the target side,
@@ -9,22 +10,30 @@ aligner can produce without a segmenter. Texts are taken as the side's tokenizer
 (data.clean.src_normalization / tgt_normalization, NFKC by default); a pair whose pieces do not spell the same
 tokens, or whose links point past them, is skipped and counted.
 
-Attention to alignment. The model is forced to produce the reference target (`inference.forced.force`); the
-"</s>" row and column are dropped and the piece map is merged into a token map (`diagnostics.merge_attention`:
-a source token's weight sums its pieces', a target token's row averages its pieces' rows). Links come out of a
-(target tokens x source tokens) map by one of EXTRACTIONS:
+Attention to alignment. The model is forced to produce the reference target (`inference.forced.force`), the
+"</s>" column is dropped and the piece map is merged into a token map (`diagnostics.merge_attention`: a source
+token's weight sums its pieces', a target token's row averages its pieces' rows). Two explanations come of it
+(`attention_explanations`): "attention", the step that predicts each target token, and "shift-att", the step
+that reads it as its input (Chen et al. 2020). Links come out of a (target tokens x source tokens) map by one
+of EXTRACTIONS:
   - `argmax`: every target token linked to the source token it attends to most;
   - `intersect`: the links that are also the argmax of their source token's column (both directions agree);
-  - `grow-diag-final`: the intersection grown with neighbouring links of the union of both directions, then
-    union links of still-unaligned tokens (Koehn et al. 2005), the symmetrisation statistical aligners use.
+  - `grow-diag-final`: both directions symmetrised as Koehn et al. (2005) define it (`grow_diag_final`).
 Scores are pooled over the pairs (Och & Ney 2003), with A the predicted links, S the sure and P the possible
 ones (P includes S): precision |A∩P|/|A|, recall |A∩S|/|S|, AER = 1 - (|A∩S| + |A∩P|) / (|A| + |S|).
+
+Honest figures. The minimum over dozens of maps and extractions, taken on the pairs it is scored on, flatters
+every model. So the pairs come in two parts (`AlignmentSet.halves`, or another set to choose on): per
+explanation and extraction the map with the lowest AER on the SELECTION part is chosen, and its AER on the
+HELD_OUT part is the figure reported (`AlignmentReport.chosen`, `.best`). Other explanations (gradient
+attributions, ...) are scored the same way: `AlignmentScorer.add` takes any explanation's maps by name.
 """
 
 from __future__ import annotations
 
+import heapq
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,15 +44,19 @@ from seq2seq.analysis.diagnostics import Units, merge_attention, piece_texts
 from seq2seq.checkpoint import LoadedModel
 from seq2seq.data.tokenizer import Tokenizer
 from seq2seq.inference import search
-from seq2seq.inference.forced import force
+from seq2seq.inference.forced import force, target_token_limit
 from seq2seq.inference.predict import source_token_limit
-from seq2seq.models.base import Seq2SeqModel
+from seq2seq.models.base import NO_ATTENTION, Seq2SeqModel
 
 CHARACTER_LANGUAGES = frozenset({"zh", "ja", "cmn", "yue", "wuu", "lzh"})
 EXTRACTIONS = ("argmax", "intersect", "grow-diag-final")
 LINK = re.compile(r"^(\d+)([-?])(\d+)$")
+ATTENTION, SHIFT_ATT = "attention", "shift-att"  # the step that predicts a target token; the one that reads it
+SELECTION, HELD_OUT = "selection", "held_out"  # the part of the pairs maps are chosen on; the part reported
+PARTS = (SELECTION, HELD_OUT)
 
 Link = tuple[int, int]  # (source token, target token)
+Maps = dict[str, np.ndarray]  # one pair's maps of one explanation: name -> (target tokens, source tokens) weights
 
 
 class AlignmentError(Exception):
@@ -144,39 +157,55 @@ def source_argmax_links(matrix: np.ndarray) -> set[Link]:
     return {(i, int(j)) for i, j in enumerate(matrix.argmax(axis=0))}
 
 
+# Steps to the neighbours of a link as (target, source) offsets, in the order of Koehn's GROW-DIAG pseudocode.
 NEIGHBOURS = ((-1, 0), (0, -1), (1, 0), (0, 1), (-1, -1), (-1, 1), (1, -1), (1, 1))
 
 
 def grow_diag_final(forward: set[Link], backward: set[Link]) -> set[Link]:
-    """Koehn et al.'s symmetrisation: start from both directions' intersection, add union links next to
-    (diagonal included) an aligned link while one of their tokens is unaligned, then union links of tokens
-    still unaligned."""
+    """Koehn's symmetrisation as the Moses manual defines it (Koehn et al. 2005). `forward` has one link per
+    target token (fast_align's forward direction, `argmax_links`), `backward` one per source token.
+
+    GROW-DIAG starts from the intersection and scans the grid, target tokens outer and source tokens inner:
+    every aligned link adds the union links next to it (diagonals included) of which a token is still unaligned.
+    A link added ahead of the scan grows in the same pass; passes repeat until one adds nothing. Then
+    FINAL(forward) and FINAL(backward), in that order, add their own links whose source or target token is still
+    unaligned, in grid order."""
     union = forward | backward
-    alignment = forward & backward
-    aligned_src = {i for i, _ in alignment}
-    aligned_tgt = {j for _, j in alignment}
+    alignment: set[Link] = set()
+    aligned_src: set[int] = set()
+    aligned_tgt: set[int] = set()
+
+    def add(link: Link) -> None:
+        alignment.add(link)
+        aligned_src.add(link[0])
+        aligned_tgt.add(link[1])
+
+    for link in forward & backward:
+        add(link)
     grown = True
     while grown:
         grown = False
-        for i, j in sorted(alignment):
-            for di, dj in NEIGHBOURS:
+        scan = [(j, i) for i, j in alignment]  # grid positions, popped in scan order
+        heapq.heapify(scan)
+        while scan:
+            j, i = heapq.heappop(scan)
+            for dj, di in NEIGHBOURS:
                 link = (i + di, j + dj)
                 if link in union and link not in alignment and (link[0] not in aligned_src
                                                                 or link[1] not in aligned_tgt):
-                    alignment.add(link)
-                    aligned_src.add(link[0])
-                    aligned_tgt.add(link[1])
+                    add(link)
                     grown = True
-    for link in sorted(union):
-        if link[0] not in aligned_src or link[1] not in aligned_tgt:
-            alignment.add(link)
-            aligned_src.add(link[0])
-            aligned_tgt.add(link[1])
+                    if (j + dj, i + di) > (j, i):  # not yet reached by this pass's scan
+                        heapq.heappush(scan, (j + dj, i + di))
+    for direction in (forward, backward):
+        for j, i in sorted((j, i) for i, j in direction):
+            if i not in aligned_src or j not in aligned_tgt:
+                add((i, j))
     return alignment
 
 
 def extract(matrix: np.ndarray, method: str) -> set[Link]:
-    """Links of a (target tokens, source tokens) attention map by one of EXTRACTIONS."""
+    """Links of a (target tokens, source tokens) weight map by one of EXTRACTIONS."""
     forward = argmax_links(matrix)
     if method == "argmax":
         return forward
@@ -218,34 +247,117 @@ def aer(predicted: set[Link], reference: Reference) -> float:
     return counts.scores()["aer"]
 
 
-def named_maps(layers: np.ndarray) -> list[tuple[str, int | None, int | None, np.ndarray]]:
-    """(name, layer, head, (T, S) map) of every map scored: each head, each layer's mean, the mean of all;
-    a single map (Bahdanau) is just "attention". Layers and heads from 1."""
+def named_maps(layers: np.ndarray) -> Maps:
+    """Every map scored of (L, H, T, S) attention: each head, each layer's mean, the mean of all (layers and heads
+    from 1); a single map (Bahdanau) is just "attention"."""
     num_layers, num_heads = layers.shape[:2]
     if (num_layers, num_heads) == (1, 1):
-        return [("attention", None, None, layers[0, 0])]
-    maps = [(f"layer {layer + 1} head {head + 1}", layer + 1, head + 1, layers[layer, head])
-            for layer in range(num_layers) for head in range(num_heads)]
-    maps += [(f"layer {layer + 1} mean", layer + 1, None, layers[layer].mean(axis=0)) for layer in range(num_layers)]
-    maps.append(("mean of all", None, None, layers.mean(axis=(0, 1))))
+        return {"attention": layers[0, 0]}
+    maps = {f"layer {layer + 1} head {head + 1}": layers[layer, head]
+            for layer in range(num_layers) for head in range(num_heads)}
+    maps |= {f"layer {layer + 1} mean": layers[layer].mean(axis=0) for layer in range(num_layers)}
+    maps["mean of all"] = layers.mean(axis=(0, 1))
     return maps
+
+
+def attention_explanations(layers: np.ndarray, src_units: Units, tgt_units: Units) -> dict[str, Maps]:
+    """A forced pair's (L, H, T+1, S+1) piece attention as token maps, read two ways. Row t is the decoder step
+    whose input is target piece t-1 (BOS for t = 0) and which predicts piece t; row T predicts "</s>". ATTENTION
+    takes rows 0..T-1 (the step that predicts each target token), SHIFT_ATT rows 1..T (the step that reads it as
+    its input: Shift-Att, Chen et al. 2020). The source "</s>" column is dropped from both."""
+    pieces = layers[..., :-1]
+    return {ATTENTION: named_maps(merge_attention(pieces[:, :, :-1], src_units, tgt_units)),
+            SHIFT_ATT: named_maps(merge_attention(pieces[:, :, 1:], src_units, tgt_units))}
+
+
+@dataclass(frozen=True)
+class AlignmentSet:
+    """Sentence pairs with their reference links, and the name reports give them."""
+
+    name: str
+    pairs: list[tuple[str, str]]
+    references: list[Reference]
+
+    def __post_init__(self) -> None:
+        if len(self.pairs) != len(self.references):
+            raise AlignmentError(f"{self.name}: {len(self.pairs)} sentence pairs but {len(self.references)} "
+                                 "alignment lines; give one line per pair, in order.")
+
+    def halves(self) -> tuple[AlignmentSet, AlignmentSet]:
+        """The first half of the pairs, to choose maps on, and the second, to report them on; cut by line, so
+        every model is chosen and reported on the same pairs."""
+        count = len(self.pairs)
+        if count < 2:
+            raise AlignmentError(f"{self.name} has {count} pair(s): choosing the map on one half and reporting it "
+                                 "on the other needs at least 2.")
+        middle = count // 2
+        return (AlignmentSet(f"{self.name}, first half (pairs 1-{middle})", self.pairs[:middle],
+                             self.references[:middle]),
+                AlignmentSet(f"{self.name}, second half (pairs {middle + 1}-{count})", self.pairs[middle:],
+                             self.references[middle:]))
+
+
+def _rounded(counts: Counts) -> dict[str, float]:
+    return {key: round(value, 4) for key, value in counts.scores().items()}
+
+
+@dataclass
+class AlignmentScorer:
+    """Pooled counts of every explanation, map and extraction on the part the maps are chosen on (SELECTION)
+    and the part they are reported on (HELD_OUT). An explanation is any per-pair weighting of source tokens for
+    each target token: a name and its maps, map name -> (target tokens, source tokens) matrix."""
+
+    extractions: Sequence[str] = EXTRACTIONS
+    counts: dict[tuple[str, str, str, str], Counts] = field(default_factory=dict)  # (part, explanation, map, method)
+    pairs: dict[str, int] = field(default_factory=lambda: dict.fromkeys(PARTS, 0))
+
+    def add(self, part: str, explanations: Mapping[str, Maps], reference: Reference) -> None:
+        """One pair of `part`: every map of every explanation, by every extraction, against its reference."""
+        self.pairs[part] += 1
+        for explanation, maps in explanations.items():
+            for name, matrix in maps.items():
+                for method in self.extractions:
+                    key = (part, explanation, name, method)
+                    self.counts.setdefault(key, Counts()).add(extract(matrix, method), reference)
+
+    def report(self, selection: str, held_out: str, skipped: dict[str, dict[str, int]]) -> AlignmentReport:
+        scored = dict.fromkeys(key[1:] for key in self.counts)  # (explanation, map, method), first seen first
+        rows = [{"explanation": explanation, "map": name, "extraction": method,
+                 **{part: _rounded(self.counts.get((part, explanation, name, method), Counts())) for part in PARTS}}
+                for explanation, name, method in scored]
+        return AlignmentReport(selection, held_out, dict(self.pairs), skipped, rows)
 
 
 @dataclass
 class AlignmentReport:
-    """AER, precision and recall of every map and extraction, best first, and how many pairs were scored."""
+    """AER, precision and recall of every explanation, map and extraction on both parts (`rows`), the parts'
+    names, how many pairs each scored and why the others were skipped."""
 
+    selection: str
+    held_out: str
+    pairs: dict[str, int]
+    skipped: dict[str, dict[str, int]]
     rows: list[dict]
-    pairs: int
-    skipped: dict[str, int] = field(default_factory=dict)
 
     @property
-    def best(self) -> dict:
-        return self.rows[0]
+    def chosen(self) -> list[dict]:
+        """Per explanation and extraction, the row of the map with the lowest AER on the selection part (the first
+        such map on a tie): its held-out scores are the honest figure."""
+        best: dict[tuple[str, str], dict] = {}
+        for row in self.rows:
+            key = (row["explanation"], row["extraction"])
+            if key not in best or row[SELECTION]["aer"] < best[key][SELECTION]["aer"]:
+                best[key] = row
+        return list(best.values())
+
+    @property
+    def best(self) -> dict | None:
+        """The explanation, map and extraction with the lowest AER on the selection part; None without rows."""
+        return min(self.chosen, key=lambda row: row[SELECTION]["aer"], default=None)
 
     def as_dict(self) -> dict:
-        return {"pairs": self.pairs, "skipped": self.skipped, "rows": self.rows,
-                "best": self.rows[0] if self.rows else None}
+        return {"selection": self.selection, "held_out": self.held_out, "pairs": self.pairs,
+                "skipped": self.skipped, "chosen": self.chosen, "best": self.best, "rows": self.rows}
 
 
 def _prepared(src_text: str, tgt_text: str, reference: Reference, src_tok: Tokenizer, tgt_tok: Tokenizer,
@@ -266,79 +378,93 @@ def _prepared(src_text: str, tgt_text: str, reference: Reference, src_tok: Token
     return src_ids, tgt_ids, src_units, tgt_units
 
 
-def score_alignments(model: Seq2SeqModel, src_tok: Tokenizer, tgt_tok: Tokenizer,
-                     pairs: Sequence[tuple[str, str]], references: Sequence[Reference], src_lang: str,
-                     tgt_lang: str, device: torch.device, max_len_a: float = search.MAX_LEN_A,
-                     max_len_b: int = search.MAX_LEN_B) -> AlignmentReport:
-    """AER of the model's attention on (source, target) pairs against their reference links, every map and
-    extraction; rows sorted by AER, best first. A model without attention gets no rows."""
-    if len(pairs) != len(references):
-        raise AlignmentError(f"{len(pairs)} sentence pairs but {len(references)} alignment lines; they must align.")
+def describe_skipped(skipped: Mapping[str, int]) -> str:
+    return ", ".join(f"{count} skipped: {why}" for why, count in skipped.items())
+
+
+def score_alignments(model: Seq2SeqModel, src_tok: Tokenizer, tgt_tok: Tokenizer, selection: AlignmentSet,
+                     held_out: AlignmentSet, src_lang: str, tgt_lang: str, device: torch.device,
+                     max_len_a: float = search.MAX_LEN_A, max_len_b: int = search.MAX_LEN_B) -> AlignmentReport:
+    """AER of the model's attention, as predicted and shifted (`attention_explanations`), every map and
+    extraction, on the pairs maps are chosen on (`selection`) and on those they are reported on (`held_out`).
+    An AlignmentError, before anything is decoded, when the model has no attention or a part has no pair that
+    can be scored."""
     if not model.has_attention:
-        return AlignmentReport([], 0)
+        raise AlignmentError(f"the model has no attention ({NO_ATTENTION}).")
     src_chars, tgt_chars = counts_characters(src_lang), counts_characters(tgt_lang)
-    tgt_limit = model.max_target_positions - 1 if model.max_target_positions else None
+    tgt_limit = target_token_limit(model)
     src_limit = source_token_limit(model, max_len_a, max_len_b)
-    kept, skipped = [], {}
-    for (src_text, tgt_text), reference in zip(pairs, references):
-        prepared = _prepared(src_text, tgt_text, reference, src_tok, tgt_tok, src_chars, tgt_chars, src_limit,
-                             tgt_limit)
-        if isinstance(prepared, str):
-            skipped[prepared] = skipped.get(prepared, 0) + 1
-        else:
-            kept.append((*prepared, reference))
-    counts: dict[tuple[str, str], Counts] = {}
-    where: dict[str, tuple[int | None, int | None]] = {}
-    forced = force(model, [(src_ids, tgt_ids) for src_ids, tgt_ids, *_ in kept], device)
-    for (_, _, src_units, tgt_units, reference), result in zip(kept, forced):
-        token_maps = merge_attention(result.layers[:, :, :-1, :-1], src_units, tgt_units)
-        for name, layer, head, matrix in named_maps(token_maps):
-            where[name] = (layer, head)
-            for method in EXTRACTIONS:
-                counts.setdefault((name, method), Counts()).add(extract(matrix, method), reference)
-    rows = [{"map": name, "layer": where[name][0], "head": where[name][1], "extraction": method,
-             **{key: round(value, 4) for key, value in count.scores().items()}}
-            for (name, method), count in counts.items()]
-    rows.sort(key=lambda row: (row["aer"], row["map"], EXTRACTIONS.index(row["extraction"])))
-    return AlignmentReport(rows, len(kept), skipped)
+    kept: dict[str, list] = {}
+    skipped: dict[str, dict[str, int]] = {}
+    for part, alignment_set in ((SELECTION, selection), (HELD_OUT, held_out)):
+        kept[part], skipped[part] = [], {}
+        for (src_text, tgt_text), reference in zip(alignment_set.pairs, alignment_set.references):
+            prepared = _prepared(src_text, tgt_text, reference, src_tok, tgt_tok, src_chars, tgt_chars, src_limit,
+                                 tgt_limit)
+            if isinstance(prepared, str):
+                skipped[part][prepared] = skipped[part].get(prepared, 0) + 1
+            else:
+                kept[part].append((*prepared, reference))
+        if not kept[part]:
+            raise AlignmentError(f"none of the {len(alignment_set.pairs)} pairs of {alignment_set.name} can be "
+                                 f"scored ({describe_skipped(skipped[part])}); see seq2seq/analysis/alignment.py "
+                                 "for how pairs and links are read.")
+    scorer = AlignmentScorer()
+    for part, pairs in kept.items():
+        forced = force(model, [(src_ids, tgt_ids) for src_ids, tgt_ids, *_ in pairs], device)
+        for (_, _, src_units, tgt_units, reference), result in zip(pairs, forced):
+            scorer.add(part, attention_explanations(result.layers, src_units, tgt_units), reference)
+    return scorer.report(selection.name, held_out.name, skipped)
 
 
-def score_checkpoint(loaded: LoadedModel, pairs: Sequence[tuple[str, str]], references: Sequence[Reference],
+def score_checkpoint(loaded: LoadedModel, selection: AlignmentSet, held_out: AlignmentSet,
                      device: torch.device) -> AlignmentReport:
     """`score_alignments` with the languages and length limits a checkpoint was trained with."""
     data = loaded.config.data
     trainer = loaded.config.get("trainer", {}) or {}
     return score_alignments(
-        loaded.model, loaded.src_tokenizer, loaded.tgt_tokenizer, pairs, references, str(data.src_lang),
+        loaded.model, loaded.src_tokenizer, loaded.tgt_tokenizer, selection, held_out, str(data.src_lang),
         str(data.tgt_lang), device, float(trainer.get("max_len_a", search.MAX_LEN_A)),
         int(trainer.get("max_len_b", search.MAX_LEN_B)),
     )
 
 
+def _percent(scores: Mapping[str, float], keys: Sequence[str] = ("aer", "precision", "recall")) -> list[str]:
+    return [f"{100 * scores[key]:.1f}" for key in keys]
+
+
 def format_alignment_table(report: dict, title: str) -> str:
-    """A markdown table of `AlignmentReport.as_dict()`, one row per map with its extractions side by side
-    (percent), the map with the lowest AER first."""
-    if not report["rows"]:
-        return f"{title}: no attention, so no alignment to score."
-    by_map: dict[str, dict[str, dict]] = {}
-    for row in report["rows"]:  # best first, so maps come in the order of their best extraction
-        by_map.setdefault(row["map"], {})[row["extraction"]] = row
-    skipped = ", ".join(f"{count} skipped: {why}" for why, count in report["skipped"].items())
-    lines = [f"{title}: {report['pairs']} pairs" + (f" ({skipped})" if skipped else ""), "",
-             "| map | " + " | ".join(f"{method} AER | P | R" for method in EXTRACTIONS) + " |",
-             "|---|" + "---:|---:|---:|" * len(EXTRACTIONS)]
-    for name, methods in by_map.items():
-        cells = [f"{100 * methods[method][key]:.1f}" for method in EXTRACTIONS for key in ("aer", "precision", "recall")]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    """`AlignmentReport.as_dict()` in markdown (percent): per explanation and extraction the map chosen on the
+    selection part with its AER there and its held-out AER, precision and recall; the overall choice; then every
+    map on the selection part, the figures the choice was made on."""
+    parts = {part: f"{report[part]}: {report['pairs'][part]} pairs scored" + (
+        f" ({describe_skipped(report['skipped'][part])})" if report["skipped"][part] else "") for part in PARTS}
+    lines = [f"{title} (percent, lower is better; P precision, R recall)",
+             f"maps chosen on {parts[SELECTION]}", f"reported on    {parts[HELD_OUT]}", "",
+             "| explanation | extraction | map chosen | AER where chosen | held-out AER | P | R |",
+             "|---|---|---|---:|---:|---:|---:|"]
+    for row in report["chosen"]:
+        lines.append(f"| {row['explanation']} | {row['extraction']} | {row['map']} | "
+                     f"{_percent(row[SELECTION], ('aer',))[0]} | " + " | ".join(_percent(row[HELD_OUT])) + " |")
     best = report["best"]
-    lines += ["", f"best: {best['map']} with {best['extraction']}, AER {100 * best['aer']:.1f} "
-              "(percent, lower is better; P precision, R recall)"]
+    lines += ["", f"held out: {best['explanation']}, {best['map']} with {best['extraction']}: AER "
+              f"{100 * best[HELD_OUT]['aer']:.1f} (chosen where it scored {100 * best[SELECTION]['aer']:.1f})", "",
+              f"every map on {report[SELECTION]} (what the choice was made on):", "",
+              "| explanation | map | " + " | ".join(f"{method} AER | P | R" for method in EXTRACTIONS) + " |",
+              "|---|---|" + "---:|---:|---:|" * len(EXTRACTIONS)]
+    by_map: dict[tuple[str, str], dict[str, dict]] = {}
+    for row in report["rows"]:
+        by_map.setdefault((row["explanation"], row["map"]), {})[row["extraction"]] = row[SELECTION]
+    for (explanation, name), methods in by_map.items():
+        cells = [cell for method in EXTRACTIONS for cell in _percent(methods[method])]
+        lines.append(f"| {explanation} | {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def read_alignment_set(prefix: str | Path, data_cfg) -> tuple[list[tuple[str, str]], list[Reference]]:
-    """`data.alignments_path=X`: the pairs of X.tsv (the corpus layout, data.columns, every line as given) and
-    the links of X.align, one line per pair. Problems are `CorpusError`s, which training reports in one line."""
+def read_alignment_set(prefix: str | Path, data_cfg) -> AlignmentSet:
+    """PREFIX.tsv's pairs (the corpus layout, data.columns, every line as given) with PREFIX.align's links, one
+    line per pair (`data.alignments_path`, `evaluate --select-on`). Problems are `CorpusError`s, which training
+    reports in one line."""
     from seq2seq.data.corpus import CorpusError, load_tsv_pairs  # loads `datasets`, which AER itself does not need
 
     prefix = Path(prefix)
@@ -348,8 +474,8 @@ def read_alignment_set(prefix: str | Path, data_cfg) -> tuple[list[tuple[str, st
     try:
         references = read_pharaoh(align)
     except AlignmentError as error:
-        raise CorpusError(f"data.alignments_path: {error}") from error
+        raise CorpusError(f"{prefix}: {error}") from error
     if len(pairs) != len(references) or not pairs:
-        raise CorpusError(f"data.alignments_path: {tsv} has {len(pairs)} pairs but {align} has {len(references)} "
-                          "lines; give one alignment line per pair (scripts/reference_alignments.py writes both).")
-    return pairs, references
+        raise CorpusError(f"{tsv} has {len(pairs)} pairs but {align} has {len(references)} lines; give one "
+                          "alignment line per pair (scripts/reference_alignments.py writes both).")
+    return AlignmentSet(str(tsv), pairs, references)

@@ -38,7 +38,8 @@ MAX_FIGURE_UNITS = 60  # rows and columns drawn per heatmap: beyond this a PNG c
 class Inspected:
     """One model on one sentence: the target it produced (`forced`: the given reference instead), its
     cross-attention (L, H, T, S) over pieces (None without attention), the loss of that target (nats, summed
-    over its pieces and "</s>"), and the source pieces cut off by the model's length limit (`cut`, 0 if none)."""
+    over its pieces and "</s>"), the source pieces cut off by the model's length limit (`cut`, 0 if none) and
+    the reference pieces beyond its target positions, not forced (`reference_cut`, 0 if none)."""
 
     label: str
     family: str
@@ -52,6 +53,7 @@ class Inspected:
     loss: float = 0.0
     cut: int = 0
     cut_before: str = ""
+    reference_cut: int = 0
 
 
 @dataclass
@@ -113,8 +115,6 @@ def inspect_model(path: Path, loaded: LoadedModel, sentence: str, beam_size: int
         reference_ids = tgt_tok.encode(reference)
         if not reference_ids:
             raise UsageError("the reference is empty after normalisation; give the translation to force.")
-        if model.max_target_positions:
-            reference_ids = reference_ids[: model.max_target_positions - 1]
     result = attend(
         model, ids, device, reference_ids=reference_ids,
         beam_size=beam_size or int(trainer.get("test_beam_size", search.BEAM_SIZE)),
@@ -126,17 +126,23 @@ def inspect_model(path: Path, loaded: LoadedModel, sentence: str, beam_size: int
         translation=tgt_tok.decode(result.tokens), src_pieces=src_tok.pieces([*ids, model.eos_id]),
         tgt_pieces=[*tgt_tok.pieces(result.tokens), analysis.EOS_PIECE], layers=result.layers,
         forced=reference is not None, loss=result.loss, cut=len(all_ids) - len(ids),
-        cut_before=src_tok.decode(all_ids[len(ids): len(ids) + 8]),
+        cut_before=src_tok.decode(all_ids[len(ids): len(ids) + 8]), reference_cut=result.cut,
     )
 
 
 def truncation_warning(item: Inspected) -> str | None:
-    """A line for the user when the model could read only the start of the sentence."""
-    if not item.cut:
-        return None
-    kept = len(item.src_pieces) - 1
-    return (f"warning: {item.label} reads the first {kept} of {kept + item.cut} source pieces; the sentence is cut "
-            f"before “{item.cut_before}…”. Give a shorter sentence to see all of it.")
+    """A line for the user when the model could read only the start of the sentence, or force only the start of
+    the reference."""
+    warnings = []
+    if item.cut:
+        kept = len(item.src_pieces) - 1
+        warnings.append(f"reads the first {kept} of {kept + item.cut} source pieces; the sentence is cut before "
+                        f"“{item.cut_before}…”. Give a shorter sentence to see all of it")
+    if item.reference_cut:
+        kept = len(item.tgt_pieces) - 1
+        warnings.append(f"has target positions for the first {kept} of {kept + item.reference_cut} reference "
+                        "pieces; the rest is not forced. Give a shorter reference to see all of it")
+    return f"warning: {item.label} " + "; it ".join(warnings) + "." if warnings else None
 
 
 def check_view(view: View, inspected: Sequence[Inspected]) -> None:
@@ -213,6 +219,7 @@ def diagnose(inspected: Sequence[Inspected], view: View, threshold: float) -> li
         report: dict = {"model": item.label, "family": item.family, "checkpoint": str(item.checkpoint),
                         "translation": item.translation, "forced": item.forced, "loss": round(item.loss, 4),
                         "target_pieces": len(item.tgt_pieces), "source_pieces_cut": item.cut,
+                        "reference_pieces_cut": item.reference_cut,
                         "has_attention": item.layers is not None}
         reports.append(report)
         if item.layers is None:

@@ -30,11 +30,18 @@ class Forced:
     """One pair after forced decoding. `tokens` is the target without "</s>"; `loss` the summed negative
     log-likelihood (nats) of `tokens` + "</s>"; `layers` the (L, H, T+1, S+1) float32 cross-attention (rows:
     the target pieces and the step that emits "</s>"; columns: the source pieces and the "</s>" the encoder is
-    given), every layer and head of a Transformer, Bahdanau as one layer with one head, None without attention."""
+    given), every layer and head of a Transformer, Bahdanau as one layer with one head, None without attention;
+    `cut` the pieces of a given reference past the model's target positions, left out (0 if none)."""
 
     tokens: list[int]
     loss: float
     layers: np.ndarray | None
+    cut: int = 0
+
+
+def target_token_limit(model: Seq2SeqModel) -> int | None:
+    """Longest target (pieces, before "</s>") the model has positions for (BOS takes one); None when unbounded."""
+    return model.max_target_positions - 1 if model.max_target_positions else None
 
 
 def _cross_maps(attention: dict[str, torch.Tensor]) -> torch.Tensor | None:
@@ -65,7 +72,12 @@ def _force_batch(model: Seq2SeqModel, pairs: Sequence[tuple[Sequence[int], Seque
 def force(model: Seq2SeqModel, pairs: Sequence[tuple[Sequence[int], Sequence[int]]], device: torch.device,
           max_tokens: int = FORCED_BATCH_TOKENS) -> list[Forced]:
     """Forced decoding of (source ids, target ids) pairs, both without "</s>", in input order, in batches of
-    similar lengths up to `max_tokens` padded tokens. Padding changes nothing: masked keys get zero weight."""
+    similar lengths up to `max_tokens` padded tokens. Padding changes nothing: masked keys get zero weight.
+    A target longer than `target_token_limit` is a ValueError: callers cut it and say so, or skip it and count."""
+    limit = target_token_limit(model)
+    longest_target = max((len(tgt) for _, tgt in pairs), default=0)
+    if limit is not None and longest_target > limit:
+        raise ValueError(f"a target of {longest_target} pieces is forced through a model with positions for {limit}.")
     batches: list[list[int]] = []
     longest = 0
     for index in sorted(range(len(pairs)), key=lambda i: (len(pairs[i][0]), len(pairs[i][1]))):
@@ -89,8 +101,14 @@ def attend(model: Seq2SeqModel, src_ids: Sequence[int], device: torch.device,
            reference_ids: Sequence[int] | None = None, beam_size: int = 1,
            length_penalty: float = search.LENGTH_PENALTY, max_len_a: float = search.MAX_LEN_A,
            max_len_b: int = search.MAX_LEN_B) -> Forced:
-    """The attention behind one target for one source (ids without "</s>"): the reference when given, else the
-    model's own translation (greedy, or beam search with `beam_size` > 1), scored once more by forced decoding."""
+    """The attention behind one target for one source (ids without "</s>"): the reference when given (cut to the
+    model's target positions, `Forced.cut` saying by how much), else the model's own translation (greedy, or
+    beam search with `beam_size` > 1), scored once more by forced decoding."""
+    limit = target_token_limit(model)
+    if reference_ids is not None and limit is not None and len(reference_ids) > limit:
+        result = force(model, [(list(src_ids), list(reference_ids[:limit]))], device)[0]
+        result.cut = len(reference_ids) - limit
+        return result
     if reference_ids is None:
         src = torch.tensor([[*src_ids, model.eos_id]], device=device)  # decode() runs in eval mode
         hypothesis = decode(model, src, torch.ones_like(src, dtype=torch.bool), beam_size=beam_size,

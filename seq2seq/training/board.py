@@ -117,18 +117,22 @@ def log_attention_scalars(writer: SummaryWriter, summaries: list[dict], step: in
 
 
 def log_alignment(writer: SummaryWriter, report: dict, step: int) -> None:
-    """Attention AER against data.alignments_path (`AlignmentReport.as_dict()`): `alignment/aer` of the best map
-    and extraction, and every map's AER per extraction (`alignment/<extraction>/layer_1_head_2`, heads from 1),
-    so TensorBoard shows which head learns to align and when."""
-    if not report["rows"]:
-        return
+    """Attention AER against data.alignments_path (`AlignmentReport.as_dict()`), held-out figures only where a
+    choice was made: `alignment/aer` of the explanation, map and extraction chosen on the selection part,
+    `alignment/held_out/<explanation>/<extraction>` of each extraction's chosen map; and each map's own AER on
+    the selection part (`alignment/selection/<explanation>/<extraction>/layer_1_head_2`, heads from 1), so
+    TensorBoard shows which head learns to align and when."""
     best = report["best"]
-    writer.add_scalar("alignment/aer", best["aer"], step)
-    writer.add_text("alignment/best", f"{best['map']} with {best['extraction']}: AER {100 * best['aer']:.1f} % "
-                    f"over {report['pairs']} pairs", step)
+    writer.add_scalar("alignment/aer", best["held_out"]["aer"], step)
+    writer.add_text("alignment/best", f"{best['explanation']}, {best['map']} with {best['extraction']}: held-out "
+                    f"AER {100 * best['held_out']['aer']:.1f} % on {report['held_out']} (chosen on "
+                    f"{report['selection']}, where it scored {100 * best['selection']['aer']:.1f} %)", step)
+    for row in report["chosen"]:
+        writer.add_scalar(f"alignment/held_out/{row['explanation']}/{row['extraction']}", row["held_out"]["aer"], step)
     for row in report["rows"]:
         name = row["map"].replace(" ", "_")
-        writer.add_scalar(f"alignment/{row['extraction']}/{name}", row["aer"], step)
+        writer.add_scalar(f"alignment/selection/{row['explanation']}/{row['extraction']}/{name}",
+                          row["selection"]["aer"], step)
 
 
 def log_test(writer: SummaryWriter, scores: dict[str, Any], buckets: list[dict[str, Any]], step: int) -> None:

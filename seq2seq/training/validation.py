@@ -14,10 +14,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 from omegaconf import DictConfig
 
-from seq2seq.analysis.alignment import read_alignment_set, score_alignments
+from seq2seq.analysis.alignment import HELD_OUT, AlignmentError, read_alignment_set, score_alignments
 from seq2seq.training import board
 from seq2seq.data.batching import make_loader
 from seq2seq.data.prepare import PreparedData
+from seq2seq.data.tokenizer import Tokenizer
 from seq2seq.data.split import spread_sample
 from seq2seq.metrics import bleu_by_length, corpus_scores
 from seq2seq.models.base import Seq2SeqModel, eval_mode
@@ -44,11 +45,7 @@ class Evaluator:
         self.attention_sources = board.attention_sources(
             valid["src"], valid["src_ids"], int(self.tcfg.num_attention_samples), cfg.get("attention_examples") or []
         )
-        self.alignment_set = None
-        if cfg.data.get("alignments_path"):
-            self.alignment_set = read_alignment_set(str(cfg.data.alignments_path), cfg.data)
-            log.info("attention AER at every validation: %d pairs of %s.tsv/.align", len(self.alignment_set[0]),
-                     cfg.data.alignments_path)
+        self.alignment = AlignmentValidation(cfg, data.src_tokenizer, data.tgt_tokenizer, device) if cfg.data.get("alignments_path") else None
 
     @torch.inference_mode()
     def loss(self, model: Seq2SeqModel, split: str = "valid") -> tuple[float, float]:
@@ -100,23 +97,11 @@ class Evaluator:
                 self.writer, model, str(self.cfg.model.name), self.data.src_tokenizer, self.data.tgt_tokenizer,
                 self.attention_sources, self.device, float(self.tcfg.max_len_a), int(self.tcfg.max_len_b), step,
             )
-            if self.alignment_set is not None and model.has_attention:
-                metrics["alignment_aer"] = self.log_alignment(model, step)
+            if self.alignment is not None and model.has_attention:
+                aer = self.alignment.log(model, self.writer, step)
+                if aer is not None:
+                    metrics["alignment_aer"] = aer
         return metrics
-
-    def log_alignment(self, model: Seq2SeqModel, step: int) -> float:
-        """AER of the attention on the data.alignments_path pairs, every layer and head, to TensorBoard; the
-        best map's AER."""
-        pairs, references = self.alignment_set
-        report = score_alignments(
-            model, self.data.src_tokenizer, self.data.tgt_tokenizer, pairs, references, str(self.cfg.data.src_lang),
-            str(self.cfg.data.tgt_lang), self.device, float(self.tcfg.max_len_a), int(self.tcfg.max_len_b),
-        ).as_dict()
-        board.log_alignment(self.writer, report, step)
-        best = report["best"]
-        log.info("alignment: AER %.1f %% (%s, %s) over %d pairs", 100 * best["aer"], best["map"], best["extraction"],
-                 report["pairs"])
-        return best["aer"]
 
     def test(self, model: Seq2SeqModel, step: int, description: str) -> dict[str, Any]:
         """Beam search over the test split; scores overall and by source length, for results.json."""
@@ -147,3 +132,41 @@ class Evaluator:
             "bleu_signature": scores["bleu_signature"], "chrf_signature": scores["chrf_signature"],
             "test_bleu_by_length": buckets,
         }
+
+
+class AlignmentValidation:
+    """AER of the attention on the data.alignments_path pairs at every validation: each extraction's map is
+    chosen on the first half of the pairs and its AER on the second half is the figure logged."""
+
+    def __init__(self, cfg: DictConfig, src_tok: Tokenizer, tgt_tok: Tokenizer, device: torch.device) -> None:
+        from seq2seq.data.corpus import CorpusError
+
+        try:
+            self.selection, self.held_out = read_alignment_set(str(cfg.data.alignments_path), cfg.data).halves()
+        except (AlignmentError, CorpusError) as error:
+            raise CorpusError(f"data.alignments_path: {error}") from error
+        self.cfg = cfg
+        self.src_tok, self.tgt_tok = src_tok, tgt_tok
+        self.device = device
+        log.info("attention AER at every validation: maps chosen on %s, reported on %s", self.selection.name,
+                 self.held_out.name)
+
+    def log(self, model: Seq2SeqModel, writer: SummaryWriter, step: int) -> float | None:
+        """Score the model, log to TensorBoard and return the held-out AER of the overall choice; None, with a
+        warning, when the pairs cannot be scored (the run goes on)."""
+        trainer = self.cfg.trainer
+        try:
+            report = score_alignments(
+                model, self.src_tok, self.tgt_tok, self.selection, self.held_out,
+                str(self.cfg.data.src_lang), str(self.cfg.data.tgt_lang), self.device, float(trainer.max_len_a),
+                int(trainer.max_len_b),
+            ).as_dict()
+        except AlignmentError as error:
+            log.warning("no alignment AER at step %d: %s", step, error)
+            return None
+        board.log_alignment(writer, report, step)
+        best = report["best"]
+        log.info("alignment: held-out AER %.1f %% (%s, %s, %s; chosen on %d pairs, reported on %d)",
+                 100 * best[HELD_OUT]["aer"], best["explanation"], best["map"], best["extraction"],
+                 report["pairs"]["selection"], report["pairs"][HELD_OUT])
+        return best[HELD_OUT]["aer"]
