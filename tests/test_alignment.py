@@ -372,7 +372,8 @@ def test_reference_links_count_tokens_as_the_scored_checkpoint_normalises(checkp
     data_cfg.clean.src_normalization = "NFKC"
     form, _ = script.scored_normalizations(tmp_path / "as_written.pt", data_cfg)
     assert form is None and script.aligner_input(["等等…"], True, form) == ["等 等 …"]
-    assert script.aligner_input(["等等…"], True, script.scored_normalizations(None, data_cfg)[0]) == ["等 等 . . ."]
+    configured, _ = script.scored_normalizations(None, data_cfg)
+    assert configured == "NFKC" and script.aligner_input(["等等…"], True, configured) == ["等 等 . . ."]
     data_cfg.src_lang, data_cfg.tgt_lang = "en", "zh"
     with pytest.raises(SystemExit, match="translates zh→en but the config aligns en→zh"):
         script.scored_normalizations(tmp_path / "as_written.pt", data_cfg)

@@ -45,7 +45,9 @@ class Evaluator:
         self.attention_sources = board.attention_sources(
             valid["src"], valid["src_ids"], int(self.tcfg.num_attention_samples), cfg.get("attention_examples") or []
         )
-        self.alignment = AlignmentValidation(cfg, data.src_tokenizer, data.tgt_tokenizer, device) if cfg.data.get("alignments_path") else None
+        self.alignment = None
+        if cfg.data.get("alignments_path"):
+            self.alignment = AlignmentValidation(cfg, data.src_tokenizer, data.tgt_tokenizer, device)
 
     @torch.inference_mode()
     def loss(self, model: Seq2SeqModel, split: str = "valid") -> tuple[float, float]:
