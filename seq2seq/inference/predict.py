@@ -11,7 +11,7 @@ import logging
 import math
 import sys
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from itertools import islice
 
@@ -131,6 +131,7 @@ def translate_sentences(
     precision: str = "fp32",
     max_source_tokens: int | None = None,
     attention: bool = True,
+    decoder: Callable[..., list[list[Hypothesis]]] = decode,
 ) -> Iterator[Translation]:
     """Yield one Translation per input sentence, in input order, reading `chunk_size` sentences at a time.
 
@@ -139,6 +140,7 @@ def translate_sentences(
     `max_tokens` bounds B * (longest source + EOS) of a batch; `max_sentences` optionally bounds B. `precision`
     bf16/fp16 decodes under autocast (on CPUs without native bf16 that is slower than fp32). `attention=False`
     keeps no attention (hypotheses carry None), which callers that only want the text decode faster with.
+    `decoder` decodes a batch as `search.decode` does (the CTranslate2 engine is another one).
     """
     if beam_size < 1 or n_best < 1 or chunk_size < 1 or max_tokens < 1:
         raise ValueError("beam_size, n_best, chunk_size and max_tokens must all be at least 1.")
@@ -156,7 +158,7 @@ def translate_sentences(
                 model, src_tok, tgt_tok, chunk, state, limit=limit, beam_size=beam_size,
                 length_penalty=length_penalty, max_len_a=max_len_a, max_len_b=max_len_b, n_best=n_best,
                 max_tokens=max(max_tokens, limit + 1), max_sentences=max_sentences, device=device, precision=precision,
-                attention=attention,
+                attention=attention, decoder=decoder,
             )
 
 
@@ -164,6 +166,7 @@ def _translate_chunk(
     model: Seq2SeqModel, src_tok: Tokenizer, tgt_tok: Tokenizer, chunk: list[str], state: dict, *, limit: int,
     beam_size: int, length_penalty: float, max_len_a: float, max_len_b: int, n_best: int, max_tokens: int,
     max_sentences: int | None, device: torch.device, precision: str, attention: bool,
+    decoder: Callable[..., list[list[Hypothesis]]],
 ) -> list[Translation]:
     """Translate one chunk; the returned list is in the chunk's order."""
     chunk = [sentence if isinstance(sentence, str) else str(sentence) for sentence in chunk]
@@ -192,7 +195,7 @@ def _translate_chunk(
     with torch.inference_mode(), autocast(device, precision):
         for batch in _batches(order, lengths, max_tokens, max_sentences):
             inputs = collate([{"src_ids": ids[i], "index": i} for i in batch]).to(device)
-            nbests = decode(
+            nbests = decoder(
                 model, inputs.src, inputs.src_mask, beam_size=beam_size, length_penalty=length_penalty,
                 max_len_a=max_len_a, max_len_b=max_len_b, n_best=n_best, return_attention=attention,
             )

@@ -1,0 +1,112 @@
+"""Decoding with CTranslate2 (`--engine ctranslate2`): `search.decode`'s contract over a `ctranslate2.Translator` of
+the exported model, so batching, truncation, tokenization and output stay the one path of `translate_sentences`.
+
+How its results are made to be ours:
+  - lengths: our limit is per sentence (floor(a * S + b) tokens, then EOS is forced), CTranslate2's per call, so
+    each call holds the sentences of one limit L. A hypothesis that stops at L tokens without EOS is rescored with
+    the EOS ours forces after them (`score_batch`);
+  - PAD and BOS, which ours never produces, are not suppressed: suppressing renormalises every step's
+    log-probabilities and would shift every score. A sentence with one in a hypothesis (not seen with a trained
+    model) is decoded again with both suppressed. EOS is allowed from the first step, the input is never cut;
+  - scores: greedy returns the sum of log-probabilities, EOS included. For beam search CTranslate2 divides by
+    length ** penalty while we divide by the GNMT ((5 + n) / 6) ** alpha, so it is asked for all `beam`
+    hypotheses with their sums (penalty 1 over n tokens, EOS included, undone exactly; penalty 0 when alpha is 0,
+    which also keeps its early stop) and they are ranked here by our penalty;
+  - what stays different: the scores of a sentence decoded again (see above), and with alpha > 0 CTranslate2's beam
+    search stops once `beam` hypotheses are finished where ours goes on until no open beam can beat them, so a
+    later, longer winner of ours can be missing. CTranslate2 returns no attention.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from seq2seq.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
+from seq2seq.inference.search import Hypothesis, _max_lengths, length_penalty_factor
+from seq2seq.models.base import Seq2SeqModel
+
+COMPUTE_TYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "int8": "int8"}
+
+
+class CTranslate2Decoder:
+    """Decodes batches of our token ids with a CTranslate2 model exported from the same checkpoint."""
+
+    def __init__(self, model_dir: Path, src_tokenizer: Tokenizer, tgt_tokenizer: Tokenizer, device: torch.device,
+                 compute_type: str, threads: int) -> None:
+        import ctranslate2
+
+        self.translator = ctranslate2.Translator(
+            str(model_dir), device=device.type, device_index=device.index or 0, compute_type=compute_type,
+            inter_threads=1, intra_threads=threads,
+        )
+        self.src_pieces = src_tokenizer.pieces(range(src_tokenizer.vocab_size))
+        target_pieces = tgt_tokenizer.pieces(range(tgt_tokenizer.vocab_size))
+        self.tgt_pieces = target_pieces
+        self.tgt_ids = {piece: i for i, piece in enumerate(target_pieces)}
+        self.never = [[target_pieces[PAD_ID]], [target_pieces[BOS_ID]]]
+
+    def __call__(self, model: Seq2SeqModel, src: torch.Tensor, src_mask: torch.Tensor, beam_size: int,
+                 length_penalty: float, max_len_a: float, max_len_b: float, n_best: int = 1,
+                 return_attention: bool = True) -> list[list[Hypothesis]]:
+        """As `search.decode`: per sentence the `n_best` best hypotheses, best first; attention is always None."""
+        limits = _max_lengths(model, src_mask, max_len_a, max_len_b).tolist()
+        rows = src.cpu().tolist()
+        lengths = src_mask.sum(dim=1).tolist()  # real tokens, the appended EOS included
+        sources = [[self.src_pieces[i] for i in row[: length - 1]] for row, length in zip(rows, lengths)]
+        by_limit: dict[int, list[int]] = defaultdict(list)
+        for index, limit in enumerate(limits):
+            by_limit[limit].append(index)
+        results: list[list[Hypothesis]] = [[] for _ in rows]
+        for limit, indices in by_limit.items():
+            batch = [sources[i] for i in indices]
+            for index, hypotheses in zip(indices, self._decode(batch, limit, beam_size, length_penalty, n_best)):
+                results[index] = hypotheses
+        return results
+
+    def _decode(self, sources: list[list[str]], limit: int, beam_size: int, alpha: float,
+                n_best: int) -> list[list[Hypothesis]]:
+        """Sentences that share the length limit `limit`; those whose output holds PAD or BOS again with both
+        suppressed."""
+        decoded = self._translate(sources, limit, beam_size, alpha, n_best, suppress=False)
+        again = [i for i, hypotheses in enumerate(decoded) if hypotheses is None]
+        if again:
+            redone = self._translate([sources[i] for i in again], limit, beam_size, alpha, n_best, suppress=True)
+            for i, hypotheses in zip(again, redone):
+                decoded[i] = hypotheses
+        return decoded
+
+    def _translate(self, sources: list[list[str]], limit: int, beam_size: int, alpha: float, n_best: int,
+                   suppress: bool) -> list[list[Hypothesis] | None]:
+        """One CTranslate2 call; None for a sentence with PAD or BOS in a hypothesis (unless suppressed)."""
+        raw_sums = beam_size == 1 or alpha == 0
+        outputs = self.translator.translate_batch(
+            sources, beam_size=beam_size, num_hypotheses=beam_size, length_penalty=0 if raw_sums else 1,
+            max_decoding_length=max(limit, 1), min_decoding_length=0, return_end_token=True, return_scores=True,
+            suppress_sequences=self.never if suppress else None, max_input_length=0, max_batch_size=0,
+        )
+        decoded: list[list[Hypothesis] | None] = []
+        for source, output in zip(sources, outputs):
+            candidates: dict[tuple[int, ...], float] = {}
+            cut: list[list[int]] = []
+            for pieces, score in zip(output.hypotheses, output.scores):
+                ids = [self.tgt_ids[piece] for piece in pieces]
+                if ids and ids[-1] == EOS_ID:
+                    candidates[tuple(ids[:-1])] = score if raw_sums else score * len(ids)
+                else:  # reached the limit: ours forces EOS after `limit` tokens
+                    cut.append(ids[:limit])
+            if not suppress and any(PAD_ID in ids or BOS_ID in ids for ids in (*candidates, *cut)):
+                decoded.append(None)
+                continue
+            if cut:
+                targets = [[self.tgt_pieces[i] for i in ids] for ids in cut]
+                for ids, scored in zip(cut, self.translator.score_batch([source] * len(cut), targets,
+                                                                        max_input_length=0)):
+                    candidates.setdefault(tuple(ids), sum(scored.log_probs))
+            if beam_size > 1:
+                candidates = {ids: raw / length_penalty_factor(len(ids) + 1, alpha) for ids, raw in candidates.items()}
+            best = sorted(candidates.items(), key=lambda item: item[1], reverse=True)[:n_best]
+            decoded.append([Hypothesis(tokens=list(ids), score=float(score), attention=None) for ids, score in best])
+        return decoded
