@@ -154,7 +154,8 @@ def evaluate(args: argparse.Namespace) -> dict:
         "sentences": len(sources),
         **scores,
         "by_length": by_length,
-        "decoding": {k: v for k, v in options.items() if k != "device"} | {"device": str(device)},
+        "decoding": {k: v for k, v in options.items() if k not in ("device", "decoder")}
+        | {"device": str(device), "engine": args.engine},
         "seconds": round(seconds, 3),
     }
     _write_json(args, result)

@@ -155,6 +155,9 @@ def translate(args: argparse.Namespace) -> None:
     """Translate the command line's sentences, a file or stdin, or talk to the user."""
     if args.n_best < 1 or args.chunk_size < 1:
         raise UsageError("--n-best and --chunk-size must be at least 1.")
+    if args.engine == "ctranslate2" and (args.attention_plot or args.show_attention):
+        raise UsageError("--engine ctranslate2 returns no attention; drop --attention-plot / --show-attention, or "
+                         "the --engine option.")
     loaded, device = load(args)
     options = decoding_options(args, loaded, device)
     options["beam_size"] = max(options["beam_size"], args.n_best)
