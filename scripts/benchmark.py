@@ -23,7 +23,8 @@ What is measured, on the trainer's own batches of the training split (or synthet
     target tokens/s, per wall-clock second and per CPU second of this process (steadier on a shared machine), text
     only as `seq2seq.evaluate` decodes; with --int8 also the Linear layers quantised to int8 (CPU), with the
     share of outputs that stay the same (an untrained model emits arbitrary lengths, so decoding is only timed with
-    a checkpoint). --decode times decoding alone.
+    a checkpoint); with --ctranslate2 also the Transformer exported to CTranslate2, computing in float32 and in
+    int8, on the same sentences with the same share. --decode times decoding alone.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import itertools
 import json
 import resource
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -44,6 +46,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from seq2seq.checkpoint import load_model
 from seq2seq.data.batching import Batch, collate, padded_length
+from seq2seq.cli import UsageError
+from seq2seq.export import export
+from seq2seq.inference.ctranslate2_engine import CTranslate2Decoder
 from seq2seq.models import build_model, count_parameters
 from seq2seq.paths import CONFIG_DIR
 from seq2seq.inference.predict import quantize_int8, translate_sentences
@@ -65,6 +70,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--decode-sentences", type=int, default=1500, help="test sentences to decode")
     parser.add_argument("--decode", action="store_true", help="time decoding only (needs --checkpoint)")
     parser.add_argument("--int8", action="store_true", help="also decode with int8 Linear layers (CPU only)")
+    parser.add_argument("--ctranslate2", action="store_true",
+                        help="also decode with the checkpoint exported to CTranslate2, in float32 and int8")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     return parser.parse_intermixed_args()
 
@@ -174,14 +181,16 @@ def time_phases(step: TrainStep, windows: list[list[Batch]]) -> dict[str, float]
     return {name: 1000 * seconds / len(windows) for name, seconds in phases.items()}
 
 
-def benchmark_decoding(model, src_tok, tgt_tok, sentences, device, precision, beam_size) -> tuple[dict, list[str]]:
-    """Figures of one decoding of `sentences`, and its translations."""
+def benchmark_decoding(model, src_tok, tgt_tok, sentences, device, precision, beam_size,
+                       decoder=None) -> tuple[dict, list[str]]:
+    """Figures of one decoding of `sentences` (by our search, or by `decoder`), and its translations."""
+    engine = {"decoder": decoder} if decoder is not None else {}
     synchronize(device)
     start, cpu_start = time.perf_counter(), time.process_time()
     outputs = list(
         translate_sentences(
             model, src_tok, tgt_tok, sentences, beam_size=beam_size, device=device, precision=precision,
-            attention=False,
+            attention=False, **engine,
         )
     )
     synchronize(device)
@@ -195,19 +204,33 @@ def benchmark_decoding(model, src_tok, tgt_tok, sentences, device, precision, be
 
 
 def decoding_figures(args: argparse.Namespace, sentences: list[str], device: torch.device, precision: str) -> list:
-    """Greedy and beam 5 with the checkpoint, and with --int8 the same with its Linear layers in int8."""
+    """Greedy and beam 5 with the checkpoint, with --int8 the same with its Linear layers in int8, and with
+    --ctranslate2 its CTranslate2 export computing in float32 and in int8; each beside the first (ours)."""
     trained = load_model(args.checkpoint, device)
-    models = {"fp32" if precision == "fp32" else precision: (trained.model, precision)}
+    models = {"fp32" if precision == "fp32" else precision: (trained.model, precision, None)}
     if args.int8:
         if device.type != "cpu":
             sys.exit("benchmark: --int8 quantises for CPU inference; add trainer.device=cpu")
-        models["int8"] = (quantize_int8(trained.model), "fp32")
+        models["int8"] = (quantize_int8(trained.model), "fp32", None)
+    if args.ctranslate2:
+        with tempfile.TemporaryDirectory(prefix="benchmark-ctranslate2-") as folder:  # read whole by each Translator
+            try:
+                exported = export(trained, args.checkpoint, Path(folder) / "model")
+            except UsageError as error:
+                sys.exit(f"benchmark: {error}")
+            for compute_type in ("float32", "int8"):
+                decoder = CTranslate2Decoder(exported, trained.src_tokenizer, trained.tgt_tokenizer, device,
+                                             compute_type, torch.get_num_threads())
+                models[f"ctranslate2 {compute_type}"] = (trained.model, "fp32", decoder)
+    for model, model_precision, decoder in models.values():  # untimed: thread pools, kernels, first allocations
+        benchmark_decoding(model, trained.src_tokenizer, trained.tgt_tokenizer, sentences[:16], device,
+                           model_precision, 5, decoder)
     decoding = []
     for beam in (1, 5):
         reference = None
-        for name, (model, model_precision) in models.items():
+        for name, (model, model_precision, decoder) in models.items():
             figures, texts = benchmark_decoding(model, trained.src_tokenizer, trained.tgt_tokenizer, sentences,
-                                                device, model_precision, beam)
+                                                device, model_precision, beam, decoder)
             reference = reference or texts
             same = sum(a == b for a, b in zip(reference, texts)) / max(len(texts), 1)
             decoding.append({"weights": name, **figures, "same_output_share": same})
@@ -227,9 +250,10 @@ def main() -> None:
         torch.set_num_threads(int(cfg.trainer.num_threads))
     configure_device(device)
     seed_everything(int(cfg.trainer.seed))
-    if args.decode or args.int8:
+    if args.decode or args.int8 or args.ctranslate2:
         if args.checkpoint is None:
-            sys.exit("benchmark: --decode and --int8 time a trained checkpoint's decoding; add --checkpoint PATH")
+            sys.exit("benchmark: --decode, --int8 and --ctranslate2 time a trained checkpoint's decoding; "
+                     "add --checkpoint PATH")
         if args.synthetic:
             sys.exit("benchmark: --checkpoint decodes real test sentences; drop --synthetic")
     report = {"device": device_name(device), "precision": precision, "model": cfg.model.name,

@@ -10,8 +10,8 @@ from omegaconf import OmegaConf
 
 from conftest import _config, _train, corpus_pairs
 from seq2seq import export, translate
-from seq2seq.checkpoint import load_model, save_checkpoint
-from seq2seq.data.tokenizer import build_tokenizers
+from seq2seq.checkpoint import LoadedModel, load_model, save_checkpoint
+from seq2seq.data.tokenizer import EOS_ID, PAD_ID, build_tokenizers
 from seq2seq.inference.ctranslate2_engine import CTranslate2Decoder
 from seq2seq.inference.predict import translate_sentences
 from seq2seq.models import build_model
@@ -54,11 +54,11 @@ def en_zh_checkpoint(tmp_path_factory, corpus_path) -> Path:
     return path
 
 
-def both_engines(checkpoint: Path, folder: Path, sentences: list[str], quantization: str = "float32",
+def both_engines(checkpoint: Path | LoadedModel, folder: Path, sentences: list[str], quantization: str = "float32",
                  **options) -> tuple[list, list]:
     """Best hypotheses of our search (fp32) and of the CTranslate2 export of `checkpoint`, sentence by sentence."""
-    loaded = load_model(checkpoint)
-    exported = export.export(loaded, checkpoint, folder / quantization, quantization)
+    loaded = checkpoint if isinstance(checkpoint, LoadedModel) else load_model(checkpoint)
+    exported = export.export(loaded, "checkpoint", folder / quantization, quantization)
     compute_type = "int8" if quantization == "int8" else "float32"
     decoder = CTranslate2Decoder(exported, loaded.src_tokenizer, loaded.tgt_tokenizer, torch.device("cpu"),
                                  compute_type, threads=1)
@@ -107,6 +107,21 @@ def test_length_penalty_reranks_as_ours(checkpoints, sources, tmp_path):
             assert other.score == pytest.approx(mine.score, abs=SCORE_TOLERANCE)
         else:
             assert mine.score >= other.score - SCORE_TOLERANCE
+
+
+@pytest.mark.corpus
+def test_pad_is_never_an_output(checkpoints, sources, tmp_path):
+    """A model that favours PAD (its output row twice EOS's): CTranslate2 emits it, the engine decodes those
+    sentences again with PAD and BOS suppressed, so the tokens are ours (ours never produces PAD)."""
+    loaded = load_model(checkpoints["transformer"])
+    with torch.no_grad():
+        loaded.model.output_projection.weight[PAD_ID] = 2 * loaded.model.output_projection.weight[EOS_ID]
+    ours, theirs = both_engines(loaded, tmp_path, sources["zh"], beam_size=1)
+    plain = ctranslate2.Translator(str(tmp_path / "float32")).translate_batch(
+        [loaded.src_tokenizer.pieces(loaded.src_tokenizer.encode(sentence)) for sentence in sources["zh"]],
+        max_decoding_length=20)
+    assert any("<pad>" in output.hypotheses[0] for output in plain)
+    assert [other.pieces for other in theirs] == [mine.pieces for mine in ours]
 
 
 @pytest.mark.corpus

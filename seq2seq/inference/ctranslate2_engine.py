@@ -87,26 +87,31 @@ class CTranslate2Decoder:
             max_decoding_length=max(limit, 1), min_decoding_length=0, return_end_token=True, return_scores=True,
             suppress_sequences=self.never if suppress else None, max_input_length=0, max_batch_size=0,
         )
-        decoded: list[list[Hypothesis] | None] = []
-        for source, output in zip(sources, outputs):
-            candidates: dict[tuple[int, ...], float] = {}
-            cut: list[list[int]] = []
+        candidates: list[dict[tuple[int, ...], float]] = []  # per sentence: tokens -> sum of log-probabilities
+        cut: list[tuple[int, tuple[int, ...]]] = []  # (sentence, tokens) that reached the limit without EOS
+        for sentence, output in enumerate(outputs):
+            found: dict[tuple[int, ...], float] = {}
             for pieces, score in zip(output.hypotheses, output.scores):
-                ids = [self.tgt_ids[piece] for piece in pieces]
+                ids = tuple(self.tgt_ids[piece] for piece in pieces)
                 if ids and ids[-1] == EOS_ID:
-                    candidates[tuple(ids[:-1])] = score if raw_sums else score * len(ids)
-                else:  # reached the limit: ours forces EOS after `limit` tokens
-                    cut.append(ids[:limit])
-            if not suppress and any(PAD_ID in ids or BOS_ID in ids for ids in (*candidates, *cut)):
+                    found[ids[:-1]] = score if raw_sums else score * len(ids)
+                else:  # ours forces EOS after `limit` tokens
+                    cut.append((sentence, ids[:limit]))
+            candidates.append(found)
+        if cut:
+            scored = self.translator.score_batch(
+                [sources[sentence] for sentence, _ in cut],
+                [[self.tgt_pieces[i] for i in ids] for _, ids in cut], max_input_length=0,
+            )
+            for (sentence, ids), result in zip(cut, scored):
+                candidates[sentence].setdefault(ids, sum(result.log_probs))
+        decoded: list[list[Hypothesis] | None] = []
+        for found in candidates:
+            if not suppress and any(PAD_ID in ids or BOS_ID in ids for ids in found):
                 decoded.append(None)
                 continue
-            if cut:
-                targets = [[self.tgt_pieces[i] for i in ids] for ids in cut]
-                for ids, scored in zip(cut, self.translator.score_batch([source] * len(cut), targets,
-                                                                        max_input_length=0)):
-                    candidates.setdefault(tuple(ids), sum(scored.log_probs))
             if beam_size > 1:
-                candidates = {ids: raw / length_penalty_factor(len(ids) + 1, alpha) for ids, raw in candidates.items()}
-            best = sorted(candidates.items(), key=lambda item: item[1], reverse=True)[:n_best]
+                found = {ids: raw / length_penalty_factor(len(ids) + 1, alpha) for ids, raw in found.items()}
+            best = sorted(found.items(), key=lambda item: item[1], reverse=True)[:n_best]
             decoded.append([Hypothesis(tokens=list(ids), score=float(score), attention=None) for ids, score in best])
         return decoded
