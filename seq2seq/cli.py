@@ -72,7 +72,8 @@ def add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
                         "fp16 on older GPUs, else fp32")
     parser.add_argument("--int8", action="store_true",
                         help="CPU only: multiply in the Linear layers with int8 weights and activations (dynamic "
-                        "quantisation): faster, slightly different outputs; the rest stays fp32")
+                        "quantisation): faster, slightly different outputs; the rest stays fp32. With --engine "
+                        "ctranslate2: CTranslate2 computes in int8")
     parser.add_argument("--engine", choices=ENGINES, default="torch",
                         help="torch: seq2seq's own search; ctranslate2: the Transformer exported to CTranslate2 "
                         "(pip install 'seq2seq[ct2]'; the export is cached), the same outputs, faster on CPUs")

@@ -106,13 +106,19 @@ def run_batch(args: argparse.Namespace, loaded: LoadedModel, options: dict) -> N
         report_speed(stats, time.perf_counter() - start, options)
 
 
+def engine_name(options: dict) -> str:
+    """What decodes: our search's precision, or CTranslate2 and what it computes in."""
+    decoder = options.get("decoder")
+    return f"ctranslate2 {decoder.compute_type}" if decoder is not None else options["precision"]
+
+
 def report_speed(stats: dict, seconds: float, options: dict) -> None:
     seconds = max(seconds, 1e-9)
     print(
         f"translated {stats['sentences']} sentences in {seconds:.2f} s: "
         f"{stats['sentences'] / seconds:.1f} sentences/s, "
         f"{stats['src_tokens'] / seconds:.0f} source tokens/s, {stats['tgt_tokens'] / seconds:.0f} target tokens/s "
-        f"(beam {options['beam_size']}, {options['device']}, {options['precision']})",
+        f"(beam {options['beam_size']}, {options['device']}, {engine_name(options)})",
         file=sys.stderr,
     )
 

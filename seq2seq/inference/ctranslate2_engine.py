@@ -38,6 +38,7 @@ class CTranslate2Decoder:
                  compute_type: str, threads: int) -> None:
         import ctranslate2
 
+        self.compute_type = compute_type
         self.translator = ctranslate2.Translator(
             str(model_dir), device=device.type, device_index=device.index or 0, compute_type=compute_type,
             inter_threads=1, intra_threads=threads,
