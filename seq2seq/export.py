@@ -1,4 +1,4 @@
-"""Export a trained Transformer to CTranslate2: `python -m seq2seq.export CHECKPOINT OUTPUT_DIR`.
+"""Export a trained Transformer to CTranslate2: `python -m seq2seq.export` (console script `seq2seq-export`).
 
     python -m seq2seq.export runs/.../best.pt exported/ --quantization int8
 
@@ -180,7 +180,7 @@ def cached_export(loaded: LoadedModel, checkpoint: Path, quantization: str) -> P
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m seq2seq.export",
+        prog="seq2seq-export",
         description="Convert a trained seq2seq Transformer checkpoint into a CTranslate2 model folder.",
     )
     parser.add_argument("checkpoint", type=Path, help="checkpoint file (best.pt or last.pt of a run)")

@@ -6,8 +6,8 @@ How its results are made to be ours:
     each call holds the sentences of one limit L. A hypothesis that stops at L tokens without EOS is rescored with
     the EOS ours forces after them (`score_batch`);
   - PAD and BOS, which ours never produces, are not suppressed: suppressing renormalises every step's
-    log-probabilities and would shift every score. A sentence with one in a hypothesis (not seen with a trained
-    model) is decoded again with both suppressed. EOS is allowed from the first step, the input is never cut;
+    log-probabilities and would shift every score. A sentence with one in a hypothesis (rare: neither is ever a
+    training target) is decoded again with both suppressed. EOS is allowed from the first step, the input is never cut;
   - scores: greedy returns the sum of log-probabilities, EOS included. For beam search CTranslate2 divides by
     length ** penalty while we divide by the GNMT ((5 + n) / 6) ** alpha, so it is asked for all `beam`
     hypotheses with their sums (penalty 1 over n tokens, EOS included, undone exactly; penalty 0 when alpha is 0,
@@ -44,10 +44,9 @@ class CTranslate2Decoder:
             inter_threads=1, intra_threads=threads,
         )
         self.src_pieces = src_tokenizer.pieces(range(src_tokenizer.vocab_size))
-        target_pieces = tgt_tokenizer.pieces(range(tgt_tokenizer.vocab_size))
-        self.tgt_pieces = target_pieces
-        self.tgt_ids = {piece: i for i, piece in enumerate(target_pieces)}
-        self.never = [[target_pieces[PAD_ID]], [target_pieces[BOS_ID]]]
+        self.tgt_pieces = tgt_tokenizer.pieces(range(tgt_tokenizer.vocab_size))
+        self.tgt_ids = {piece: i for i, piece in enumerate(self.tgt_pieces)}
+        self.never = [[self.tgt_pieces[PAD_ID]], [self.tgt_pieces[BOS_ID]]]
 
     def __call__(self, model: Seq2SeqModel, src: torch.Tensor, src_mask: torch.Tensor, beam_size: int,
                  length_penalty: float, max_len_a: float, max_len_b: float, n_best: int = 1,
