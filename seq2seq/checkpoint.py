@@ -2,7 +2,7 @@
 
 A checkpoint is one `torch.save` file holding:
   format_version, seq2seq_version   — to refuse files this code cannot read, with a clear message;
-  config                            — the whole composed Hydra config as plain containers;
+  config                            — the whole typed config as plain containers (`saved_config` reads it back);
   model                             — the model's state_dict;
   src_tokenizer, tgt_tokenizer      — the SentencePiece model protos (bytes), so a copied file still translates;
   src_normalization, tgt_normalization — each side's Unicode normalisation (absent from older files: NFKC on both);
@@ -21,11 +21,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
 
 from seq2seq import __version__
 from seq2seq.atomic import atomic_write
-from seq2seq.config import saved_config
+from seq2seq.config import TrainConfig, saved_config
 from seq2seq.data.tokenizer import LEGACY_NORMALIZATION, Tokenizer
 from seq2seq.models import build_model
 from seq2seq.models.base import Seq2SeqModel
@@ -132,7 +131,7 @@ class LoadedModel:
     model: Seq2SeqModel
     src_tokenizer: Tokenizer
     tgt_tokenizer: Tokenizer
-    config: DictConfig
+    config: TrainConfig  # as saved, laid over today's defaults (`saved_config`)
     checkpoint: dict[str, Any]
 
 

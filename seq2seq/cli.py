@@ -84,14 +84,14 @@ def decoding_options(args: argparse.Namespace, loaded: LoadedModel, device: torc
     """Keyword arguments for translate_sentences, from the command line or the checkpoint's trainer config."""
     trainer = loaded.config.trainer  # a checkpoint older than a key has the schema's default for it
 
-    def pick(value, key):
-        return value if value is not None else trainer[key]
+    def pick(given, saved):
+        return given if given is not None else saved
 
     options = {
-        "beam_size": int(pick(args.beam_size, "test_beam_size")),
-        "length_penalty": float(pick(args.length_penalty, "length_penalty")),
-        "max_len_a": float(pick(args.max_len_a, "max_len_a")),
-        "max_len_b": int(pick(args.max_len_b, "max_len_b")),
+        "beam_size": pick(args.beam_size, trainer.test_beam_size),
+        "length_penalty": pick(args.length_penalty, trainer.length_penalty),
+        "max_len_a": pick(args.max_len_a, trainer.max_len_a),
+        "max_len_b": pick(args.max_len_b, trainer.max_len_b),
         "max_tokens": args.max_tokens,
         "max_sentences": args.batch_size,
         "device": device,
@@ -118,8 +118,8 @@ def load(args: argparse.Namespace) -> tuple[LoadedModel, torch.device]:
             raise UsageError(f"--int8 quantises for CPU inference, but the model would run on {device}; "
                              "add --device cpu.")
         loaded.model = quantize_int8(loaded.model)
-    model_cfg = loaded.config.model
-    log.info("loaded %s model from %s (step %s)", model_cfg.name, args.checkpoint, loaded.checkpoint.get("step", "?"))
+    log.info("loaded %s model from %s (step %s)", loaded.config.model.name, args.checkpoint,
+             loaded.checkpoint.get("step", "?"))
     return loaded, device
 
 

@@ -1,6 +1,9 @@
 """The configuration schema: every key of `python -m seq2seq.train`, typed, with its default, what it allows and a
 one-line doc, in one place.
 
+Defaults live here and nowhere else: the YAML files under configs/ hold only what a config group changes (a data
+preset's corpus, a model family's optimisation recipe), never a copy of a default (configs/README.md).
+
 The dataclasses below are registered in Hydra's ConfigStore: `base_train` under configs/train.yaml types every
 group, and each model file names its family's schema first (`defaults: [base_transformer, _self_]`), so a misspelt
 key or a value of the wrong type fails while the config is composed (importing this module registers them, which
@@ -10,11 +13,12 @@ without a schema line (a test's tiny model) still composes and is checked by `ch
 `python -m seq2seq.train --cfg job` prints every key as composed.
 
 Types are checked by OmegaConf while composing; `check_config` then checks what a type cannot say (ranges, names
-from a closed list, rules between keys, what this machine can run) and reports every problem at once. A key's
-`metadata` holds its doc and what it allows (`setting`); the cross-key rules are each dataclass's `rules`.
+from a closed list, rules between keys, what this machine can run), reports every problem at once, and returns the
+typed objects (`TrainConfig`) that the code reads from then on: nothing below the command line sees a DictConfig.
+A key's `metadata` holds its doc and what it allows (`setting`); the cross-key rules are each dataclass's `rules`.
 
-Checkpoints store the composed config as plain containers; `saved_config` lays one over these defaults, so a
-checkpoint written before a key existed still loads.
+Checkpoints store the config as plain containers; `saved_config` lays one over these defaults as the same typed
+objects, so a checkpoint written before a key existed still loads (and one written with a key since renamed).
 """
 
 from __future__ import annotations
@@ -29,7 +33,6 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from seq2seq.data.tokenizer import NORMALIZATION_FORMS
 from seq2seq.runtime import DEVICES, PRECISIONS, RuntimeSettingError, resolve_device, resolve_precision
 
 # Allowed names of the keys that pick an implementation; the modules that implement them import these.
@@ -39,6 +42,8 @@ SCHEDULES = ("inverse_sqrt", "cosine", "constant")
 CELLS = ("gru", "lstm")
 CONTEXTS = ("final", "mean", "max")
 POSITIONALS = ("sinusoidal", "learned")
+NORMALIZATION_FORMS = ("NFC", "NFD", "NFKC", "NFKD")
+RESUME_RESETS = ("schedule", "optimizer", "sampler")
 
 # Decoding defaults of every entry point (trainer, inference library, translate, evaluate, inspect).
 BEAM_SIZE = 5
@@ -263,10 +268,19 @@ class TrainerConfig:
     num_text_samples: int = setting(5, "validation translations shown in TensorBoard", at_least=0)
     save_every_minutes: Optional[float] = setting(None, "also write last.pt this often between validations", above=0)
 
+    @property
+    def resets(self) -> frozenset[str]:
+        """trainer.resume_reset as a set (one name or a list on the command line)."""
+        value = self.resume_reset or []
+        return frozenset([value] if isinstance(value, str) else value)
+
     def rules(self) -> Iterator[str]:
         if not (self.max_steps or self.max_epochs or self.time_limit_minutes):
             yield ("set at least one of trainer.max_steps, trainer.max_epochs or trainer.time_limit_minutes, "
                    "or training never ends")
+        for name in sorted(self.resets - set(RESUME_RESETS)):
+            yield (f"trainer.resume_reset={self.resume_reset}: {name!r} is not one of {', '.join(RESUME_RESETS)}; "
+                   "e.g. trainer.resume_reset=[sampler]")
         try:
             resolve_precision(self.precision, resolve_device(self.device))
         except RuntimeSettingError as error:
@@ -302,13 +316,30 @@ def register() -> None:
 register()
 
 
-def saved_config(saved: Mapping[str, Any]) -> DictConfig:
-    """A checkpoint's config laid over the schema's defaults: a key the file predates takes its default, a key since
-    removed stays. Plain and unchecked (the file was valid when it was written), so no old file fails to load."""
-    defaults = OmegaConf.to_container(OmegaConf.structured(TrainConfig))
-    family = MODEL_CONFIGS.get((saved.get("model") or {}).get("name"))
-    defaults["model"] = dataclasses.asdict(family()) if family else {}
-    return OmegaConf.merge(OmegaConf.create(defaults), OmegaConf.create(_plain(saved)))
+def saved_config(saved: Mapping[str, Any]) -> TrainConfig:
+    """A stored config (a checkpoint's, a run's .hydra/config.yaml) as the schema's objects: a key the file predates
+    takes its default, a key since removed is dropped, a key since renamed is carried over. Unchecked (the file was
+    valid when it was written), so no old file fails to load."""
+    values = OmegaConf.to_container(OmegaConf.create(_plain(saved)), resolve=True)
+    clean = (values.get("data") or {}).get("clean") or {}
+    if "normalization" in clean:  # before the per-side keys, one form for both sides
+        clean.setdefault("src_normalization", clean["normalization"])
+        clean.setdefault("tgt_normalization", clean["normalization"])
+    model = values.get("model") or {}
+    family = MODEL_CONFIGS.get(model.get("name"), ModelConfig)
+    return _lenient(TrainConfig, {**values, "model": _lenient(family, model)})
+
+
+def _lenient(schema: type, values: Mapping[str, Any]) -> Any:
+    """`schema` from the keys of `values` it has (nested groups as their dataclasses), the rest at their defaults."""
+    hints = typing.get_type_hints(schema)
+    given = {}
+    for spec in dataclasses.fields(schema):
+        if spec.name in values:
+            kind, value = _kind(hints[spec.name])[0], values[spec.name]
+            given[spec.name] = _lenient(kind, value) if dataclasses.is_dataclass(kind) and isinstance(value, Mapping) \
+                else value
+    return schema(**given)
 
 
 # ----------------------------------------------------------------------------- checking
@@ -430,6 +461,8 @@ def _model_schema(values: Mapping[str, Any]) -> type[ModelConfig]:
 
 
 def _plain(values: Any) -> dict[str, Any]:
+    if dataclasses.is_dataclass(values):
+        return dataclasses.asdict(values)
     if isinstance(values, DictConfig):
         return OmegaConf.to_container(values, resolve=True)
     return dict(values)

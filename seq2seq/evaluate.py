@@ -22,6 +22,7 @@ of --select-on) and its AER printed on the other (the second half, or every give
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -93,9 +94,9 @@ def load_pairs(args: argparse.Namespace, loaded: LoadedModel) -> tuple[list[str]
 
     if not args.verbose:
         datasets.disable_progress_bars()
-    data_cfg = loaded.config.data.copy()
+    data_cfg = loaded.config.data
     if args.data_path is not None:
-        data_cfg.path = str(args.data_path)
+        data_cfg = dataclasses.replace(data_cfg, path=str(args.data_path))
     try:
         if args.tsv is not None:
             pairs, report = load_tsv_pairs(args.tsv, data_cfg)
@@ -130,7 +131,7 @@ def evaluate(args: argparse.Namespace) -> dict:
         result = evaluate_alignments(args, loaded, device, sources, references, where)
         _write_json(args, result)
         return result
-    target_lang = str(loaded.config.data.get("tgt_lang", "en"))
+    target_lang = loaded.config.data.tgt_lang
     print(f"translating {len(sources)} sentences of {where} ...", file=sys.stderr)
     start = time.perf_counter()
     hypotheses, lengths = [], []
@@ -149,7 +150,7 @@ def evaluate(args: argparse.Namespace) -> dict:
             raise UsageError(f"cannot write --output {args.output}: {error.strerror or error}.") from error
     result = {
         "checkpoint": str(args.checkpoint),
-        "model": str(loaded.config.model.name),
+        "model": loaded.config.model.name,
         "data": where,
         "sentences": len(sources),
         **scores,
@@ -198,7 +199,7 @@ def evaluate_alignments(args: argparse.Namespace, loaded: LoadedModel, device, s
         report = score_checkpoint(loaded, selection, held_out, device)
     except (AlignmentError, CorpusError) as error:
         raise UsageError(str(error)) from error
-    return {"checkpoint": str(args.checkpoint), "model": str(loaded.config.model.name), "data": where,
+    return {"checkpoint": str(args.checkpoint), "model": loaded.config.model.name, "data": where,
             "alignments": str(args.alignments), **report.as_dict(), "seconds": round(time.perf_counter() - start, 3)}
 
 

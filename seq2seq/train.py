@@ -31,7 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 from seq2seq.training import distributed
 from seq2seq.checkpoint import CheckpointError
 from seq2seq.data.corpus import CorpusError
-from seq2seq.config import ConfigError, check_config, composition_error_message
+from seq2seq.config import ConfigError, TrainConfig, check_config, composition_error_message, saved_config
 from seq2seq.training.runs import (
     LAST_CHECKPOINT, RunFolderError, RunLock, StopSignals, TrainingInterrupted, accept_run, buffer_log_records, check_creatable,
     data_source, remove_if_empty, remove_stale_temporaries, run_folder,
@@ -49,7 +49,7 @@ log = logging.getLogger("seq2seq.train")
 def _register_resolvers() -> None:
     """hydra.run.dir / hydra.sweep.subdir in configs/train.yaml call these, so a resumed run keeps its folder."""
     def run_dir(root: str, group: str, stamp: str, resume: Any, data: Any) -> str:
-        return str(run_folder(root, group, stamp, resume, data_source(data)))
+        return str(run_folder(root, group, stamp, resume, data_source(saved_config({"data": data}).data)))
 
     def run_subdir(root: str, group: str, stamp: str, resume: Any, data: Any) -> str:
         return os.path.relpath(run_dir(root, group, stamp, resume, data), root)
@@ -61,7 +61,7 @@ def _register_resolvers() -> None:
 _register_resolvers()
 
 
-def resume_checkpoint(cfg: DictConfig, run_dir: Path) -> Path | None:
+def resume_checkpoint(cfg: TrainConfig, run_dir: Path) -> Path | None:
     """The checkpoint trainer.resume asks for, or None for a fresh start."""
     resume = cfg.trainer.resume
     if not resume:
@@ -75,7 +75,7 @@ def resume_checkpoint(cfg: DictConfig, run_dir: Path) -> Path | None:
             cfg.data.name, cfg.model.name, data_source(cfg.data), LAST_CHECKPOINT,
         )
         return None
-    path = Path(str(resume)).expanduser()
+    path = Path(resume).expanduser()
     if not path.is_file():
         raise CheckpointError(
             f"trainer.resume={resume}: no such checkpoint file. Pass a run's checkpoints/last.pt, or "
@@ -110,19 +110,19 @@ def _train(cfg: DictConfig) -> None:
     trainer = lock = None
     accepted = False
     try:
-        check_config(cfg)
-        checkpoint = resume_checkpoint(cfg, run_dir)
+        config = check_config(cfg)
+        checkpoint = resume_checkpoint(config, run_dir)
         if checkpoint is not None:
-            check_resumable(checkpoint, cfg)
+            check_resumable(checkpoint, config)
         if distributed.env_info().is_main:
             lock = RunLock(run_dir)
-        trainer = Trainer(cfg, run_dir, checkpoint)
+        trainer = Trainer(config, run_dir, checkpoint)
         if trainer.is_main:
             for stale in remove_stale_temporaries(trainer.run_dir):
                 log.info("removed %s, left by a process killed while saving", stale)
             lock.record_holder()
             hydra_cfg = HydraConfig.get()  # train.log has the console's format (configs/train.yaml)
-            accept_run(trainer.run_dir, cfg, list(hydra_cfg.overrides.task), checkpoint, buffered,
+            accept_run(trainer.run_dir, config, list(hydra_cfg.overrides.task), checkpoint, buffered,
                        hydra_cfg.job_logging.formatters.simple.format)
         else:
             logging.getLogger().removeHandler(buffered)

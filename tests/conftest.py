@@ -8,7 +8,7 @@ import random
 import signal
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import pytest
@@ -19,6 +19,7 @@ from omegaconf import OmegaConf
 from seq2seq.checkpoint import save_checkpoint
 from seq2seq.data.batching import collate
 from seq2seq.data.tokenizer import PAD_ID, build_tokenizers
+from seq2seq.config import TrainConfig, model_config, saved_config
 from seq2seq.models import build_model
 from seq2seq.paths import CONFIG_DIR
 
@@ -37,17 +38,12 @@ def corpus_path() -> Path:
     return path
 
 
-def tatoeba_cfg(**data: object):
-    """The default data + tokenizer config, with data.* overrides."""
-    cfg = OmegaConf.create(
-        {
-            "data": OmegaConf.load(CONFIG_DIR / "data" / "tatoeba_zh_en.yaml"),
-            "tokenizer": OmegaConf.load(CONFIG_DIR / "tokenizer" / "sentencepiece.yaml"),
-        }
-    )
+def tatoeba_cfg(**data: object) -> TrainConfig:
+    """The default data + tokenizer config, with data.* overrides, as the typed config."""
+    cfg = OmegaConf.create({"data": OmegaConf.load(CONFIG_DIR / "data" / "tatoeba_zh_en.yaml")})
     for key, value in data.items():
         OmegaConf.update(cfg, f"data.{key}", value, merge=False)
-    return cfg
+    return saved_config(cfg)
 
 
 @pytest.fixture
@@ -78,16 +74,14 @@ def corpus_pairs(path: Path, count: int = 300) -> list[tuple[str, str]]:
 
 
 def _config(name: str) -> dict:
-    """The composed config a training run would store, with a tiny model and vocabulary."""
-    def load(group: str, member: str) -> dict:
-        return OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / group / f"{member}.yaml"))
-
-    model = {**load("model", name)["model"], **TINY_MODELS[name]}
-    tokenizer = {**load("tokenizer", "sentencepiece"), "src_vocab_size": 1000, "tgt_vocab_size": 500,
-                 "character_coverage": 0.98}
-    trainer = {**load("trainer", "default"), "test_beam_size": 3}
-    return {"data": load("data", "tatoeba_zh_en"), "tokenizer": tokenizer, "model": model,
-            "optim": load("optim", "adamw"), "trainer": trainer}
+    """The config a training run would store (the schema's defaults and the Tatoeba preset), with a tiny model and
+    vocabulary."""
+    return asdict(saved_config({
+        "data": OmegaConf.load(CONFIG_DIR / "data" / "tatoeba_zh_en.yaml"),
+        "tokenizer": {"src_vocab_size": 1000, "tgt_vocab_size": 500, "character_coverage": 0.98},
+        "model": {"name": name, **TINY_MODELS[name]},
+        "trainer": {"test_beam_size": 3},
+    }))
 
 
 def _train(model: torch.nn.Module, examples: list[dict], steps: int = 60) -> None:
@@ -112,7 +106,7 @@ def checkpoints(tmp_path_factory, corpus_path) -> dict[str, Path]:
     SentencePiece vocabularies, a few dozen training steps, saved with the configs training would write."""
     pairs = corpus_pairs(corpus_path)
     folder = tmp_path_factory.mktemp("checkpoints")
-    tok_cfg = OmegaConf.create(_config("transformer")["tokenizer"])
+    tok_cfg = saved_config(_config("transformer")).tokenizer
     src_tok, tgt_tok = build_tokenizers(  # NFKC on both sides and not recorded: as older checkpoints
         [zh for zh, _ in pairs], [en for _, en in pairs], tok_cfg, folder / "cache", ("NFKC", "NFKC")
     )
@@ -126,7 +120,7 @@ def checkpoints(tmp_path_factory, corpus_path) -> dict[str, Path]:
         for name in TINY_MODELS:
             config = _config(name)
             torch.manual_seed(0)
-            model = build_model(OmegaConf.create(config["model"]), src_tok.vocab_size, tgt_tok.vocab_size)
+            model = build_model(model_config(config["model"]), src_tok.vocab_size, tgt_tok.vocab_size)
             _train(model, examples)
             paths[name] = folder / f"{name}.pt"
             save_checkpoint(paths[name], {

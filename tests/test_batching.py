@@ -7,9 +7,9 @@ import itertools
 import numpy as np
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from seq2seq.data.batching import TokenBatchSampler, collate, padded_length
+from seq2seq.config import model_config
 from seq2seq.models import build_model
 from seq2seq.training.step import token_loss
 
@@ -64,7 +64,7 @@ def test_collate_rounds_both_sides_and_keeps_the_tokens():
 @pytest.mark.parametrize("family", ["rnn", "bahdanau", "transformer"])
 def test_extra_padding_leaves_the_loss_unchanged(family):
     torch.manual_seed(0)
-    model = build_model(OmegaConf.create({"name": family, **TINY_MODELS[family]}), 32, 32).eval()
+    model = build_model(model_config({"name": family, **TINY_MODELS[family]}), 32, 32).eval()
     examples = _examples(6)
     losses = []
     for multiple in (1, 8):

@@ -18,11 +18,11 @@ from seq2seq.checkpoint import load_model
 from seq2seq.cli import add_decoding_arguments, decoding_options
 import seq2seq.train  # noqa: F401  registers the resolvers that hydra.run.dir in configs/train.yaml calls
 from seq2seq.config import (
-    BEAM_SIZE, MAX_LEN_B, MODEL_CONFIGS as MODEL_CONFIGS_SCHEMA, ConfigError, OptimConfig, RNNConfig, TrainerConfig,
-    check_config, composition_error_message, model_config,
+    BEAM_SIZE, MAX_LEN_B, MODEL_CONFIGS as MODEL_CONFIGS_SCHEMA, ConfigError, DataConfig, OptimConfig, RNNConfig,
+    TrainerConfig, check_config, composition_error_message, model_config,
 )
 from seq2seq.paths import CONFIG_DIR, PROJECT_ROOT
-from seq2seq.training.runs import newest_run, run_folder
+from seq2seq.training.runs import data_source, newest_run, run_folder
 from seq2seq.runtime import cpu_has_native_bf16
 
 DATA_CONFIGS = sorted(path.stem for path in (CONFIG_DIR / "data").glob("*.yaml"))
@@ -252,10 +252,11 @@ def test_resume_auto_continues_the_newest_run_with_a_last_checkpoint(tmp_path):
     other_corpus = _fake_run(base, "2024-01-04_10-00-00", 4_000, corpus="b.tsv")
     root = str(tmp_path / "runs")
     fresh = base / f"NOW_{os.getpid()}"
+    a_tsv, c_tsv = (data_source(DataConfig(format="tsv", path=name)) for name in ("a.tsv", "c.tsv"))
     assert newest_run(base) == other_corpus
-    assert newest_run(base, "a.tsv") == newer  # resume=auto continues a run of the same corpus only
-    assert run_folder(root, "tatoeba_zh_en/transformer", "NOW", "auto", "a.tsv") == newer
-    assert run_folder(root, "tatoeba_zh_en/transformer", "NOW", "auto", "c.tsv") == fresh
+    assert newest_run(base, a_tsv) == newer  # resume=auto continues a run of the same corpus only
+    assert run_folder(root, "tatoeba_zh_en/transformer", "NOW", "auto", a_tsv) == newer
+    assert run_folder(root, "tatoeba_zh_en/transformer", "NOW", "auto", c_tsv) == fresh
     assert run_folder(root, "tatoeba_zh_en/transformer", "NOW", None) == fresh
     assert run_folder(root, "tatoeba_zh_en/rnn", "NOW", "auto") == Path(root) / f"tatoeba_zh_en/rnn/NOW_{os.getpid()}"
     # resume=PATH inside a run folder continues that run; a checkpoint elsewhere starts a new folder

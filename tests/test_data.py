@@ -19,6 +19,7 @@ import torch
 from conftest import tatoeba_cfg
 from omegaconf import OmegaConf
 
+from seq2seq.config import DataConfig, TokenizerConfig, TrainConfig, saved_config
 from seq2seq.data import corpus as corpus_module
 from seq2seq.data import prepare as prepare_module
 from seq2seq.data import split as split_module
@@ -203,8 +204,8 @@ def test_download_extracts_the_zip_member(tmp_path, monkeypatch):
     assert path.read_text(encoding="utf-8") == "Hi.\t嗨。\tCC-BY 2.0 (France)\n"
 
 
-def hub_cfg():
-    return OmegaConf.load(CONFIG_DIR / "data" / "opus100_zh_en.yaml")
+def hub_cfg() -> DataConfig:
+    return saved_config({"data": OmegaConf.load(CONFIG_DIR / "data" / "opus100_zh_en.yaml")}).data
 
 
 def test_hub_offline_is_a_clear_error(monkeypatch):
@@ -333,7 +334,7 @@ def test_hub_cache_key_follows_the_corpus_fingerprint(monkeypatch):
     versions = iter([datasets.DatasetDict({"train": split}) for split in (rows, rows, revised)])
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(corpus_module.datasets, "load_dataset", lambda name, config: next(versions))
-    cfg = OmegaConf.create({"data": hub_cfg(), "tokenizer": tokenizer_cfg()})
+    cfg = TrainConfig(data=hub_cfg(), tokenizer=tokenizer_cfg())
     keys = [prepare_module._cache_key(cfg) for _ in range(3)]
     assert keys[0] == keys[1] != keys[2]
 
@@ -412,12 +413,8 @@ def test_too_small_corpus_for_the_split_sizes(tmp_path):
 # -------------------------------------------------------------------------------------------- tokenizer
 
 
-def tokenizer_cfg(**overrides: object):
-    cfg = OmegaConf.load(CONFIG_DIR / "tokenizer" / "sentencepiece.yaml")
-    cfg.src_vocab_size, cfg.tgt_vocab_size = 700, 320
-    for key, value in overrides.items():
-        cfg[key] = value
-    return cfg
+def tokenizer_cfg(**overrides: object) -> TokenizerConfig:
+    return TokenizerConfig(**{"src_vocab_size": 700, "tgt_vocab_size": 320, **overrides})
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from seq2seq.inference.search import Hypothesis, beam_search, decode, greedy_decode, length_penalty_factor
+from seq2seq.config import model_config
 from seq2seq.models import build_model
 from seq2seq.models.base import DecoderState, ModelOutput, Seq2SeqModel, masked_softmax
 
@@ -108,7 +109,7 @@ def random_model(name: str, seed: int = 0, vocab: int = 12, sharpen: float = 4.0
                         "decoder_layers": 2, "ff_dim": 32, "max_positions": 64},
     }[name]
     torch.manual_seed(seed)
-    model = build_model(cfg, 20, vocab)
+    model = build_model(model_config(cfg), 20, vocab)
     with torch.no_grad():
         model.output_projection.weight.mul_(sharpen)
     return model.eval()

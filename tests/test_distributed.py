@@ -20,10 +20,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from seq2seq.checkpoint import load_checkpoint
 from seq2seq.data.batching import collate
+from seq2seq.config import OptimConfig, model_config
 from seq2seq.models import build_model
 from seq2seq.training import distributed
 from seq2seq.training.optim import build_optimizer, build_scheduler
@@ -288,8 +288,8 @@ OPTIM = {"lr": 1e-3, "betas": [0.9, 0.98], "eps": 1e-9, "weight_decay": 0.0, "sc
 
 def tiny_step(data_parallel: bool = False) -> TrainStep:
     torch.manual_seed(0)
-    model = build_model(TINY, 20, 20)
-    optim = OmegaConf.create(OPTIM)
+    model = build_model(model_config(TINY), 20, 20)
+    optim = OptimConfig(**OPTIM)
     optimizer = build_optimizer(model, optim, fused=True)
     cpu = torch.device("cpu")
     return TrainStep(model, wrap_model(model, cpu, data_parallel, False), optimizer,

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from omegaconf import OmegaConf
+from hydra import compose, initialize_config_dir
 
+from seq2seq.config import check_config, model_config
 from seq2seq.inference.search import greedy_decode
 from seq2seq.models import (
     BahdanauSeq2Seq,
@@ -58,7 +59,7 @@ def one_thread() -> Iterator[None]:
 
 def small_model(key: str, seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
-    return build_model(SMALL[key], SRC_VOCAB, TGT_VOCAB).eval()
+    return build_model(model_config(SMALL[key]), SRC_VOCAB, TGT_VOCAB).eval()
 
 
 def padded_batch(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -77,8 +78,9 @@ def padded_batch(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
 
 @pytest.mark.parametrize("name", ["rnn", "bahdanau", "transformer"])
 def test_build_model_from_the_shipped_yaml(name: str, capsys: pytest.CaptureFixture) -> None:
-    cfg = OmegaConf.load(CONFIG_DIR / "model" / f"{name}.yaml").model
-    model = build_model(cfg, 40, 30)
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        config = check_config(compose("train", overrides=[f"model={name}"]))
+    model = build_model(config.model, 40, 30)
     expected = {"rnn": RNNSeq2Seq, "bahdanau": BahdanauSeq2Seq, "transformer": TransformerSeq2Seq}[name]
     assert type(model) is expected
     assert model.has_attention is (name != "rnn")
@@ -103,15 +105,15 @@ def test_build_model_from_the_shipped_yaml(name: str, capsys: pytest.CaptureFixt
 )
 def test_build_model_rejects_bad_configs_readably(cfg: dict, vocab: tuple[int, int], message: str) -> None:
     with pytest.raises(ValueError, match=message):
-        build_model(OmegaConf.create(cfg), *vocab)
+        build_model(model_config(cfg), *vocab)
 
 
 def test_transformer_ties_and_shares_embeddings() -> None:
     cfg = {"name": "transformer", "d_model": 16, "num_heads": 2, "ff_dim": 32, "share_embeddings": True}
-    model = build_model(cfg, 30, 30)
+    model = build_model(model_config(cfg), 30, 30)
     assert model.src_embed is model.tgt_embed
     assert model.output_projection.weight is model.tgt_embed.weight
-    untied = build_model({**cfg, "share_embeddings": False, "tie_output": False}, 30, 30)
+    untied = build_model(model_config({**cfg, "share_embeddings": False, "tie_output": False}), 30, 30)
     assert count_parameters(untied) == count_parameters(model) + 2 * 30 * 16
 
 
@@ -385,7 +387,7 @@ def _fit(
 def test_each_model_overfits_real_pairs_and_greedy_decodes_them(name: str, corpus_path: Path) -> None:
     info, src, src_mask, tgt_in, tgt_out = _char_batch(_real_pairs(corpus_path))
     torch.manual_seed(0)
-    model = build_model(OVERFIT[name], info["src"], info["tgt"])
+    model = build_model(model_config(OVERFIT[name]), info["src"], info["tgt"])
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     model.train()
     torch.set_flush_denormal(True)  # near-zero loss means denormal gradients, which are slow on x86 CPUs

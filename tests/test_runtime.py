@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from seq2seq.data.batching import collate, make_loader
+from seq2seq.config import model_config, saved_config
 from seq2seq.models import bahdanau, build_model, rnn
 from seq2seq.runtime import (
     RuntimeSettingError, autocast, cpu_has_native_bf16, grad_scaler, resolve_device, resolve_precision, rng_state,
@@ -52,7 +53,7 @@ def test_recurrent_models_take_the_accelerator_branch_with_float_inputs(monkeypa
     monkeypatch.setattr(rnn, "recurrent_precision", accelerator_branch)
     monkeypatch.setattr(bahdanau, "recurrent_precision", accelerator_branch)
     torch.manual_seed(0)
-    model = build_model(RECURRENT[key], 20, 20).train()
+    model = build_model(model_config(RECURRENT[key]), 20, 20).train()
     batch = _batch()
     with autocast(CPU, precision):
         logits = model(batch.src, batch.src_mask, batch.tgt_in).logits
@@ -180,7 +181,7 @@ def test_batch_pin_memory_on_a_gpu_machine():
 def test_recurrent_models_train_on_a_gpu(key, precision):
     if precision == "bf16" and not torch.cuda.is_bf16_supported():
         pytest.skip("this GPU has no bf16")
-    model = build_model(RECURRENT[key], 20, 20).to(CUDA).train()
+    model = build_model(model_config(RECURRENT[key]), 20, 20).to(CUDA).train()
     batch = _batch().to(CUDA)
     with autocast(CUDA, precision):
         logits = model(batch.src, batch.src_mask, batch.tgt_in).logits
@@ -194,18 +195,16 @@ def test_recurrent_models_train_on_a_gpu(key, precision):
 
 def test_train_step_with_a_gradient_scaler_runs_on_the_cpu():
     """The branch fp16 training takes (loss scaling, unscale before clipping, the scaler's step), on the CPU."""
-    from omegaconf import OmegaConf
-
     from seq2seq.training.step import TrainStep
 
-    cfg = OmegaConf.create({
+    cfg = saved_config({
         "optim": {"lr": 1e-3, "betas": [0.9, 0.98], "eps": 1e-9, "weight_decay": 0.0, "schedule": "constant",
                   "warmup_steps": 0},
         "trainer": {"compile": False, "label_smoothing": 0.1, "grad_clip": 1.0},
     })
     torch.manual_seed(0)
-    model = build_model({"name": "transformer", "d_model": 16, "num_heads": 2, "encoder_layers": 1,
-                         "decoder_layers": 1, "ff_dim": 32, "dropout": 0.0}, 20, 20)
+    model = build_model(model_config({"name": "transformer", "d_model": 16, "num_heads": 2, "encoder_layers": 1,
+                                      "decoder_layers": 1, "ff_dim": 32, "dropout": 0.0}), 20, 20)
     step = TrainStep.from_config(model, cfg, CPU, "fp16", data_parallel=False, total_steps=None)
     step.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
     before = [p.detach().clone() for p in model.parameters()]

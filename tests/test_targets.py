@@ -4,6 +4,7 @@ checkpoints (NFKC on both sides, not recorded) still translate, and a run of the
 from __future__ import annotations
 
 import unicodedata
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
@@ -12,10 +13,8 @@ from conftest import _config, _train, corpus_pairs, tatoeba_cfg
 from omegaconf import OmegaConf
 
 from seq2seq.checkpoint import load_model, save_checkpoint
-from seq2seq.config import saved_config
+from seq2seq.config import ConfigError, check_config, model_config, saved_config
 from seq2seq.data.clean import side_normalizations
-from seq2seq.data import corpus as corpus_module
-from seq2seq.data.corpus import CorpusError
 from seq2seq.data.prepare import prepare_data
 from seq2seq.data.tokenizer import LEGACY_NORMALIZATION, build_tokenizers
 from seq2seq.inference.predict import translate_sentences
@@ -60,7 +59,7 @@ def test_normalisation_is_a_per_side_choice_that_cleaning_and_tokenizing_share(t
     path.write_text("\n".join(rows) + "\n", encoding="utf-8")
     small = {"path": str(path), "split.valid_size": 5, "split.test_size": 5}
     cfg = tatoeba_cfg(src_lang="en", tgt_lang="zh", **small)
-    OmegaConf.update(cfg, "tokenizer", {"src_vocab_size": 300, "tgt_vocab_size": 300})
+    cfg.tokenizer = replace(cfg.tokenizer, src_vocab_size=300, tgt_vocab_size=300)
 
     default = prepare_data(cfg, log=lambda line: None)
     train = default.splits["train"]
@@ -69,15 +68,15 @@ def test_normalisation_is_a_per_side_choice_that_cleaning_and_tokenizing_share(t
     source = default.src_tokenizer
     assert source.decode(source.encode("ｆｕｌｌ－ｗｉｄｔｈ")) == "full-width"  # the same form at translate time
 
-    OmegaConf.update(cfg, "data.clean.tgt_normalization", "NFKC")
+    cfg.data.clean.tgt_normalization = "NFKC"
     folded = prepare_data(cfg, log=lambda line: None)
     assert folded.cache_path != default.cache_path
     assert folded.tgt_tokenizer.normalization == "NFKC"
     assert all("," in text and "?" in text for text in folded.splits["train"]["tgt"])
 
-    OmegaConf.update(cfg, "data.clean.src_normalization", "NFKX")
-    with pytest.raises(CorpusError, match="data.clean.src_normalization='NFKX' must be one of NFC, NFD, NFKC, NFKD"):
-        corpus_module.load_corpus(cfg.data, tmp_path / "clean")
+    with pytest.raises(ConfigError, match="data.clean.src_normalization='NFKX' is not one of NFC, NFD, NFKC, NFKD"):
+        check_config(asdict(replace(cfg, model={"name": "transformer"}, data=replace(
+            cfg.data, clean=replace(cfg.data.clean, src_normalization="NFKX")))))
 
 
 def test_checkpoints_without_recorded_normalisation_translate_as_before(checkpoints, tmp_path):
@@ -102,12 +101,12 @@ def test_a_model_learns_chinese_targets_with_their_punctuation(corpus_path, tmp_
     """en->zh in miniature: a tiny Transformer learns 32 Tatoeba pairs whose Chinese has full-width punctuation by
     heart, and greedy decoding writes them back as written (，？ and not , ?)."""
     pairs = [(en, zh) for zh, en in corpus_pairs(corpus_path, 3000) if "，" in zh or "？" in zh][:32]
-    tok_cfg = OmegaConf.create({**_config("transformer")["tokenizer"], "src_vocab_size": 400, "tgt_vocab_size": 400})
+    tok_cfg = replace(saved_config(_config("transformer")).tokenizer, src_vocab_size=400, tgt_vocab_size=400)
     src_tok, tgt_tok = build_tokenizers([en for en, _ in pairs], [zh for _, zh in pairs], tok_cfg, tmp_path,
                                         ("NFKC", None))
     examples = [{"src_ids": src_tok.encode(en), "tgt_ids": tgt_tok.encode(zh)} for en, zh in pairs]
     torch.manual_seed(0)
-    model = build_model(OmegaConf.create(_config("transformer")["model"]), src_tok.vocab_size, tgt_tok.vocab_size)
+    model = build_model(model_config(_config("transformer")["model"]), src_tok.vocab_size, tgt_tok.vocab_size)
     _train(model, examples, steps=300)
     outputs = [t.text for t in translate_sentences(model, src_tok, tgt_tok, [en for en, _ in pairs], beam_size=1)]
     learnt = [out for out, (_, zh) in zip(outputs, pairs) if out == " ".join(zh.split())]

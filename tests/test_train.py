@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from seq2seq.checkpoint import load_checkpoint, load_model
+from seq2seq.config import OptimConfig
 from seq2seq.training.optim import build_optimizer, lr_multiplier, parameter_groups
 from seq2seq.inference.predict import translate_sentences
 from seq2seq.training.distributed import weights_digest
@@ -254,17 +255,16 @@ def test_torchrun_gloo_killed_and_resumed_matches_an_uninterrupted_run(ws):
 DDP_WORKER = """
 import sys
 import torch
-from omegaconf import OmegaConf
 from seq2seq.training import distributed
 from seq2seq.data.batching import collate
+from seq2seq.config import OptimConfig, model_config
 from seq2seq.models import build_model
 from seq2seq.training.optim import build_optimizer, build_scheduler
 from seq2seq.training.step import TrainStep, token_loss, wrap_model
 
 MODEL = {"name": "transformer", "d_model": 16, "num_heads": 2, "encoder_layers": 1, "decoder_layers": 1,
          "ff_dim": 32, "dropout": 0.0, "attention_dropout": 0.0, "tie_output": False}
-OPTIM = OmegaConf.create({"lr": 1e-3, "betas": [0.9, 0.98], "eps": 1e-9, "weight_decay": 0.0, "schedule": "constant",
-                          "warmup_steps": 0})
+OPTIM = OptimConfig(lr=1e-3, betas=[0.9, 0.98], eps=1e-9, weight_decay=0.0, schedule="constant", warmup_steps=0)
 CPU = torch.device("cpu")
 # Rank 0 gets 2 target tokens, rank 1 gets 27: a mean of per-rank means weighs rank 0's tokens 13 times more.
 BATCHES = [collate([{"src_ids": [5, 6], "tgt_ids": [7]}]),
@@ -273,7 +273,7 @@ BATCHES = [collate([{"src_ids": [5, 6], "tgt_ids": [7]}]),
 
 def gradients(data_parallel, window):
     torch.manual_seed(0)
-    model = build_model(MODEL, 20, 20)
+    model = build_model(model_config(MODEL), 20, 20)
     optimizer = build_optimizer(model, OPTIM, fused=True)
     step = TrainStep(model, wrap_model(model, CPU, data_parallel, False), optimizer,
                      build_scheduler(optimizer, OPTIM, None), None, CPU, "fp32", 0.0, 0.0)
@@ -379,10 +379,8 @@ def test_schedules():
 
 def test_found_inf_skips_the_fused_update():
     """The trainer skips non-finite steps through AdamW's found_inf without a host sync; check it really skips."""
-    from omegaconf import OmegaConf
-
     model = nn.Linear(3, 2)
-    optimizer = build_optimizer(model, OmegaConf.create({"lr": 0.1, "betas": [0.9, 0.98], "eps": 1e-9, "weight_decay": 0.1}), fused=True)
+    optimizer = build_optimizer(model, OptimConfig(lr=0.1, betas=[0.9, 0.98], eps=1e-9, weight_decay=0.1), fused=True)
     model(torch.randn(4, 3)).sum().backward()
     optimizer.found_inf = torch.tensor(0.0)
     optimizer.step()

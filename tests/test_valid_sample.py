@@ -7,8 +7,8 @@ import datasets
 import numpy as np
 import pytest
 import torch
-from omegaconf import OmegaConf
 
+from seq2seq.config import saved_config
 from seq2seq.data.prepare import PreparedData
 from seq2seq.data.split import spread_sample
 from seq2seq.training.validation import Evaluator
@@ -43,7 +43,7 @@ def split_rows() -> datasets.Dataset:
 @pytest.fixture
 def evaluator(monkeypatch):
     data = PreparedData(datasets.DatasetDict({"valid": split_rows(), "test": split_rows()}), None, None, None, None)
-    cfg = OmegaConf.create({
+    cfg = saved_config({
         "trainer": {"valid_max_sentences": 30, "test_max_sentences": 40, "seed": 11, "num_attention_samples": 0,
                     "valid_beam_size": 1, "test_beam_size": 1, "length_penalty": 1.0},
         "data": {"tgt_lang": "en", "name": "fake"},

@@ -42,6 +42,7 @@ import torch
 
 from seq2seq.analysis.diagnostics import Units, merge_attention, piece_texts
 from seq2seq.checkpoint import LoadedModel
+from seq2seq.config import DataConfig
 from seq2seq.data.tokenizer import Tokenizer
 from seq2seq.inference import search
 from seq2seq.inference.forced import force, target_token_limit
@@ -420,12 +421,10 @@ def score_alignments(model: Seq2SeqModel, src_tok: Tokenizer, tgt_tok: Tokenizer
 def score_checkpoint(loaded: LoadedModel, selection: AlignmentSet, held_out: AlignmentSet,
                      device: torch.device) -> AlignmentReport:
     """`score_alignments` with the languages and length limits a checkpoint was trained with."""
-    data = loaded.config.data
-    trainer = loaded.config.get("trainer", {}) or {}
+    data, trainer = loaded.config.data, loaded.config.trainer
     return score_alignments(
-        loaded.model, loaded.src_tokenizer, loaded.tgt_tokenizer, selection, held_out, str(data.src_lang),
-        str(data.tgt_lang), device, float(trainer.get("max_len_a", search.MAX_LEN_A)),
-        int(trainer.get("max_len_b", search.MAX_LEN_B)),
+        loaded.model, loaded.src_tokenizer, loaded.tgt_tokenizer, selection, held_out, data.src_lang, data.tgt_lang,
+        device, trainer.max_len_a, trainer.max_len_b,
     )
 
 
@@ -461,7 +460,7 @@ def format_alignment_table(report: dict, title: str) -> str:
     return "\n".join(lines)
 
 
-def read_alignment_set(prefix: str | Path, data_cfg) -> AlignmentSet:
+def read_alignment_set(prefix: str | Path, data_cfg: DataConfig) -> AlignmentSet:
     """PREFIX.tsv's pairs (the corpus layout, data.columns, every line as given) with PREFIX.align's links, one
     line per pair (`data.alignments_path`, `evaluate --select-on`). Problems are `CorpusError`s, which training
     reports in one line."""

@@ -25,7 +25,6 @@ from seq2seq.analysis import diagnostics as analysis
 from seq2seq.analysis.plotting import Panel, side_by_side_figure
 from seq2seq.checkpoint import LoadedModel, load_model
 from seq2seq.cli import UsageError
-from seq2seq.inference import search
 from seq2seq.inference.forced import attend
 from seq2seq.inference.predict import source_token_limit
 from seq2seq.models.base import NO_ATTENTION
@@ -83,8 +82,7 @@ def model_label(path: Path, loaded: LoadedModel) -> str:
 
 
 def language_pair(loaded: LoadedModel) -> str:
-    data = loaded.config.get("data", {}) or {}
-    return f"{data.get('src_lang', '?')}→{data.get('tgt_lang', '?')}"
+    return f"{loaded.config.data.src_lang}→{loaded.config.data.tgt_lang}"
 
 
 def load_models(paths: Sequence[Path], device: torch.device) -> list[tuple[Path, LoadedModel]]:
@@ -103,9 +101,8 @@ def inspect_model(path: Path, loaded: LoadedModel, sentence: str, beam_size: int
     """The model's translation of `sentence` (beam search, its checkpoint's test beam unless `beam_size`) or,
     with `reference`, that reference by forced decoding; then every layer's attention behind it."""
     model, src_tok, tgt_tok = loaded.model, loaded.src_tokenizer, loaded.tgt_tokenizer
-    trainer = loaded.config.get("trainer", {}) or {}
-    max_len_a = float(trainer.get("max_len_a", search.MAX_LEN_A))
-    max_len_b = int(trainer.get("max_len_b", search.MAX_LEN_B))
+    trainer = loaded.config.trainer  # a checkpoint older than a key has the schema's default for it
+    max_len_a, max_len_b = trainer.max_len_a, trainer.max_len_b
     all_ids = src_tok.encode(sentence)
     ids = all_ids[: source_token_limit(model, max_len_a, max_len_b)]
     if not ids:
@@ -117,12 +114,11 @@ def inspect_model(path: Path, loaded: LoadedModel, sentence: str, beam_size: int
             raise UsageError("the reference is empty after normalisation; give the translation to force.")
     result = attend(
         model, ids, device, reference_ids=reference_ids,
-        beam_size=beam_size or int(trainer.get("test_beam_size", search.BEAM_SIZE)),
-        length_penalty=float(trainer.get("length_penalty", search.LENGTH_PENALTY)), max_len_a=max_len_a,
+        beam_size=beam_size or trainer.test_beam_size, length_penalty=trainer.length_penalty, max_len_a=max_len_a,
         max_len_b=max_len_b,
     )
     return Inspected(
-        label=model_label(path, loaded), family=str(loaded.config.model.name), checkpoint=path, sentence=sentence,
+        label=model_label(path, loaded), family=loaded.config.model.name, checkpoint=path, sentence=sentence,
         translation=tgt_tok.decode(result.tokens), src_pieces=src_tok.pieces([*ids, model.eos_id]),
         tgt_pieces=[*tgt_tok.pieces(result.tokens), analysis.EOS_PIECE], layers=result.layers,
         forced=reference is not None, loss=result.loss, cut=len(all_ids) - len(ids),

@@ -15,14 +15,14 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
 from seq2seq.data.shards import Pairs, run_chunks, write_shard
 from seq2seq.data.split import hash_texts
-from seq2seq.data.tokenizer import UNSPACED_CHARACTER, check_normalization, normalize_text
+from seq2seq.config import CleanConfig
+from seq2seq.data.tokenizer import UNSPACED_CHARACTER, normalize_text
 
 # Why a training pair is dropped: the cleaning rules below, then deduplication, a sentence shared with a given
 # evaluation split (corpus.py) and a side over the token cap (prepare.py).
@@ -59,26 +59,19 @@ def unquote(value: str) -> str:
     return value
 
 
-def side_normalizations(clean_cfg: Any) -> tuple[str | None, str | None]:
-    """(source, target) Unicode normalisation of data.clean, checked; the tokenizers apply the same forms. The
-    config of a checkpoint written before the per-side keys has one `normalization` for both sides (evaluate --split
-    rebuilds its splits with it)."""
-    if "normalization" in clean_cfg:
-        form = check_normalization(clean_cfg.normalization, "data.clean.normalization")
-        return form, form
-    return (
-        check_normalization(clean_cfg.src_normalization, "data.clean.src_normalization"),
-        check_normalization(clean_cfg.tgt_normalization, "data.clean.tgt_normalization"),
-    )
+def side_normalizations(clean_cfg: CleanConfig) -> tuple[str | None, str | None]:
+    """(source, target) Unicode normalisation of data.clean; the tokenizers apply the same forms. A checkpoint
+    written before the per-side keys had one form for both sides (`saved_config` carries it over)."""
+    return clean_cfg.src_normalization, clean_cfg.tgt_normalization
 
 
 class PairCleaner:
     """The data.clean rules for one pair: normalise each side, then drop for nul_byte, empty, too_long or bad_ratio."""
 
-    def __init__(self, clean_cfg: Any) -> None:
+    def __init__(self, clean_cfg: CleanConfig) -> None:
         self.src_form, self.tgt_form = side_normalizations(clean_cfg)
-        self.max_chars = int(clean_cfg.max_chars)
-        self.max_ratio = float(clean_cfg.max_length_ratio)
+        self.max_chars = clean_cfg.max_chars
+        self.max_ratio = clean_cfg.max_length_ratio
 
     def __call__(self, src: str, tgt: str) -> tuple[str | None, str, str]:
         """(drop reason or None, normalised source, normalised target)."""
@@ -130,7 +123,7 @@ class _Chunk:
     tgt_hash: np.ndarray
 
 
-def clean_tsv(path: Path, layout: TsvLayout, clean_cfg: Any, folder: Path, num_proc: int) -> CleanedPairs:
+def clean_tsv(path: Path, layout: TsvLayout, clean_cfg: CleanConfig, folder: Path, num_proc: int) -> CleanedPairs:
     """A manythings-layout TSV file cleaned in byte-range chunks."""
     ranges = list(_line_aligned_ranges(path, CHUNK_BYTES))
     tasks = [(index, start, stop) for index, (start, stop) in enumerate(ranges)]
@@ -139,7 +132,7 @@ def clean_tsv(path: Path, layout: TsvLayout, clean_cfg: Any, folder: Path, num_p
     return _gather(run_chunks(work, tasks, num_proc, "cleaning train", sizes, unit="B"))
 
 
-def clean_table(table: pa.Table, pick: PickPairs, clean_cfg: Any, folder: Path, num_proc: int) -> CleanedPairs:
+def clean_table(table: pa.Table, pick: PickPairs, clean_cfg: CleanConfig, folder: Path, num_proc: int) -> CleanedPairs:
     """An Arrow table (memory-mapped by `datasets`) cleaned in row-range chunks; `pick` gives its src/tgt texts."""
     starts = range(0, len(table), CHUNK_ROWS)
     tasks = [(index, start, min(start + CHUNK_ROWS, len(table))) for index, start in enumerate(starts)]

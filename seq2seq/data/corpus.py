@@ -42,7 +42,7 @@ from datasets.exceptions import DatasetsError
 
 from seq2seq import __version__
 from seq2seq.atomic import atomic_write
-from seq2seq.config import DATA_FORMATS
+from seq2seq.config import CleanConfig, DataConfig
 from seq2seq.data.clean import (
     DROP_REASONS, CleanedPairs, PickPairs, TsvLayout, clean_table, clean_tsv, side_normalizations, unquote,
 )
@@ -112,11 +112,11 @@ class CleaningReport:
         return cls(**values)
 
 
-def find_corpus(data_cfg: Any) -> Path:
+def find_corpus(data_cfg: DataConfig) -> Path:
     """The local corpus file: data.path, else $SEQ2SEQ_DATA_MIRROR/<mirror_path>, else data/<mirror_path>, else
     a download of data.download_url into data/<mirror_path>. Raises one CorpusError listing every place tried."""
     if data_cfg.path:
-        path = Path(str(data_cfg.path)).expanduser()
+        path = Path(data_cfg.path).expanduser()
         if path.is_file():
             return path
         raise CorpusError(f"data.path={path} is not a file. Point data.path at the corpus file, or unset it.")
@@ -137,7 +137,7 @@ def find_corpus(data_cfg: Any) -> Path:
     looked.append(f"{local}: not there")
     if data_cfg.download_url:
         try:
-            _download(str(data_cfg.download_url), data_cfg.download_member, local)
+            _download(data_cfg.download_url, data_cfg.download_member, local)
             return local
         except (OSError, zipfile.BadZipFile, KeyError) as error:
             looked.append(f"download of {data_cfg.download_url} failed: {error}")
@@ -162,19 +162,13 @@ def _download(url: str, member: str | None, target: Path) -> None:
         handle.write(payload)
 
 
-def load_corpus(data_cfg: Any, folder: Path) -> tuple[dict[str, Pairs], CleaningReport]:
+def load_corpus(data_cfg: DataConfig, folder: Path) -> tuple[dict[str, Pairs], CleaningReport]:
     """"train", "valid" and "test" pairs, and the report of what was dropped; `folder` receives the cleaned training
     shards the pairs point into (keep it while they are used).
 
     Only training data is cleaned; the corpus's own valid/test splits come back whole (see the module docstring).
     """
-    if data_cfg.format not in DATA_FORMATS:
-        raise CorpusError(f"data.format must be one of {', '.join(DATA_FORMATS)}; got {data_cfg.format!r}.")
-    try:
-        num_proc = resolve_num_proc(data_cfg.get("num_proc"))
-        side_normalizations(data_cfg.clean)
-    except ValueError as error:
-        raise CorpusError(str(error)) from error
+    num_proc = resolve_num_proc(data_cfg.num_proc)
     folder.mkdir(parents=True, exist_ok=True)
     report = CleaningReport()
     if data_cfg.format == "hub":
@@ -217,7 +211,7 @@ def load_corpus(data_cfg: Any, folder: Path) -> tuple[dict[str, Pairs], Cleaning
 
 
 def _shares_a_sentence(
-    src_hash: np.ndarray, tgt_hash: np.ndarray, given: dict[str, Pairs], clean_cfg: Any
+    src_hash: np.ndarray, tgt_hash: np.ndarray, given: dict[str, Pairs], clean_cfg: CleanConfig
 ) -> np.ndarray:
     """Per training pair, whether its source or target sentence occurs in a given evaluation split (compared as
     cleaning writes them: the side's normalisation, whitespace runs folded). Such pairs leave training, as the
@@ -231,7 +225,7 @@ def _shares_a_sentence(
     return np.isin(src_hash, evaluation["src"]) | np.isin(tgt_hash, evaluation["tgt"])
 
 
-def load_tsv_pairs(path: Path, data_cfg: Any) -> tuple[Pairs, CleaningReport]:
+def load_tsv_pairs(path: Path, data_cfg: DataConfig) -> tuple[Pairs, CleaningReport]:
     """One manythings-layout TSV read whole for evaluation: every line kept, in order, texts as given."""
     if not path.is_file():
         raise CorpusError(f"{path} does not exist or is not a file.")
@@ -252,13 +246,13 @@ def _evaluation_splits(raw: datasets.DatasetDict) -> dict[str, str]:
     return found
 
 
-def given_split_file(data_cfg: Any, name: str) -> Path | None:
+def given_split_file(data_cfg: DataConfig, name: str) -> Path | None:
     """data.<name>_path (name: valid or test) as a file, None when unset. A missing or empty file is a CorpusError
     whatever the cache holds: a run must never score a split other than the one asked for."""
-    value = data_cfg.get(f"{name}_path")
+    value = getattr(data_cfg, f"{name}_path")
     if not value:
         return None
-    path = Path(str(value)).expanduser()
+    path = Path(value).expanduser()
     if not path.is_file():
         raise CorpusError(f"data.{name}_path={path} is not a file. Point it at the {name} file, or unset it.")
     if path.stat().st_size == 0:
@@ -273,14 +267,14 @@ def _empty_split(name: str, path: Path) -> CorpusError:
     )
 
 
-def hub_fingerprint(data_cfg: Any) -> str:
+def hub_fingerprint(data_cfg: DataConfig) -> str:
     """The fingerprints `datasets` gives the hub corpus's splits. They follow its revision and files, so a
     cache keyed on them is not reused for another version of the corpus."""
     loaded = _load_hub(data_cfg, CleaningReport())
     return json.dumps({name: split._fingerprint for name, split in sorted(loaded.items())})
 
 
-def _given_files(data_cfg: Any, report: CleaningReport) -> dict[str, Pairs]:
+def _given_files(data_cfg: DataConfig, report: CleaningReport) -> dict[str, Pairs]:
     """data.valid_path / data.test_path read whole, in data.format (by file suffix for a hub corpus)."""
     given = {}
     for name in ("valid", "test"):
@@ -326,7 +320,7 @@ def _check_columns(columns: list[str]) -> None:
         raise CorpusError(f"data.columns must name each TSV column by language, e.g. [en, zh]; got {columns}.")
 
 
-def _tsv_layout(data_cfg: Any, report: CleaningReport) -> TsvLayout:
+def _tsv_layout(data_cfg: DataConfig, report: CleaningReport) -> TsvLayout:
     columns = list(data_cfg.columns or ())
     _check_columns(columns)
     _picker(columns, data_cfg, report)  # the languages must be among the columns
@@ -363,7 +357,7 @@ def _tsv_lines(path: Path) -> Iterator[tuple[int, bytes]]:
             yield number, raw[3:] if number == 1 and raw.startswith(b"\xef\xbb\xbf") else raw
 
 
-def _load_hub(data_cfg: Any, report: CleaningReport) -> datasets.DatasetDict:
+def _load_hub(data_cfg: DataConfig, report: CleaningReport) -> datasets.DatasetDict:
     """A hub dataset, failing fast and clearly when the hub cannot be reached (instead of minutes of retries)."""
     name, config = data_cfg.hub_name, data_cfg.hub_config
     if not name:
@@ -408,7 +402,7 @@ def _unreachable(endpoint: str) -> str | None:
     return None
 
 
-def _picker(names: list[str], data_cfg: Any, report: CleaningReport) -> PickPairs:
+def _picker(names: list[str], data_cfg: DataConfig, report: CleaningReport) -> PickPairs:
     """How to get source and target texts from a table with these columns (a missing side becomes "")."""
     src_lang, tgt_lang = data_cfg.src_lang, data_cfg.tgt_lang
     if "translation" in names:
@@ -433,7 +427,7 @@ def _pick_columns(src_lang: str, tgt_lang: str, table: pa.Table) -> tuple[list[s
     )
 
 
-def _whole(table: pa.Table, data_cfg: Any, report: CleaningReport) -> Pairs:
+def _whole(table: pa.Table, data_cfg: DataConfig, report: CleaningReport) -> Pairs:
     """An evaluation split as given: every row, texts unchanged."""
     src, tgt = _picker(table.column_names, data_cfg, report)(table)
     report.read += len(src)
@@ -444,21 +438,21 @@ def _assign_splits(
     train: Pairs,
     hashes: tuple[np.ndarray, np.ndarray],
     given: dict[str, Pairs],
-    data_cfg: Any,
+    data_cfg: DataConfig,
     report: CleaningReport,
 ) -> dict[str, Pairs]:
     """The given valid/test splits as they are; a missing one is carved from training by the grouped split."""
     missing = [name for name in ("valid", "test") if name not in given]
     if not missing:
         return {"train": train, **given}
-    sizes = {name: data_cfg.split.get(f"{name}_size") for name in missing}
+    sizes = {name: getattr(data_cfg.split, f"{name}_size") for name in missing}
     for name, size in sizes.items():
-        if size is None or int(size) < 1:
+        if size is None:
             raise CorpusError(
                 f"{report.source} has no {name} split: set data.split.{name}_size to carve one from training "
                 f"(grouped split), or give data.{name}_path=FILE."
             )
-    wanted = sum(int(size) for size in sizes.values())
+    wanted = sum(sizes.values())
     if wanted >= len(train):
         raise CorpusError(
             f"{report.source} has {len(train):,} training pairs after cleaning: too few to carve "
@@ -467,7 +461,7 @@ def _assign_splits(
             + "/".join(f"{name}_size" for name in sizes) + "."
         )
     parts = grouped_split(
-        *hashes, int(sizes.get("valid") or 0), int(sizes.get("test") or 0), int(data_cfg.split.seed)
+        *hashes, sizes.get("valid") or 0, sizes.get("test") or 0, data_cfg.split.seed
     )
     report.notes.append(
         f"{' and '.join(missing)} carved from training by connected groups of shared sentences, seed "

@@ -15,17 +15,16 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
 
 import datasets
 import numpy as np
 import pyarrow as pa
 import xxhash
-from omegaconf import OmegaConf
 
+from seq2seq.config import DataConfig, TrainConfig
 from seq2seq.data.clean import side_normalizations
 from seq2seq.data.corpus import (
     CleaningReport, CorpusError, find_corpus, given_split_file, hub_fingerprint, load_corpus,
@@ -55,7 +54,7 @@ class PreparedData:
     stage_seconds: dict[str, float] = field(default_factory=dict)  # of this build; empty when loaded from cache
 
 
-def prepare_data(cfg: Any, log: Callable[[str], None] = print) -> PreparedData:
+def prepare_data(cfg: TrainConfig, log: Callable[[str], None] = print) -> PreparedData:
     """Load (or build and cache) the tokenized splits for `cfg.data` and `cfg.tokenizer`; `log` gets the
     cleaning summary and the cache location (pass a no-op on non-zero distributed ranks)."""
     path = cache_dir() / "datasets" / _cache_key(cfg)
@@ -72,7 +71,7 @@ def prepare_data(cfg: Any, log: Callable[[str], None] = print) -> PreparedData:
     return prepared
 
 
-def direction_line(data_cfg: Any, prepared: PreparedData) -> str:
+def direction_line(data_cfg: DataConfig, prepared: PreparedData) -> str:
     """The translation direction and each side's normalisation, so a run of the other direction says so."""
     forms = [side.normalization or "none, as written" for side in (prepared.src_tokenizer, prepared.tgt_tokenizer)]
     return (
@@ -81,16 +80,16 @@ def direction_line(data_cfg: Any, prepared: PreparedData) -> str:
     )
 
 
-def _cache_key(cfg: Any) -> str:
+def _cache_key(cfg: TrainConfig) -> str:
     """Hash of everything that shapes the result: the settings, the corpus content (local) or its splits'
     fingerprints (hub), and which valid/test files are given with their content. xxh3 reads gigabytes per second,
     so even a corpus of millions of lines is recognised in a fraction of a second."""
-    data = OmegaConf.to_container(cfg.data, resolve=True)
+    data = asdict(cfg.data)
     settings = {
         "format": DATA_FORMAT,
         "max_sentence_tokens": MAX_SENTENCE_TOKENS,
-        "data": {key: data.get(key) for key in RESULT_KEYS},
-        "tokenizer": OmegaConf.to_container(cfg.tokenizer, resolve=True),
+        "data": {key: data[key] for key in RESULT_KEYS},
+        "tokenizer": asdict(cfg.tokenizer),
     }
     digest = xxhash.xxh3_128(json.dumps(settings, sort_keys=True).encode())
     if cfg.data.format == "hub":
@@ -133,7 +132,7 @@ def _load_cached(path: Path) -> PreparedData | None:
         return None  # damaged or from an incompatible version: rebuilt and replaced
 
 
-def _build(cfg: Any, path: Path, log: Callable[[str], None]) -> PreparedData:
+def _build(cfg: TrainConfig, path: Path, log: Callable[[str], None]) -> PreparedData:
     """Build in a temporary sibling folder and rename it into place, so a crash never leaves half a cache."""
     clock = [time.perf_counter()]
     stage_seconds: dict[str, float] = {}
@@ -148,14 +147,14 @@ def _build(cfg: Any, path: Path, log: Callable[[str], None]) -> PreparedData:
     try:
         splits, report = load_corpus(cfg.data, tmp / "clean")
         lap("read, clean, split")
-        log(f"training SentencePiece on {min(len(splits['train']), int(cfg.tokenizer.max_sentences)):,} training pairs")
-        src_sample, tgt_sample = _tokenizer_sample(splits["train"], int(cfg.tokenizer.max_sentences))
+        log(f"training SentencePiece on {min(len(splits['train']), cfg.tokenizer.max_sentences):,} training pairs")
+        src_sample, tgt_sample = _tokenizer_sample(splits["train"], cfg.tokenizer.max_sentences)
         src_tokenizer, tgt_tokenizer = build_tokenizers(
             src_sample, tgt_sample, cfg.tokenizer, cache_dir(), side_normalizations(cfg.data.clean)
         )
         del src_sample, tgt_sample
         lap("train SentencePiece")
-        num_proc = resolve_num_proc(cfg.data.get("num_proc"))
+        num_proc = resolve_num_proc(cfg.data.num_proc)
         over_cap = _tokenize(splits, src_tokenizer, tgt_tokenizer, tmp / "splits", num_proc)
         _count_over_cap(report, over_cap)
         del splits

@@ -37,11 +37,9 @@ def available_cores() -> int:
 
 def resolve_num_proc(num_proc: int | None) -> int:
     """data.num_proc: null means every available core; fork-less platforms run in one process."""
-    if num_proc is not None and int(num_proc) < 1:
-        raise ValueError(f"data.num_proc must be a positive number of processes or null (all cores), got {num_proc}.")
     if "fork" not in multiprocessing.get_all_start_methods():
         return 1
-    return int(num_proc) if num_proc is not None else available_cores()
+    return num_proc if num_proc is not None else available_cores()
 
 
 def run_chunks(

@@ -24,10 +24,10 @@ from typing import Any
 import sentencepiece as spm
 
 from seq2seq.atomic import atomic_write
+from seq2seq.config import NORMALIZATION_FORMS, TokenizerConfig
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 SPECIAL_IDS = {"pad_id": PAD_ID, "unk_id": UNK_ID, "bos_id": BOS_ID, "eos_id": EOS_ID}
-NORMALIZATION_FORMS = ("NFC", "NFD", "NFKC", "NFKD")
 LEGACY_NORMALIZATION = "NFKC"  # what both sides got before the form was recorded per side (checkpoints, caches)
 TOKENIZER_FORMAT = 2  # bump when the training recipe changes, so cached models are not reused
 
@@ -109,7 +109,7 @@ class Tokenizer:
 
 
 def build_tokenizers(
-    src: Sequence[str], tgt: Sequence[str], tok_cfg: Any, cache_dir: Path, normalization: tuple[str | None, str | None]
+    src: Sequence[str], tgt: Sequence[str], tok_cfg: TokenizerConfig, cache_dir: Path, normalization: tuple[str | None, str | None]
 ) -> tuple[Tokenizer, Tokenizer]:
     """Source and target tokenizers trained on these (already cleaned) training sentences, cached in
     `cache_dir`/tokenizers; `normalization` is the (source, target) form their cleaning applied.
@@ -120,15 +120,15 @@ def build_tokenizers(
     folder = Path(cache_dir) / "tokenizers"
     src_form, tgt_form = normalization
     if tok_cfg.joint:
-        joint = _cached_model([*src, *tgt], tok_cfg, int(tok_cfg.src_vocab_size), folder)
+        joint = _cached_model([*src, *tgt], tok_cfg, tok_cfg.src_vocab_size, folder)
         return Tokenizer(joint, src_form), Tokenizer(joint, tgt_form)
     return (
-        Tokenizer(_cached_model(src, tok_cfg, int(tok_cfg.src_vocab_size), folder), src_form),
-        Tokenizer(_cached_model(tgt, tok_cfg, int(tok_cfg.tgt_vocab_size), folder), tgt_form),
+        Tokenizer(_cached_model(src, tok_cfg, tok_cfg.src_vocab_size, folder), src_form),
+        Tokenizer(_cached_model(tgt, tok_cfg, tok_cfg.tgt_vocab_size, folder), tgt_form),
     )
 
 
-def _cached_model(sentences: Sequence[str], tok_cfg: Any, vocab_size: int, folder: Path) -> bytes:
+def _cached_model(sentences: Sequence[str], tok_cfg: TokenizerConfig, vocab_size: int, folder: Path) -> bytes:
     """The serialized model for exactly these sentences and settings: loaded, or trained and stored atomically."""
     settings = _trainer_settings(tok_cfg, vocab_size)
     digest = hashlib.sha256(json.dumps({"format": TOKENIZER_FORMAT, **settings}, sort_keys=True).encode())
@@ -149,14 +149,14 @@ def _cached_model(sentences: Sequence[str], tok_cfg: Any, vocab_size: int, folde
     return proto
 
 
-def _trainer_settings(tok_cfg: Any, vocab_size: int) -> dict[str, Any]:
+def _trainer_settings(tok_cfg: TokenizerConfig, vocab_size: int) -> dict[str, Any]:
     """SentencePiece trainer arguments. The vocabulary size is a soft limit (hard_vocab_limit=False): a small
     corpus (e.g. the Chinese side of Tatoeba) may not support as many pieces, and then gets fewer."""
     return {
-        "model_type": str(tok_cfg.model_type),
+        "model_type": tok_cfg.model_type,
         "vocab_size": vocab_size,
-        "character_coverage": float(tok_cfg.character_coverage),
-        "byte_fallback": bool(tok_cfg.byte_fallback),
+        "character_coverage": tok_cfg.character_coverage,
+        "byte_fallback": tok_cfg.byte_fallback,
         "hard_vocab_limit": False,
         "normalization_rule_name": "identity",
         **SPECIAL_IDS,

@@ -1,12 +1,9 @@
-"""Model families and `build_model`, which turns a Hydra `model` config into a model or a readable error; the
-keys each family takes, their types and defaults are its schema in seq2seq/config.py."""
+"""Model families and `build_model`, which turns a family's typed config (its schema in seq2seq/config.py, checked
+by `check_config` or read back by `saved_config`) into a model."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
-
-from seq2seq.config import model_config
+from seq2seq.config import ModelConfig
 
 from .bahdanau import BahdanauSeq2Seq
 from .base import DecoderState, ModelOutput, Seq2SeqModel, count_parameters, map_state
@@ -32,14 +29,11 @@ MODELS: dict[str, type[Seq2SeqModel]] = {
 }
 
 
-def build_model(model_cfg: Mapping[str, Any], src_vocab_size: int, tgt_vocab_size: int) -> Seq2SeqModel:
-    """Build the model named by `model_cfg.name` (rnn | bahdanau | transformer) from a DictConfig or dict; keys left
-    out take the family's defaults (seq2seq/config.py), so checkpoints from before a key existed still build.
+def build_model(config: ModelConfig, src_vocab_size: int, tgt_vocab_size: int) -> Seq2SeqModel:
+    """The model of family `config.name` (rnn | bahdanau | transformer) for these vocabularies.
 
-    Raises ValueError (a ConfigError) naming the offending key for an unknown family, an unknown key (with the
-    closest known one) or a value that cannot work.
+    Raises ValueError for a vocabulary too small to hold the special tokens.
     """
-    config = model_config(model_cfg)
     for side, size in (("source", src_vocab_size), ("target", tgt_vocab_size)):
         if isinstance(size, bool) or not isinstance(size, int) or size < 4:
             raise ValueError(

@@ -7,14 +7,15 @@ from __future__ import annotations
 
 import io
 from collections.abc import Sequence
+from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
 from seq2seq.analysis.diagnostics import training_summary
+from seq2seq.config import TrainConfig
 from seq2seq.data.tokenizer import EOS_ID, Tokenizer
 from seq2seq.inference.forced import attend
 from seq2seq.models.base import NO_ATTENTION, Seq2SeqModel
@@ -146,16 +147,16 @@ def log_test(writer: SummaryWriter, scores: dict[str, Any], buckets: list[dict[s
     writer.add_text("test/bleu_by_length", "\n".join(rows), step)
 
 
-def log_hparams(writer: SummaryWriter, cfg: DictConfig, results: dict[str, Any], step: int) -> None:
+def log_hparams(writer: SummaryWriter, cfg: TrainConfig, results: dict[str, Any], step: int) -> None:
     """One HPARAMS row per run, in the run's own folder, so TensorBoard lines variants up side by side."""
     hparams: dict[str, Any] = {"model": results["model"], "data": results["data"], "params": results["parameters"]}
-    for key, value in OmegaConf.to_container(cfg.model, resolve=True).items():
+    for key, value in asdict(cfg.model).items():
         if key != "name":
             hparams[f"model.{key}"] = _hparam_value(value)
     for key in ("lr", "schedule", "warmup_steps", "weight_decay"):
-        hparams[f"optim.{key}"] = _hparam_value(cfg.optim[key])
+        hparams[f"optim.{key}"] = _hparam_value(getattr(cfg.optim, key))
     for key in ("max_tokens", "accumulate", "label_smoothing", "grad_clip", "seed"):
-        hparams[f"trainer.{key}"] = _hparam_value(cfg.trainer[key])
+        hparams[f"trainer.{key}"] = _hparam_value(getattr(cfg.trainer, key))
     hparams["precision"] = results["precision"]
     metrics = {
         "hparam/valid_bleu": float(results["valid_bleu"] or 0.0),

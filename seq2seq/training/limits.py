@@ -10,23 +10,22 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Any
-
 from tqdm import tqdm
 
+from seq2seq.config import TrainerConfig
 from seq2seq.training.state import TrainState
 
 
 class StoppingRules:
     """The limits of trainer config `trainer_cfg` for a run whose step budget is `total_steps` (None: unbounded)."""
 
-    def __init__(self, trainer_cfg: Any, total_steps: int | None) -> None:
-        self.max_steps = int(trainer_cfg.max_steps) if trainer_cfg.max_steps else None
-        self.max_epochs = int(trainer_cfg.max_epochs) if trainer_cfg.max_epochs else None
-        self.time_limit = float(trainer_cfg.time_limit_minutes) * 60 if trainer_cfg.time_limit_minutes else None
-        self.patience = int(trainer_cfg.patience) if trainer_cfg.patience else None
-        minutes = trainer_cfg.get("save_every_minutes")
-        self.save_every = float(minutes) * 60 if minutes else None
+    def __init__(self, trainer_cfg: TrainerConfig, total_steps: int | None) -> None:
+        self.max_steps = trainer_cfg.max_steps
+        self.max_epochs = trainer_cfg.max_epochs
+        self.time_limit = trainer_cfg.time_limit_minutes * 60 if trainer_cfg.time_limit_minutes else None
+        self.patience = trainer_cfg.patience
+        minutes = trainer_cfg.save_every_minutes
+        self.save_every = minutes * 60 if minutes else None
         self.total_steps = total_steps
         self.start_session(0.0)
 

@@ -10,11 +10,10 @@ import math
 from typing import Callable
 
 import torch
-from omegaconf import DictConfig
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
-from seq2seq.config import SCHEDULES
+from seq2seq.config import SCHEDULES, OptimConfig
 
 _NO_DECAY_MODULES = (nn.Embedding, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.BatchNorm1d)
 
@@ -43,14 +42,14 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-def build_optimizer(model: nn.Module, optim_cfg: DictConfig, fused: bool = False) -> torch.optim.AdamW:
+def build_optimizer(model: nn.Module, optim_cfg: OptimConfig, fused: bool = False) -> torch.optim.AdamW:
     """AdamW with the configured peak learning rate; the schedule scales it step by step."""
     kwargs = {"fused": True} if fused else {}
     return torch.optim.AdamW(
-        parameter_groups(model, float(optim_cfg.weight_decay)),
-        lr=float(optim_cfg.lr),
-        betas=tuple(float(b) for b in optim_cfg.betas),
-        eps=float(optim_cfg.eps),
+        parameter_groups(model, optim_cfg.weight_decay),
+        lr=optim_cfg.lr,
+        betas=tuple(optim_cfg.betas),
+        eps=optim_cfg.eps,
         **kwargs,
     )
 
@@ -91,16 +90,15 @@ def lr_multiplier(
 
 
 def schedule_of(
-    optim_cfg: DictConfig, total_steps: int | None, anchor: tuple[int, float] | None = None
+    optim_cfg: OptimConfig, total_steps: int | None, anchor: tuple[int, float] | None = None
 ) -> Callable[[int], float]:
     """The configured schedule's `lr_multiplier`."""
     return lr_multiplier(
-        str(optim_cfg.schedule), int(optim_cfg.warmup_steps), total_steps, float(optim_cfg.get("min_lr_ratio", 0.0)),
-        anchor,
+        optim_cfg.schedule, optim_cfg.warmup_steps, total_steps, optim_cfg.min_lr_ratio, anchor,
     )
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, optim_cfg: DictConfig, total_steps: int | None) -> LambdaLR:
+def build_scheduler(optimizer: torch.optim.Optimizer, optim_cfg: OptimConfig, total_steps: int | None) -> LambdaLR:
     """A LambdaLR whose state (the step count) goes into checkpoints; the formula itself comes from the config."""
     return LambdaLR(optimizer, schedule_of(optim_cfg, total_steps))
 

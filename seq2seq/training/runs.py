@@ -11,6 +11,7 @@ launch, with its overrides) and opens `train.log`.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import fcntl
 import json
@@ -24,8 +25,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
+from seq2seq.config import DataConfig, TrainConfig, saved_config
 from seq2seq.training import distributed
 
 LAST_CHECKPOINT = Path("checkpoints") / "last.pt"
@@ -40,11 +43,14 @@ class RunFolderError(Exception):
 # ----------------------------------------------------------------------------- where a run writes
 
 
-def data_source(data: Any) -> str:
-    """What a run was trained on, beyond the data config's name: the corpus file or the hub dataset."""
-    if data.get("format") == "hub":
-        return f"hub:{data.get('hub_name')}/{data.get('hub_config')}"
-    return str(data.get("path") or data.get("mirror_path"))
+def data_source(data: DataConfig) -> str:
+    """What a run was trained on, beyond the data config's name: the hub dataset, the corpus file (resolved, so one
+    file given by a relative and by an absolute path is one source), or its path below the data mirror."""
+    if data.format == "hub":
+        return f"hub:{data.hub_name}/{data.hub_config}"
+    if data.path:
+        return str(Path(data.path).expanduser().resolve())
+    return str(data.mirror_path)
 
 
 def newest_run(base: Path, source: str | None = None) -> Path | None:
@@ -60,8 +66,8 @@ def newest_run(base: Path, source: str | None = None) -> Path | None:
 
 def _run_source(run: Path) -> str | None:
     try:
-        return data_source(OmegaConf.load(run / ".hydra" / "config.yaml").data)
-    except (OSError, ValueError, AttributeError):
+        return data_source(saved_config(OmegaConf.load(run / ".hydra" / "config.yaml")).data)
+    except (OSError, ValueError, AttributeError, TypeError, OmegaConfBaseException):
         return None
 
 
@@ -162,14 +168,14 @@ def buffer_log_records() -> logging.handlers.MemoryHandler:
     return handler
 
 
-def accept_run(run_dir: Path, cfg: DictConfig, overrides: list[str], resumed_from: Path | None,
+def accept_run(run_dir: Path, cfg: TrainConfig, overrides: list[str], resumed_from: Path | None,
                buffered: logging.handlers.MemoryHandler, log_format: str) -> None:
     """The run is going ahead: keep its config (first launch), record this launch, and start train.log, whose lines
     have `log_format`."""
     hydra_dir = run_dir / ".hydra"
     hydra_dir.mkdir(parents=True, exist_ok=True)
     if not (hydra_dir / "config.yaml").exists():
-        OmegaConf.save(cfg, hydra_dir / "config.yaml")
+        OmegaConf.save(OmegaConf.create(dataclasses.asdict(cfg)), hydra_dir / "config.yaml")
         (hydra_dir / "overrides.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(list(overrides))))
     launch = {
         "time": time.strftime("%Y-%m-%d %H:%M:%S"),

@@ -14,11 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
 
 from seq2seq.checkpoint import (
     CheckpointError, checkpoint_tokenizers, load_checkpoint, load_torch_file, save_checkpoint,
 )
+from seq2seq.config import TrainConfig, saved_config
 from seq2seq.data.tokenizer import Tokenizer
 from seq2seq.training.runs import data_source
 
@@ -52,7 +52,7 @@ class TrainState:
 class Training:
     """The objects a checkpoint saves and a resume restores, besides the counters."""
 
-    cfg: DictConfig
+    cfg: TrainConfig
     model: torch.nn.Module
     src_tok: Tokenizer
     tgt_tok: Tokenizer
@@ -65,7 +65,7 @@ class Training:
     def payload(self, state: TrainState, rng_states: list[dict[str, Any]], metrics: dict[str, Any]) -> dict:
         """A checkpoint that translates on its own and resumes exactly (`rng_states`: one per rank, rank order)."""
         return {
-            "config": OmegaConf.to_container(self.cfg, resolve=True),
+            "config": asdict(self.cfg),
             "model": self.model.state_dict(),
             "src_tokenizer": self.src_tok.proto,
             "tgt_tokenizer": self.tgt_tok.proto,
@@ -128,7 +128,6 @@ class Training:
         return state, payload["rng"], payload["config"]
 
 
-RESUME_RESETS = ("schedule", "optimizer", "sampler")
 # Settings a resume cannot continue exactly, with the trainer.resume_reset that continues anyway (None: nothing
 # can, the weights or vocabularies are those of that setting). Checked by prefix: "model." is every model key.
 _RESUME_RULES: tuple[tuple[str, str | None, str], ...] = (
@@ -150,19 +149,6 @@ _NOT_COMPARED = ("data.name", "data.path", "data.mirror_path", "data.download_ur
                  "data.num_proc", "data.alignments_path")  # name: languages; corpus: `data_source`; AER: not trained on
 
 
-def resume_resets(cfg: DictConfig) -> frozenset[str]:
-    """trainer.resume_reset as a set: one name or a list of schedule, optimizer, sampler."""
-    value = cfg.trainer.get("resume_reset") or []
-    names = [value] if isinstance(value, str) else [str(name) for name in value]
-    for name in names:
-        if name not in RESUME_RESETS:
-            raise CheckpointError(
-                f"trainer.resume_reset={names}: {name!r} is not one of {', '.join(RESUME_RESETS)}; e.g. "
-                "trainer.resume_reset=[sampler]."
-            )
-    return frozenset(names)
-
-
 def flat_settings(config: Any, prefix: str = "") -> dict[str, Any]:
     """A nested config as {"group.key": value}; lists stay values."""
     flat: dict[str, Any] = {}
@@ -174,17 +160,17 @@ def flat_settings(config: Any, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def check_resumable(path: Path, cfg: DictConfig) -> None:
+def check_resumable(path: Path, cfg: TrainConfig) -> None:
     """Refuse, before anything is built or written, a checkpoint this config cannot continue exactly, in one line
     naming the first setting that differs: a model, tokenizer or direction change always, a change of the data,
     batching or schedule unless trainer.resume_reset asks for that part to start afresh. Other settings (optim.lr,
     max_steps, validation, ...) apply as given (`Trainer._resume` logs them). The weights are checked by
     `Training.restore`."""
-    resets = resume_resets(cfg)
-    saved_config = load_checkpoint(path, map_location="cpu")["config"]
-    theirs = flat_settings(saved_config)
-    ours = flat_settings(OmegaConf.to_container(cfg, resolve=True))
-    theirs["data source"], ours["data source"] = data_source(saved_config["data"]), data_source(cfg.data)
+    resets = cfg.trainer.resets
+    saved = load_checkpoint(path, map_location="cpu")["config"]
+    theirs = flat_settings(saved)
+    ours = flat_settings(asdict(cfg))
+    theirs["data source"], ours["data source"] = data_source(saved_config(saved).data), data_source(cfg.data)
     for setting in ours:
         if setting in _NOT_COMPARED or setting not in theirs or theirs[setting] == ours[setting]:
             continue  # a key the checkpoint predates cannot be compared
@@ -203,10 +189,10 @@ def check_resumable(path: Path, cfg: DictConfig) -> None:
         )
 
 
-def changed_settings(saved_config: dict[str, Any], cfg: DictConfig) -> dict[str, tuple[Any, Any]]:
+def changed_settings(saved: dict[str, Any], cfg: TrainConfig) -> dict[str, tuple[Any, Any]]:
     """The settings of this run that differ from the checkpoint's: {key: (checkpoint, this run)}."""
-    theirs = flat_settings(saved_config)
-    ours = flat_settings(OmegaConf.to_container(cfg, resolve=True))
+    theirs = flat_settings(saved)
+    ours = flat_settings(asdict(cfg))
     return {key: (theirs[key], value) for key, value in ours.items() if key in theirs and theirs[key] != value}
 
 

@@ -22,8 +22,6 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from omegaconf import DictConfig
-
 import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
@@ -32,6 +30,7 @@ from seq2seq.training import distributed
 from seq2seq.data.batching import Batch
 from seq2seq.data.tokenizer import PAD_ID
 from seq2seq.models.base import Seq2SeqModel
+from seq2seq.config import TrainConfig
 from seq2seq.training.optim import build_optimizer, build_scheduler
 from seq2seq.runtime import autocast, grad_scaler
 
@@ -91,21 +90,21 @@ class TrainStep:
     grad_clip: float  # 0: no clipping (the norm is still measured)
 
     @classmethod
-    def from_config(cls, model: Seq2SeqModel, cfg: DictConfig, device: torch.device, precision: str,
+    def from_config(cls, model: Seq2SeqModel, cfg: TrainConfig, device: torch.device, precision: str,
                     data_parallel: bool, total_steps: int | None) -> TrainStep:
         """The step `cfg` describes (optim, trainer.compile/label_smoothing/grad_clip), for the trainer and the
         benchmark alike."""
         optimizer = build_optimizer(model, cfg.optim, fused=True)
         return cls(
             model=model,
-            train_model=wrap_model(model, device, data_parallel, bool(cfg.trainer.compile)),
+            train_model=wrap_model(model, device, data_parallel, cfg.trainer.compile),
             optimizer=optimizer,
             scheduler=build_scheduler(optimizer, cfg.optim, total_steps),
             scaler=grad_scaler(device, precision),
             device=device,
             precision=precision,
-            label_smoothing=float(cfg.trainer.label_smoothing),
-            grad_clip=float(cfg.trainer.grad_clip or 0.0),
+            label_smoothing=cfg.trainer.label_smoothing,
+            grad_clip=cfg.trainer.grad_clip or 0.0,
         )
 
     def move(self, batch: Batch) -> Batch:

@@ -29,13 +29,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from seq2seq.training import board, distributed
 from seq2seq.atomic import atomic_write
 from seq2seq.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from seq2seq.config import ConfigError
+from seq2seq.config import ConfigError, TrainConfig, TrainerConfig, saved_config
 from seq2seq.allocator import active_allocator
 from seq2seq.data.batching import Batch, TokenBatchSampler, make_loader
 from seq2seq.data.prepare import PreparedData, prepare_data
@@ -49,7 +48,7 @@ from seq2seq.runtime import (
 )
 from seq2seq.training.step import IntervalStats, StepResult, TrainStep, describe
 from seq2seq.training.optim import refit_scheduler, schedule_of
-from seq2seq.training.state import AveragingHistory, Training, TrainState, changed_settings, resume_resets
+from seq2seq.training.state import AveragingHistory, Training, TrainState, changed_settings
 from seq2seq.training.validation import Evaluator
 
 log = logging.getLogger("seq2seq.train")
@@ -60,7 +59,7 @@ class TrainingError(Exception):
 
 
 class Trainer:
-    def __init__(self, cfg: DictConfig, run_dir: Path, resume_from: Path | None = None) -> None:
+    def __init__(self, cfg: TrainConfig, run_dir: Path, resume_from: Path | None = None) -> None:
         self.cfg = cfg
         self.tcfg = cfg.trainer
         self.run_dir = Path(run_dir)
@@ -72,7 +71,7 @@ class Trainer:
         except RuntimeSettingError as error:
             raise ConfigError(str(error)) from error
         self.dist = distributed.init_distributed(
-            self.device.type, timedelta(minutes=float(self.tcfg.collective_timeout_minutes))
+            self.device.type, timedelta(minutes=self.tcfg.collective_timeout_minutes)
         )
         self._stops: StopSignals | None = None  # set by `fit`
         self.is_main = self.dist.is_main
@@ -88,8 +87,8 @@ class Trainer:
         self.data = self._prepare_data()
         self.src_tok, self.tgt_tok = self.data.src_tokenizer, self.data.tgt_tokenizer
 
-        seed_everything(int(self.tcfg.seed))  # identical initial weights on every rank
-        try:
+        seed_everything(self.tcfg.seed)  # identical initial weights on every rank
+        try:  # the vocabularies exist only now: too small, or two where share_embeddings needs one
             self.model: Seq2SeqModel = build_model(cfg.model, self.src_tok.vocab_size, self.tgt_tok.vocab_size)
         except ValueError as error:
             raise ConfigError(str(error)) from error
@@ -102,12 +101,12 @@ class Trainer:
         )
 
         self.loader = make_loader(
-            self.data.splits["train"], int(self.tcfg.max_tokens), shuffle=True, seed=int(self.tcfg.seed),
-            rank=self.dist.rank, world_size=self.dist.world_size, pad_multiple=int(self.tcfg.pad_multiple),
+            self.data.splits["train"], self.tcfg.max_tokens, shuffle=True, seed=self.tcfg.seed,
+            rank=self.dist.rank, world_size=self.dist.world_size, pad_multiple=self.tcfg.pad_multiple,
             pin_memory=self.device.type == "cuda",
         )
         self.sampler: TokenBatchSampler = self.loader.batch_sampler
-        self.accumulate = int(self.tcfg.accumulate)
+        self.accumulate = self.tcfg.accumulate
         self.steps_per_epoch = max(math.ceil(self.sampler.batches_per_epoch / self.accumulate), 1)
         self.total_steps = self._total_steps()
 
@@ -116,14 +115,14 @@ class Trainer:
             cfg, self.model, self.src_tok, self.tgt_tok, self.step.optimizer, self.step.scheduler, self.step.scaler,
             self.dist.world_size, self.num_parameters,
         )
-        self.history = AveragingHistory(self.ckpt_dir / "average", int(self.tcfg.average_last))
+        self.history = AveragingHistory(self.ckpt_dir / "average", self.tcfg.average_last)
         self.state = TrainState()
         self.resumed = False
         if resume_from is not None:
             self._resume(resume_from)
         # Different dropout masks per rank; after a resume the restored RNG states take over instead.
         if not self.resumed:
-            seed_everything(int(self.tcfg.seed) + self.dist.rank)
+            seed_everything(self.tcfg.seed + self.dist.rank)
 
         self.writer = None
         if self.is_main:
@@ -141,9 +140,8 @@ class Trainer:
     def _configure_threads(self) -> None:
         """trainer.num_threads, else OMP_NUM_THREADS (torchrun sets 1 per process unless told otherwise), else
         PyTorch's default (one thread per physical core) split between the processes on this machine."""
-        requested = self.tcfg.get("num_threads")
-        if requested:
-            torch.set_num_threads(int(requested))
+        if self.tcfg.num_threads:
+            torch.set_num_threads(self.tcfg.num_threads)
         elif self.device.type == "cpu" and self.dist.local_world_size > 1 and "OMP_NUM_THREADS" not in os.environ:
             torch.set_num_threads(max(1, torch.get_num_threads() // self.dist.local_world_size))
 
@@ -159,15 +157,15 @@ class Trainer:
             distributed.barrier("rank 0's data preparation")
         return prepared
 
-    def _total_steps(self, trainer_cfg: Any = None) -> int | None:
+    def _total_steps(self, trainer_cfg: TrainerConfig | None = None) -> int | None:
         """Updates the run will make when it is bounded by steps or epochs (for the cosine schedule and the ETA);
         `trainer_cfg`: another run's trainer settings (a checkpoint's) instead of this run's."""
         tcfg = self.tcfg if trainer_cfg is None else trainer_cfg
         bounds = []
-        if tcfg.get("max_steps"):
-            bounds.append(int(tcfg.get("max_steps")))
-        if tcfg.get("max_epochs"):
-            bounds.append(int(tcfg.get("max_epochs")) * self.steps_per_epoch)
+        if tcfg.max_steps:
+            bounds.append(tcfg.max_steps)
+        if tcfg.max_epochs:
+            bounds.append(tcfg.max_epochs * self.steps_per_epoch)
         return min(bounds) if bounds else None
 
     # ------------------------------------------------------------------ checkpoints
@@ -181,8 +179,8 @@ class Trainer:
     def _resume(self, path: Path) -> None:
         """Continue exactly where `path` stopped, or refuse (`check_resumable` has compared the settings); the parts
         trainer.resume_reset names start afresh. A changed optim.lr, max_steps or other setting applies as given."""
-        resets = resume_resets(self.cfg)
-        self.state, rng, saved_config = self.training.restore(path, resets)
+        resets = self.tcfg.resets
+        self.state, rng, saved = self.training.restore(path, resets)
         if len(rng) == self.dist.world_size and "sampler" not in resets:
             set_rng_state(rng[self.dist.rank], {"train_loader": self.loader.generator})
         elif "sampler" not in resets:
@@ -194,10 +192,10 @@ class Trainer:
         else:
             log.warning("trainer.resume_reset: the sampler starts epoch %d afresh, with new random states",
                         self.state.epoch + 1)
-            seed_everything(int(self.tcfg.seed) + self.dist.rank + self.state.step)
+            seed_everything(self.tcfg.seed + self.dist.rank + self.state.step)
         for part in sorted(resets - {"sampler"}):
             log.warning("trainer.resume_reset: the %s starts afresh", part)
-        self._refit_schedule(saved_config, resets)
+        self._refit_schedule(saved, resets)
         if self.is_main:
             self.history.forget_after(self.state.step)
         self.resumed = True
@@ -206,27 +204,27 @@ class Trainer:
             path, self.state.step, self.state.epoch + 1, self.state.position, self.state.best_bleu,
         )
 
-    def _refit_schedule(self, saved_config: dict[str, Any], resets: frozenset[str]) -> None:
+    def _refit_schedule(self, saved: dict[str, Any], resets: frozenset[str]) -> None:
         """This run's optimizer hyper-parameters and peak rate over the restored ones, and a cosine schedule whose
         length changed re-fitted to go on from its current rate (optim.lr_multiplier's anchor); each change logged."""
-        changed = {key: pair for key, pair in changed_settings(saved_config, self.cfg).items()
+        changed = {key: pair for key, pair in changed_settings(saved, self.cfg).items()
                    if not key.startswith("trainer.resume")}
         if changed:
             log.info("settings changed since the checkpoint, applied as given: %s",
                      ", ".join(f"{key} {old} -> {new}" for key, (old, new) in changed.items()))
         optimizer, scheduler, optim = self.step.optimizer, self.step.scheduler, self.cfg.optim
         for group in optimizer.param_groups:
-            group["betas"], group["eps"] = tuple(float(beta) for beta in optim.betas), float(optim.eps)
-        optimizer.param_groups[0]["weight_decay"] = float(optim.weight_decay)  # the decayed group (optim.py)
-        old_total = self._total_steps(saved_config.get("trainer", {}))
-        if str(optim.schedule) == "cosine" and "schedule" not in resets and old_total != self.total_steps:
-            if scheduler.last_epoch >= int(optim.warmup_steps):
+            group["betas"], group["eps"] = tuple(optim.betas), optim.eps
+        optimizer.param_groups[0]["weight_decay"] = optim.weight_decay  # the decayed group (optim.py)
+        old_total = self._total_steps(saved_config(saved).trainer)
+        if optim.schedule == "cosine" and "schedule" not in resets and old_total != self.total_steps:
+            if scheduler.last_epoch >= optim.warmup_steps:
                 before = schedule_of(optim, old_total, self.state.schedule_anchor)(scheduler.last_epoch)
                 self.state.schedule_anchor = (scheduler.last_epoch + 1, before)
                 log.info("cosine schedule: %s -> %s steps; it decays from %.3g x lr at update %d to its floor at "
                          "the new end, without a jump", old_total, self.total_steps, before, scheduler.last_epoch + 1)
         multiplier = schedule_of(optim, self.total_steps, self.state.schedule_anchor)
-        refit_scheduler(scheduler, optimizer, float(optim.lr), multiplier)
+        refit_scheduler(scheduler, optimizer, optim.lr, multiplier)
         if "optim.lr" in changed:
             log.info("optim.lr %s -> %s: the schedule goes on at step %d with the new peak (lr now %.3g)",
                      *changed["optim.lr"], self.state.step, optimizer.param_groups[0]["lr"])
@@ -235,7 +233,7 @@ class Trainer:
 
     def _batches(self) -> Iterator[Batch]:
         """Training batches across epochs, from the saved position on; updates `state.epoch/position` as it goes."""
-        max_epochs = int(self.tcfg.max_epochs) if self.tcfg.max_epochs else None
+        max_epochs = self.tcfg.max_epochs
         while max_epochs is None or self.state.epoch < max_epochs:
             self.sampler.resume_at(self.state.epoch, self.state.position)
             if self.sampler.batches_per_epoch == 0:
@@ -290,7 +288,7 @@ class Trainer:
                 step, nonfinite, stats.steps, self.state.nonfinite_steps,
             )
         self._reset_interval()
-        if streak_max >= int(self.tcfg.max_nonfinite_steps):
+        if streak_max >= self.tcfg.max_nonfinite_steps:
             raise TrainingError(
                 f"stopped at step {step}: {streak_max} consecutive steps had a non-finite loss or gradient "
                 f"(trainer.max_nonfinite_steps={self.tcfg.max_nonfinite_steps}); the model diverged. Lower optim.lr, "
@@ -370,7 +368,7 @@ class Trainer:
         """The training loop and its last validation -> what stopped it."""
         self._reset_interval()
         self._out_of_memory_streak = 0
-        eval_every, log_every = int(self.tcfg.eval_every), int(self.tcfg.log_every)
+        eval_every, log_every = self.tcfg.eval_every, self.tcfg.log_every
         progress = ProgressBar(self.is_main, self.rules, initial=self.state.step)
         reason = "max_epochs"
         batches = self._batches()
@@ -449,7 +447,7 @@ class Trainer:
         else:
             log.info("step %d: another rank ran out of memory (see its warning); every rank skipped its batch",
                      self.state.step + 1)
-        limit = int(self.tcfg.max_oom_steps)
+        limit = self.tcfg.max_oom_steps
         if self._out_of_memory_streak >= limit:
             raise TrainingError(
                 f"stopped at step {self.state.step}: {self._out_of_memory_streak} batches in a row did not fit in "
@@ -561,7 +559,7 @@ class Trainer:
 
     def _end_of_training(self, reason: str) -> dict[str, Any]:
         """Rank 0: averaging, test of best.pt (beam search), BLEU by source length, results.json, hparams."""
-        if int(self.tcfg.average_last) > 0:
+        if self.tcfg.average_last > 0:
             self._average_checkpoints()
         averaged = self.state.best_averaged
         best_path = self.ckpt_dir / "best.pt"
@@ -571,14 +569,14 @@ class Trainer:
         best = load_checkpoint(best_path)
         self.model.load_state_dict(best["model"])
         description = f"best.pt from step {best['step']}" + (", averaged" if averaged else "")
-        log.info("testing %s (beam %d)", description, int(self.tcfg.test_beam_size))
+        log.info("testing %s (beam %d)", description, self.tcfg.test_beam_size)
         test = self.evaluator.test(self.model, self.state.step, description)
         train_seconds = self.state.elapsed_seconds
         compute_seconds = max(train_seconds - self.state.validation_seconds, 1e-9)
         valid = best.get("metrics") or {}
         results = {  # flat keys, read by scripts/compare.py
-            "model": str(self.cfg.model.name),
-            "data": str(self.cfg.data.name),
+            "model": self.cfg.model.name,
+            "data": self.cfg.data.name,
             "run_dir": str(self.run_dir.resolve()),
             "parameters": self.num_parameters,
             "steps": self.state.step,

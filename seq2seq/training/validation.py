@@ -12,9 +12,9 @@ import math
 from typing import TYPE_CHECKING, Any
 
 import torch
-from omegaconf import DictConfig
 
 from seq2seq.analysis.alignment import HELD_OUT, AlignmentError, read_alignment_set, score_alignments
+from seq2seq.config import TrainConfig
 from seq2seq.training import board
 from seq2seq.data.batching import make_loader
 from seq2seq.data.prepare import PreparedData
@@ -33,7 +33,7 @@ log = logging.getLogger("seq2seq.train")
 
 
 class Evaluator:
-    def __init__(self, cfg: DictConfig, data: PreparedData, device: torch.device, precision: str,
+    def __init__(self, cfg: TrainConfig, data: PreparedData, device: torch.device, precision: str,
                  writer: SummaryWriter) -> None:
         self.cfg = cfg
         self.tcfg = cfg.trainer
@@ -43,17 +43,17 @@ class Evaluator:
         self.writer = writer
         valid = data.splits["valid"]
         self.attention_sources = board.attention_sources(
-            valid["src"], valid["src_ids"], int(self.tcfg.num_attention_samples), cfg.get("attention_examples") or []
+            valid["src"], valid["src_ids"], self.tcfg.num_attention_samples, cfg.attention_examples
         )
         self.alignment = None
-        if cfg.data.get("alignments_path"):
+        if cfg.data.alignments_path:
             self.alignment = AlignmentValidation(cfg, data.src_tokenizer, data.tgt_tokenizer, device)
 
     @torch.inference_mode()
     def loss(self, model: Seq2SeqModel, split: str = "valid") -> tuple[float, float]:
         """Per-token negative log-likelihood (no label smoothing) over a whole split, and its perplexity."""
         loader = make_loader(
-            self.data.splits[split], int(self.tcfg.max_tokens), shuffle=False, pad_multiple=int(self.tcfg.pad_multiple)
+            self.data.splits[split], self.tcfg.max_tokens, shuffle=False, pad_multiple=self.tcfg.pad_multiple
         )
         total = torch.zeros((), device=self.device, dtype=torch.float64)
         tokens = 0
@@ -73,8 +73,8 @@ class Evaluator:
         """Detokenized translations through the same path as `seq2seq.translate`, with a progress bar on a terminal."""
         translations = translate_sentences(
             model, self.data.src_tokenizer, self.data.tgt_tokenizer, sources, beam_size=beam_size,
-            length_penalty=float(self.tcfg.length_penalty), max_len_a=float(self.tcfg.max_len_a),
-            max_len_b=int(self.tcfg.max_len_b), max_tokens=int(self.tcfg.max_tokens), device=self.device,
+            length_penalty=self.tcfg.length_penalty, max_len_a=self.tcfg.max_len_a,
+            max_len_b=self.tcfg.max_len_b, max_tokens=self.tcfg.max_tokens, device=self.device,
             precision=self.precision,
         )
         return [translation.text for translation in with_progress(translations, len(sources), what)]
@@ -85,19 +85,19 @@ class Evaluator:
         loss, ppl = self.loss(model)
         valid = self.data.splits["valid"]
         limit = self.tcfg.valid_max_sentences
-        sample = valid.select(spread_sample(len(valid), None if limit is None else int(limit), int(self.tcfg.seed)))
+        sample = valid.select(spread_sample(len(valid), limit, self.tcfg.seed))
         sources, references, count = list(sample["src"]), list(sample["tgt"]), len(sample)
-        hypotheses = self.translate(model, sources, int(self.tcfg.valid_beam_size))
-        scores = corpus_scores(hypotheses, references, str(self.cfg.data.tgt_lang))
+        hypotheses = self.translate(model, sources, self.tcfg.valid_beam_size)
+        scores = corpus_scores(hypotheses, references, self.cfg.data.tgt_lang)
         metrics = {"loss": loss, "ppl": ppl, "bleu": scores["bleu"], "chrf": scores["chrf"],
                    "bleu_signature": scores["bleu_signature"], "sentences": count}
         for name in ("loss", "ppl", "bleu", "chrf"):
             self.writer.add_scalar(f"{prefix}/{name}", metrics[name], step)
         if illustrate:
-            board.log_samples(self.writer, sources, references, hypotheses, step, int(self.tcfg.num_text_samples))
+            board.log_samples(self.writer, sources, references, hypotheses, step, self.tcfg.num_text_samples)
             board.log_attention(
-                self.writer, model, str(self.cfg.model.name), self.data.src_tokenizer, self.data.tgt_tokenizer,
-                self.attention_sources, self.device, float(self.tcfg.max_len_a), int(self.tcfg.max_len_b), step,
+                self.writer, model, self.cfg.model.name, self.data.src_tokenizer, self.data.tgt_tokenizer,
+                self.attention_sources, self.device, self.tcfg.max_len_a, self.tcfg.max_len_b, step,
             )
             if self.alignment is not None and model.has_attention:
                 aer = self.alignment.log(model, self.writer, step)
@@ -111,15 +111,15 @@ class Evaluator:
         if not len(test_split):
             log.warning("data=%s has no test split: skipping the test evaluation", self.cfg.data.name)
             return {"test_bleu": None, "test_chrf": None, "test_bleu_by_length": []}
-        limit = self.tcfg.get("test_max_sentences")
-        if limit is not None and int(limit) < len(test_split):
+        limit = self.tcfg.test_max_sentences
+        if limit is not None and limit < len(test_split):
             log.info("test on a seeded sample of %d of the %d test pairs (trainer.test_max_sentences): not comparable "
-                     "with scores on the whole split", int(limit), len(test_split))
-            test_split = test_split.select(spread_sample(len(test_split), int(limit), int(self.tcfg.seed)))
-        beam = int(self.tcfg.test_beam_size)
+                     "with scores on the whole split", limit, len(test_split))
+            test_split = test_split.select(spread_sample(len(test_split), limit, self.tcfg.seed))
+        beam = self.tcfg.test_beam_size
         hypotheses = self.translate(model, list(test_split["src"]), beam, "testing")
         references = list(test_split["tgt"])
-        tgt_lang = str(self.cfg.data.tgt_lang)
+        tgt_lang = self.cfg.data.tgt_lang
         scores = corpus_scores(hypotheses, references, tgt_lang)
         buckets = bleu_by_length([len(ids) for ids in test_split["src_ids"]], hypotheses, references, tgt_lang)
         board.log_test(self.writer, scores, buckets, step)
@@ -130,7 +130,7 @@ class Evaluator:
         log.info("test BLEU by source length: %s", ", ".join(f"{b['bucket']}: {b['bleu']:.1f} ({b['count']})" for b in buckets))
         return {
             "test_bleu": scores["bleu"], "test_chrf": scores["chrf"], "test_sentences": len(hypotheses),
-            "test_beam_size": beam, "length_penalty": float(self.tcfg.length_penalty),
+            "test_beam_size": beam, "length_penalty": self.tcfg.length_penalty,
             "bleu_signature": scores["bleu_signature"], "chrf_signature": scores["chrf_signature"],
             "test_bleu_by_length": buckets,
         }
@@ -140,11 +140,11 @@ class AlignmentValidation:
     """AER of the attention on the data.alignments_path pairs at every validation: each extraction's map is
     chosen on the first half of the pairs and its AER on the second half is the figure logged."""
 
-    def __init__(self, cfg: DictConfig, src_tok: Tokenizer, tgt_tok: Tokenizer, device: torch.device) -> None:
+    def __init__(self, cfg: TrainConfig, src_tok: Tokenizer, tgt_tok: Tokenizer, device: torch.device) -> None:
         from seq2seq.data.corpus import CorpusError
 
         try:
-            self.selection, self.held_out = read_alignment_set(str(cfg.data.alignments_path), cfg.data).halves()
+            self.selection, self.held_out = read_alignment_set(cfg.data.alignments_path, cfg.data).halves()
         except (AlignmentError, CorpusError) as error:
             raise CorpusError(f"data.alignments_path: {error}") from error
         self.cfg = cfg
@@ -160,8 +160,7 @@ class AlignmentValidation:
         try:
             report = score_alignments(
                 model, self.src_tok, self.tgt_tok, self.selection, self.held_out,
-                str(self.cfg.data.src_lang), str(self.cfg.data.tgt_lang), self.device, float(trainer.max_len_a),
-                int(trainer.max_len_b),
+                self.cfg.data.src_lang, self.cfg.data.tgt_lang, self.device, trainer.max_len_a, trainer.max_len_b,
             ).as_dict()
         except AlignmentError as error:
             log.warning("no alignment AER at step %d: %s", step, error)
