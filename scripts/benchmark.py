@@ -45,6 +45,7 @@ from hydra import compose, initialize_config_dir
 from torch.utils.flop_counter import FlopCounterMode
 
 from seq2seq.checkpoint import load_model
+from seq2seq.config import check_config
 from seq2seq.data.batching import Batch, collate, padded_length
 from seq2seq.cli import UsageError
 from seq2seq.export import export
@@ -99,8 +100,8 @@ def real_batches(cfg, count: int) -> tuple[list[Batch], object]:
 
     data = prepare_data(cfg)
     loader = make_loader(
-        data.splits["train"], int(cfg.trainer.max_tokens), shuffle=True, seed=int(cfg.trainer.seed),
-        pad_multiple=int(cfg.trainer.pad_multiple),
+        data.splits["train"], cfg.trainer.max_tokens, shuffle=True, seed=cfg.trainer.seed,
+        pad_multiple=cfg.trainer.pad_multiple,
     )
     return list(itertools.islice(itertools.cycle(loader), count)), data
 
@@ -240,16 +241,16 @@ def decoding_figures(args: argparse.Namespace, sentences: list[str], device: tor
 def main() -> None:
     args = parse_args()
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=args.overrides)
+        cfg = check_config(compose(config_name="train", overrides=args.overrides))
     try:
         device = resolve_device(cfg.trainer.device)
         precision = resolve_precision(cfg.trainer.precision, device)
     except RuntimeSettingError as error:
         sys.exit(f"benchmark: {error}")
-    if cfg.trainer.get("num_threads"):
-        torch.set_num_threads(int(cfg.trainer.num_threads))
+    if cfg.trainer.num_threads:
+        torch.set_num_threads(cfg.trainer.num_threads)
     configure_device(device)
-    seed_everything(int(cfg.trainer.seed))
+    seed_everything(cfg.trainer.seed)
     if args.decode or args.int8 or args.ctranslate2:
         if args.checkpoint is None:
             sys.exit("benchmark: --decode, --int8 and --ctranslate2 time a trained checkpoint's decoding; "
@@ -274,7 +275,7 @@ def main() -> None:
 
 def training_figures(args: argparse.Namespace, cfg, device: torch.device, precision: str) -> dict:
     """Throughput, phases, memory, FLOPs and MFU of the trainer's own step."""
-    accumulate = int(cfg.trainer.accumulate)
+    accumulate = cfg.trainer.accumulate
     count = accumulate * (1 + args.warmup + args.steps + args.phase_steps)  # +1: the FLOP-counting update
     if args.synthetic:
         src_vocab, tgt_vocab = cfg.tokenizer.src_vocab_size, cfg.tokenizer.tgt_vocab_size
@@ -297,7 +298,7 @@ def training_figures(args: argparse.Namespace, cfg, device: torch.device, precis
     peak = matmul_peak(device, AUTOCAST_DTYPES.get(precision, torch.float32))
     achieved = flops_per_tgt_token * training["target_tokens_per_s"]
     return {
-        "compile": bool(cfg.trainer.compile),
+        "compile": cfg.trainer.compile,
         "parameters": count_parameters(model),
         "max_tokens": cfg.trainer.max_tokens,
         "accumulate": accumulate,

@@ -100,14 +100,14 @@ def prepare(corpus: str, cache: str, overrides: list[str], result: str) -> None:
 
     os.environ["SEQ2SEQ_CACHE"] = cache
     from seq2seq.data.prepare import prepare_data
+    from seq2seq.config import saved_config
     from seq2seq.runtime import cpu_name  # here, where torch is loaded anyway: the parent stays small
 
     cfg = OmegaConf.create(
-        {"data": OmegaConf.load(CONFIG_DIR / "data" / "tatoeba_zh_en.yaml"),
-         "tokenizer": OmegaConf.load(CONFIG_DIR / "tokenizer" / "sentencepiece.yaml")}
+        {"data": OmegaConf.load(CONFIG_DIR / "data" / "tatoeba_zh_en.yaml"), "tokenizer": {}}
     )
     cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([f"data.path={corpus}", *overrides]))
-    prepared = prepare_data(cfg, log=lambda message: print(message, file=sys.stderr))
+    prepared = prepare_data(saved_config(cfg), log=lambda message: print(message, file=sys.stderr))
     Path(result).write_text(json.dumps({
         "stages": prepared.stage_seconds, "read": prepared.report.read, "kept": prepared.report.kept,
         "splits": prepared.report.split_sizes, "cpu": cpu_name(),

@@ -32,6 +32,7 @@ import torch
 import yaml
 from hydra import compose, initialize_config_dir
 
+from seq2seq.config import TrainConfig, check_config
 from seq2seq.data.prepare import prepare_data
 from seq2seq.paths import CONFIG_DIR
 from seq2seq.runtime import device_name, resolve_device, resolve_precision
@@ -66,7 +67,7 @@ def write_joey_data(data, folder: Path) -> dict[str, str]:
     return paths
 
 
-def joey_config(cfg, paths: dict[str, str], folder: Path, steps: int, log_every: int) -> dict:
+def joey_config(cfg: TrainConfig, paths: dict[str, str], folder: Path, steps: int, log_every: int) -> dict:
     """A JoeyNMT 2.3 config for the Transformer and recipe in `cfg`."""
     model = cfg.model
 
@@ -84,19 +85,19 @@ def joey_config(cfg, paths: dict[str, str], folder: Path, steps: int, log_every:
         return {
             "type": "transformer",
             "num_layers": layers,
-            "num_heads": int(model.num_heads),
-            "hidden_size": int(model.d_model),
-            "ff_size": int(model.ff_dim),
-            "dropout": float(model.dropout),
+            "num_heads": model.num_heads,
+            "hidden_size": model.d_model,
+            "ff_size": model.ff_dim,
+            "dropout": model.dropout,
             "layer_norm": "pre" if model.norm_first else "post",
-            "embeddings": {"embedding_dim": int(model.d_model), "scale": True, "dropout": float(model.dropout)},
+            "embeddings": {"embedding_dim": model.d_model, "scale": True, "dropout": model.dropout},
         }
 
     return {
         "name": "speed",
         "model_dir": str(folder / "model"),
         "use_cuda": False,
-        "random_seed": int(cfg.trainer.seed),
+        "random_seed": cfg.trainer.seed,
         "data": {
             "train": paths["train"],
             "dev": paths["valid"],
@@ -108,15 +109,15 @@ def joey_config(cfg, paths: dict[str, str], folder: Path, steps: int, log_every:
         "training": {
             "optimizer": "adamw",
             "adam_betas": list(cfg.optim.betas),
-            "learning_rate": float(cfg.optim.lr),
-            "learning_rate_warmup": int(cfg.optim.warmup_steps),
+            "learning_rate": cfg.optim.lr,
+            "learning_rate_warmup": cfg.optim.warmup_steps,
             "scheduling": "warmupinversesquareroot",
-            "weight_decay": float(cfg.optim.weight_decay),
-            "label_smoothing": float(cfg.trainer.label_smoothing),
-            "clip_grad_norm": float(cfg.trainer.grad_clip),
+            "weight_decay": cfg.optim.weight_decay,
+            "label_smoothing": cfg.trainer.label_smoothing,
+            "clip_grad_norm": cfg.trainer.grad_clip,
             "normalization": "tokens",
             "loss": "crossentropy",
-            "batch_size": int(cfg.trainer.max_tokens),
+            "batch_size": cfg.trainer.max_tokens,
             "batch_type": "token",
             "updates": steps,
             "epochs": 1000,
@@ -132,8 +133,8 @@ def joey_config(cfg, paths: dict[str, str], folder: Path, steps: int, log_every:
             "embed_initializer": "xavier_uniform",
             "tied_embeddings": False,
             "tied_softmax": bool(model.tie_output),
-            "encoder": stack(int(model.encoder_layers)),
-            "decoder": stack(int(model.decoder_layers)),
+            "encoder": stack(model.encoder_layers),
+            "decoder": stack(model.decoder_layers),
         },
     }
 
@@ -175,10 +176,10 @@ def run_seq2seq(overrides: list[str], steps: int, folder: Path) -> dict:
 def main() -> None:
     args = parse_args()
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=args.overrides)
+        cfg = check_config(compose(config_name="train", overrides=args.overrides))
     if cfg.model.name != "transformer":
         sys.exit("benchmark_joeynmt: compares the Transformer (model=transformer)")
-    threads = int(cfg.trainer.num_threads or torch.get_num_threads())
+    threads = cfg.trainer.num_threads or torch.get_num_threads()
     data = prepare_data(cfg, log=lambda message: None)
     precision = resolve_precision(cfg.trainer.precision, resolve_device(cfg.trainer.device))
     with tempfile.TemporaryDirectory(prefix="joeynmt-bench-") as tmp:
@@ -189,7 +190,7 @@ def main() -> None:
         common = [*args.overrides, f"trainer.num_threads={threads}"]
         report = {
             "cpu": device_name(torch.device("cpu")), "threads": threads, "steps": args.steps,
-            "max_tokens": int(cfg.trainer.max_tokens),
+            "max_tokens": cfg.trainer.max_tokens,
         }
         report["joeynmt"] = run_joey(args.joeynmt_python, config, threads, args.log_every)
         report["seq2seq_fp32"] = run_seq2seq([*common, "trainer.precision=fp32"], args.steps, folder / "fp32")

@@ -39,6 +39,7 @@ from seq2seq.analysis.alignment import (Reference, counts_characters, format_pha
                                         parse_pharaoh, tokens)
 from seq2seq.atomic import atomic_write
 from seq2seq.checkpoint import CheckpointError, checkpoint_tokenizers, load_checkpoint
+from seq2seq.config import check_config
 from seq2seq.data.clean import side_normalizations
 from seq2seq.data.corpus import CorpusError, load_corpus
 from seq2seq.data.tokenizer import normalize_text
@@ -98,9 +99,9 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="Hydra overrides of the training command, e.g. data.src_lang=en")
     args = parser.parse_args()
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
-        cfg = compose(config_name="train", overrides=args.overrides)
+        cfg = check_config(compose(config_name="train", overrides=args.overrides))
     data = cfg.data
-    src_lang, tgt_lang = str(data.src_lang), str(data.tgt_lang)
+    src_lang, tgt_lang = data.src_lang, data.tgt_lang
     src_form, tgt_form = scored_normalizations(args.checkpoint, data)
     print(f"tokens counted after normalisation {src_form} ({src_lang}) and {tgt_form} ({tgt_lang})", file=sys.stderr)
     start = time.perf_counter()
