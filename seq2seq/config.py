@@ -43,7 +43,7 @@ CELLS = ("gru", "lstm")
 CONTEXTS = ("final", "mean", "max")
 POSITIONALS = ("sinusoidal", "learned")
 NORMALIZATION_FORMS = ("NFC", "NFD", "NFKC", "NFKD")
-RESUME_RESETS = ("schedule", "optimizer", "sampler")
+RESUME_RESETS = ("schedule", "optimizer", "sampler", "runtime")
 
 # Decoding defaults of every entry point (trainer, inference library, translate, evaluate, inspect).
 BEAM_SIZE = 5
@@ -244,7 +244,8 @@ class TrainerConfig:
     seed: int = setting(1234, "seed of initialisation, batching and dropout")
     resume: Optional[str] = setting(None, "a checkpoint to continue from, or auto (the newest run of this data/model)")
     resume_reset: Any = setting(
-        [], "on resume, start these afresh instead of refusing a change: schedule, optimizer, sampler (one or a list)"
+        [], "on resume, accept a change instead of refusing it; these start afresh: schedule, optimizer, sampler, "
+        "runtime (another device or precision) (one or a list)"
     )
     patience: Optional[int] = setting(
         None, "stop after this many validations without a better BLEU (or, at equal BLEU, loss)", at_least=1

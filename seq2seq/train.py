@@ -36,8 +36,10 @@ from seq2seq.training.runs import (
     LAST_CHECKPOINT, RunFolderError, RunLock, StopSignals, TrainingInterrupted, accept_run, buffer_log_records, check_creatable,
     data_source, remove_if_empty, remove_stale_temporaries, run_folder,
 )
+from seq2seq.runtime import RuntimeSettingError, resolve_device, resolve_precision
+from seq2seq.training.resume import check_resumable
+from seq2seq.training.setup import build_trainer
 from seq2seq.training.trainer import Trainer, TrainingError
-from seq2seq.training.state import check_resumable
 
 log = logging.getLogger("seq2seq.train")
 
@@ -110,13 +112,15 @@ def _train(cfg: DictConfig) -> None:
     trainer = lock = None
     accepted = False
     try:
-        config = check_config(cfg)
+        config = check_config(cfg)  # the typed config: what every part below reads
+        ranks = distributed.env_info()
+        device = resolve_device(config.trainer.device, ranks.local_rank)  # check_config has checked both
+        precision = resolve_precision(config.trainer.precision, device)
         checkpoint = resume_checkpoint(config, run_dir)
-        if checkpoint is not None:
-            check_resumable(checkpoint, config)
-        if distributed.env_info().is_main:
+        resume = None if checkpoint is None else (checkpoint, check_resumable(checkpoint, config, device, precision))
+        if ranks.is_main:
             lock = RunLock(run_dir)
-        trainer = Trainer(config, run_dir, checkpoint)
+        trainer = build_trainer(config, run_dir, device, precision, resume)
         if trainer.is_main:
             for stale in remove_stale_temporaries(trainer.run_dir):
                 log.info("removed %s, left by a process killed while saving", stale)
@@ -133,7 +137,7 @@ def _train(cfg: DictConfig) -> None:
             log.info("run folder: %s", trainer.run_dir.resolve())
     except TrainingInterrupted as stop:
         _fail(f"{stop}. Continue with:\n  {_resume_command(stop.checkpoint)}", stop.status, trainer)
-    except (ConfigError, CheckpointError, CorpusError, RunFolderError) as error:
+    except (ConfigError, RuntimeSettingError, CheckpointError, CorpusError, RunFolderError) as error:
         if not accepted:
             if lock is not None:
                 lock.release(remove=True)

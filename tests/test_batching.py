@@ -84,7 +84,8 @@ def test_trainer_trains_on_batches_padded_and_budgeted_as_configured(corpus_path
 
     import seq2seq.train  # noqa: F401  (registers the config schema and resolvers)
     from seq2seq.paths import CONFIG_DIR
-    from seq2seq.training.trainer import Trainer
+    from seq2seq.config import check_config
+    from seq2seq.training.setup import build_trainer
 
     corpus = tmp_path / "slice.tsv"
     corpus.write_text("".join(corpus_path.open(encoding="utf-8").readlines()[:3000]), encoding="utf-8")
@@ -95,8 +96,8 @@ def test_trainer_trains_on_batches_padded_and_budgeted_as_configured(corpus_path
         "trainer.max_tokens=400", f"trainer.pad_multiple={multiple}", "trainer.device=cpu",
     ]
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=overrides)
-    trainer = Trainer(cfg, tmp_path / "run")
+        cfg = check_config(compose(config_name="train", overrides=overrides))
+    trainer = build_trainer(cfg, tmp_path / "run", torch.device("cpu"), "fp32")
     batches = list(itertools.islice(trainer._batches(), 40))
     for batch in batches:
         for tensor in (batch.src, batch.tgt_in, batch.tgt_out):
@@ -106,6 +107,6 @@ def test_trainer_trains_on_batches_padded_and_budgeted_as_configured(corpus_path
     if multiple == 8:
         assert any(batch.src.size(1) > int(batch.src_mask.sum(1).max()) for batch in batches), "nothing was padded"
 
-    trainer.state.position = 25
+    trainer.counters.position = 25
     resumed = list(itertools.islice(trainer._batches(), 15))
     assert [b.indices.tolist() for b in resumed] == [b.indices.tolist() for b in batches[25:]]

@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 
 from seq2seq.inference.predict import with_progress
 from seq2seq.training.limits import StoppingRules
-from seq2seq.training.state import TrainState
+from seq2seq.training.state import Counters
 
 
 class _Terminal(io.StringIO):
@@ -52,6 +52,6 @@ def test_the_bar_ends_at_the_step_the_run_will_stop_at():
 
 
 def test_completed_by_names_the_limit_a_resumed_run_has_reached():
-    assert rules(50, 24, elapsed=0.0).completed_by(TrainState(step=50)) == "max_steps"
-    assert rules(50, 24, elapsed=24 * 60.0).completed_by(TrainState(step=10)) == "time_limit_minutes"
-    assert rules(50, 24, elapsed=0.0).completed_by(TrainState(step=10)) is None
+    assert rules(50, 24, elapsed=0.0).completed_by(Counters(step=50)) == "max_steps"
+    assert rules(50, 24, elapsed=24 * 60.0).completed_by(Counters(step=10)) == "time_limit_minutes"
+    assert rules(50, 24, elapsed=0.0).completed_by(Counters(step=10)) is None

@@ -15,7 +15,7 @@ from seq2seq.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from seq2seq.config import ConfigError, TrainConfig, check_config
 from seq2seq.paths import CONFIG_DIR
 from seq2seq.training.optim import lr_multiplier, refit_scheduler
-from seq2seq.training.state import check_resumable
+from seq2seq.training.resume import check_resumable as check_on
 
 
 def composed(*overrides: str) -> TrainConfig:
@@ -23,12 +23,24 @@ def composed(*overrides: str) -> TrainConfig:
         return check_config(compose(config_name="train", overrides=list(overrides)))
 
 
+CPU = torch.device("cpu")
+TRAINING_STATE = {"optimizer": {}, "scheduler": {}, "rng": [], "train_state": {}}  # what the check asks is there
+
+
+def check_resumable(path, cfg: TrainConfig, device: torch.device = CPU, precision: str = "fp32") -> None:
+    check_on(path, cfg, device, precision)
+
+
+def write_checkpoint(path, config: dict, **extra) -> None:
+    save_checkpoint(path, {"config": config, "model": {}, "src_tokenizer": b"x", "tgt_tokenizer": b"x",
+                           **TRAINING_STATE, **extra})
+
+
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
-    """A checkpoint file whose config is the shipped default."""
+    """A checkpoint file whose config is the shipped default, written on the CPU in fp32."""
     path = tmp_path_factory.mktemp("resume") / "last.pt"
-    config = asdict(composed())
-    save_checkpoint(path, {"config": config, "model": {}, "src_tokenizer": b"x", "tgt_tokenizer": b"x"})
+    write_checkpoint(path, asdict(composed()), runtime={"device": "cpu", "precision": "fp32"})
     return path
 
 
@@ -73,6 +85,49 @@ def test_lr_max_steps_and_other_settings_apply_without_refusal(saved):
 def test_adding_alignment_pairs_to_a_resumed_run_is_allowed(saved, tmp_path):
     """data.alignments_path only adds AER to the validations: the run trains on the same batches."""
     check_resumable(saved, composed(f"data.alignments_path={tmp_path / 'gold'}"))
+
+
+@pytest.mark.parametrize(
+    "device, precision, message",
+    [(CPU, "bf16", "trainer.precision differs (checkpoint: fp32, this run: bf16)"),
+     (torch.device("cuda"), "fp32", "trainer.device differs (checkpoint: cpu, this run: cuda)")],
+)
+def test_another_device_or_precision_is_refused_unless_reset(saved, device, precision, message):
+    """What the run really used is compared (auto resolves to it): another device draws other dropout masks from
+    the saved random states, another precision has another loss scale and arithmetic."""
+    with pytest.raises(CheckpointError) as error:
+        check_resumable(saved, composed(), device, precision)
+    assert str(error.value).startswith(f"cannot resume from {saved}: {message}")
+    assert "add trainer.resume_reset=[runtime]" in str(error.value)
+    check_resumable(saved, composed("trainer.resume_reset=runtime"), device, precision)
+
+
+def test_a_file_written_before_the_runtime_was_recorded_compares_what_was_asked(tmp_path):
+    old, config = tmp_path / "old.pt", asdict(composed())
+    config["trainer"]["precision"] = "bf16"
+    write_checkpoint(old, config)
+    check_resumable(old, composed(), CPU, "fp32")  # auto here: what it resolves to was not recorded then
+    with pytest.raises(CheckpointError, match="trainer.precision differs .checkpoint: bf16, this run: fp32."):
+        check_resumable(old, composed("trainer.precision=fp32"), CPU, "fp32")
+
+
+def test_one_corpus_by_a_relative_and_an_absolute_path_is_one_source(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "corpus.tsv").write_text("Hi.\t嗨。\n", encoding="utf-8")
+    (tmp_path / "other.tsv").write_text("Hi.\t嗨。\n", encoding="utf-8")
+    path = tmp_path / "last.pt"
+    write_checkpoint(path, asdict(composed("data.path=corpus.tsv")))
+    check_resumable(path, composed(f"data.path={tmp_path / 'corpus.tsv'}"))
+    check_resumable(path, composed("data.path=./corpus.tsv"))
+    with pytest.raises(CheckpointError, match="data source differs"):
+        check_resumable(path, composed(f"data.path={tmp_path / 'other.tsv'}"))
+
+
+def test_a_checkpoint_without_training_state_is_refused_before_anything_is_built(tmp_path):
+    path = tmp_path / "best.pt"
+    save_checkpoint(path, {"config": asdict(composed()), "model": {}, "src_tokenizer": b"x", "tgt_tokenizer": b"x"})
+    with pytest.raises(CheckpointError, match="holds no training state .optimizer is missing.: it can translate"):
+        check_resumable(path, composed())
 
 
 def test_an_unknown_reset_is_one_clear_error():

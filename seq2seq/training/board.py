@@ -147,6 +147,12 @@ def log_test(writer: SummaryWriter, scores: dict[str, Any], buckets: list[dict[s
     writer.add_text("test/bleu_by_length", "\n".join(rows), step)
 
 
+def log_training(writer: SummaryWriter, step: int, **scalars: float) -> None:
+    """The training curves of one logging interval, under train/ (loss, lr, grad_norm, tokens_per_s, ...)."""
+    for name, value in scalars.items():
+        writer.add_scalar(f"train/{name}", value, step)
+
+
 def log_hparams(writer: SummaryWriter, cfg: TrainConfig, results: dict[str, Any], step: int) -> None:
     """One HPARAMS row per run, in the run's own folder, so TensorBoard lines variants up side by side."""
     hparams: dict[str, Any] = {"model": results["model"], "data": results["data"], "params": results["parameters"]}

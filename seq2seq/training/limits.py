@@ -13,7 +13,7 @@ import time
 from tqdm import tqdm
 
 from seq2seq.config import TrainerConfig
-from seq2seq.training.state import TrainState
+from seq2seq.training.state import Counters
 
 
 class StoppingRules:
@@ -45,7 +45,7 @@ class StoppingRules:
     def steps_done(self, step: int) -> bool:
         return self.max_steps is not None and step >= self.max_steps
 
-    def completed_by(self, state: TrainState) -> str | None:
+    def completed_by(self, state: Counters) -> str | None:
         """The limit a resumed run has already reached (it is finished), or None."""
         if self.steps_done(state.step):
             return "max_steps"

@@ -1,9 +1,7 @@
-"""What a training checkpoint holds beyond the weights, how a run resumes from it, and the averaging history.
+"""What a training checkpoint carries beyond the weights (the counters, the parts it saves), and the averaging history.
 
-Exact resume: a checkpoint holds the model, optimizer, scheduler, scaler, every rank's RNG states (the global
-ones and its DataLoader's generator) and the sampler position (epoch + batches consumed in it), taken between
-two updates, so a resumed run replays the same batches with the same dropout masks as an uninterrupted one.
-The file format itself (atomic writes, version checks, rebuilding a model to translate) is `checkpoint.py`'s.
+How a run resumes from it is `resume.py`'s; the file format itself (atomic writes, version checks, rebuilding a
+model to translate) is `checkpoint.py`'s.
 """
 
 from __future__ import annotations
@@ -15,19 +13,15 @@ from typing import Any
 
 import torch
 
-from seq2seq.checkpoint import (
-    CheckpointError, checkpoint_tokenizers, load_checkpoint, load_torch_file, save_checkpoint,
-)
-from seq2seq.config import TrainConfig, saved_config
+from seq2seq.checkpoint import load_torch_file, save_checkpoint
+from seq2seq.config import TrainConfig, TrainerConfig
 from seq2seq.data.tokenizer import Tokenizer
-from seq2seq.training.runs import data_source
-
-TRAINING_KEYS = ("optimizer", "scheduler", "rng", "train_state")
 
 
 @dataclass
-class TrainState:
-    """Counters that go into checkpoints so a resumed run carries on exactly."""
+class Counters:
+    """Where a run stands (steps, sampler position, best validation, time): saved in checkpoints so a resumed run
+    carries on exactly."""
 
     step: int = 0
     epoch: int = 0  # sampler epoch of the next batch
@@ -49,7 +43,7 @@ class TrainState:
 
 
 @dataclass
-class Training:
+class CheckpointParts:
     """The objects a checkpoint saves and a resume restores, besides the counters."""
 
     cfg: TrainConfig
@@ -61,8 +55,10 @@ class Training:
     scaler: torch.amp.GradScaler | None
     world_size: int
     num_parameters: int
+    device: torch.device
+    precision: str
 
-    def payload(self, state: TrainState, rng_states: list[dict[str, Any]], metrics: dict[str, Any]) -> dict:
+    def payload(self, counters: Counters, rng_states: list[dict[str, Any]], metrics: dict[str, Any]) -> dict:
         """A checkpoint that translates on its own and resumes exactly (`rng_states`: one per rank, rank order)."""
         return {
             "config": asdict(self.cfg),
@@ -71,129 +67,27 @@ class Training:
             "tgt_tokenizer": self.tgt_tok.proto,
             "src_normalization": self.src_tok.normalization,
             "tgt_normalization": self.tgt_tok.normalization,
-            "step": state.step,
-            "epoch": state.epoch,
-            "best_valid_bleu": state.best_bleu,
+            "step": counters.step,
+            "epoch": counters.epoch,
+            "best_valid_bleu": counters.best_bleu,
             "metrics": metrics,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "rng": rng_states,
-            "sampler": {"epoch": state.epoch, "position": state.position},
-            "train_state": asdict(state),
+            "sampler": {"epoch": counters.epoch, "position": counters.position},
+            "train_state": asdict(counters),
+            "runtime": {"device": self.device.type, "precision": self.precision},
             "world_size": self.world_size,
             "num_parameters": self.num_parameters,
         }
 
-    def restore(
-        self, path: Path, resets: frozenset[str] = frozenset()
-    ) -> tuple[TrainState, list[dict[str, Any]], dict[str, Any]]:
-        """Load weights, optimizer, scheduler and scaler from `path` -> the saved counters, per-rank RNG states and
-        the config the checkpoint was written with. `resets` (trainer.resume_reset) leaves the optimizer or the
-        schedule as freshly built, and the sampler at the start of its epoch.
 
-        Every way the file cannot continue this configuration is a CheckpointError saying what to do.
-        """
-        payload = load_checkpoint(path, map_location="cpu")
-        for key in TRAINING_KEYS:
-            if payload.get(key) is None:
-                raise CheckpointError(
-                    f"{path} holds no training state ({key} is missing): it can translate but not resume training. "
-                    "Resume from checkpoints/last.pt of a run, or start a new run."
-                )
-        if checkpoint_tokenizers(payload) != (self.src_tok, self.tgt_tok):
-            raise CheckpointError(
-                f"{path} was trained with other SentencePiece models or normalisation than data={self.cfg.data.name} "
-                "and this tokenizer config produce; resume with the data and tokenizer settings of that run."
-            )
-        try:
-            self.model.load_state_dict(payload["model"])
-            if "optimizer" not in resets:
-                self.optimizer.load_state_dict(payload["optimizer"])
-        except (RuntimeError, ValueError, KeyError) as error:
-            first = str(error).strip().splitlines()[-1].strip()[:200]  # torch lists every key; one says enough
-            raise CheckpointError(
-                f"{path} does not fit the configured {self.cfg.model.name} model ({first}). Resume with the "
-                "model settings the checkpoint was trained with (see its run's .hydra/config.yaml)."
-            ) from error
-        if "schedule" not in resets:
-            self.scheduler.load_state_dict(payload["scheduler"])
-        if self.scaler is not None and payload.get("scaler"):
-            self.scaler.load_state_dict(payload["scaler"])
-        state = TrainState(**payload["train_state"])
-        if "sampler" in resets:
-            state.position = 0
-        if "schedule" in resets:
-            state.schedule_anchor = None
-        return state, payload["rng"], payload["config"]
-
-
-# Settings a resume cannot continue exactly, with the trainer.resume_reset that continues anyway (None: nothing
-# can, the weights or vocabularies are those of that setting). Checked by prefix: "model." is every model key.
-_RESUME_RULES: tuple[tuple[str, str | None, str], ...] = (
-    ("model.", None, "the weights belong to that model"),
-    ("tokenizer.", None, "the vocabularies belong to that tokenizer"),
-    ("data source", "sampler", "it was trained on another corpus"),
-    ("data.src_lang", None, "the model translates the other way"),
-    ("data.tgt_lang", None, "the model translates the other way"),
-    ("data.", "sampler", "the training split and its batches differ"),
-    ("trainer.max_tokens", "sampler", "the saved batch position points into other batches"),
-    ("trainer.accumulate", "sampler", "the saved batch position points into other updates"),
-    ("trainer.pad_multiple", "sampler", "the saved batch position points into other batches"),
-    ("trainer.seed", "sampler", "later epochs would shuffle differently"),
-    ("optim.schedule", "schedule", "the learning-rate schedule would change its course"),
-    ("optim.warmup_steps", "schedule", "the learning-rate schedule would change its course"),
-    ("optim.min_lr_ratio", "schedule", "the learning-rate schedule would change its course"),
-)
-_NOT_COMPARED = ("data.name", "data.path", "data.mirror_path", "data.download_url", "data.download_member",
-                 "data.num_proc", "data.alignments_path")  # name: languages; corpus: `data_source`; AER: not trained on
-
-
-def flat_settings(config: Any, prefix: str = "") -> dict[str, Any]:
-    """A nested config as {"group.key": value}; lists stay values."""
-    flat: dict[str, Any] = {}
-    for key, value in (config or {}).items():
-        if isinstance(value, dict):
-            flat.update(flat_settings(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
-def check_resumable(path: Path, cfg: TrainConfig) -> None:
-    """Refuse, before anything is built or written, a checkpoint this config cannot continue exactly, in one line
-    naming the first setting that differs: a model, tokenizer or direction change always, a change of the data,
-    batching or schedule unless trainer.resume_reset asks for that part to start afresh. Other settings (optim.lr,
-    max_steps, validation, ...) apply as given (`Trainer._resume` logs them). The weights are checked by
-    `Training.restore`."""
-    resets = cfg.trainer.resets
-    saved = load_checkpoint(path, map_location="cpu")["config"]
-    theirs = flat_settings(saved)
-    ours = flat_settings(asdict(cfg))
-    theirs["data source"], ours["data source"] = data_source(saved_config(saved).data), data_source(cfg.data)
-    for setting in ours:
-        if setting in _NOT_COMPARED or setting not in theirs or theirs[setting] == ours[setting]:
-            continue  # a key the checkpoint predates cannot be compared
-        rule = next((rule for rule in _RESUME_RULES if setting.startswith(rule[0])), None)
-        if rule is None or rule[1] in resets:
-            continue
-        _prefix, reset, why = rule
-        advice = (
-            f"resume with the checkpoint's value, or add trainer.resume_reset=[{reset}] to continue without "
-            "an exact replay" if reset else "resume with that run's settings (its .hydra/config.yaml), or start a "
-            "new run without trainer.resume"
-        )
-        raise CheckpointError(
-            f"cannot resume from {path}: {setting} differs (checkpoint: {theirs[setting]}, this run: "
-            f"{ours[setting]}) and {why}; {advice}."
-        )
-
-
-def changed_settings(saved: dict[str, Any], cfg: TrainConfig) -> dict[str, tuple[Any, Any]]:
-    """The settings of this run that differ from the checkpoint's: {key: (checkpoint, this run)}."""
-    theirs = flat_settings(saved)
-    ours = flat_settings(asdict(cfg))
-    return {key: (theirs[key], value) for key, value in ours.items() if key in theirs and theirs[key] != value}
+def total_steps(trainer_cfg: TrainerConfig, steps_per_epoch: int) -> int | None:
+    """Updates a run makes when it is bounded by steps or epochs (for the cosine schedule and the ETA)."""
+    bounds = [bound for bound in (trainer_cfg.max_steps,
+                                  trainer_cfg.max_epochs and trainer_cfg.max_epochs * steps_per_epoch) if bound]
+    return min(bounds) if bounds else None
 
 
 def average_state_dicts(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:

@@ -223,6 +223,17 @@ class IntervalStats:
         self.tokens = 0
         self.steps = 0
 
+    def reduce(self, when: str) -> tuple[float, int, int, int]:
+        """(summed loss, target tokens, non-finite steps, longest non-finite streak) of the interval on all ranks;
+        reading them is the loop's one host synchronisation."""
+        totals = torch.stack([self.loss_sum, torch.tensor(float(self.tokens), device=self.device)])
+        anomalies = torch.stack([self.nonfinite, self.streak_max])
+        distributed.all_reduce(totals, f"the training statistics of {when}", "sum")
+        distributed.all_reduce(anomalies, f"the non-finite counts of {when}", "max")
+        loss_sum, tokens = totals.tolist()
+        nonfinite, streak_max = (int(value) for value in anomalies.tolist())
+        return loss_sum, int(tokens), nonfinite, streak_max
+
     def add(self, result: StepResult) -> None:
         self.loss_sum += result.loss_sum
         self.grad_norm_sum += torch.where(result.finite, result.grad_norm, 0.0)
