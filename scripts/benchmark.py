@@ -7,11 +7,11 @@
 Positional arguments are Hydra overrides of configs/train.yaml, so the benchmark measures what
 `python -m seq2seq.train` with the same overrides would train: the same device and precision rule
 (`trainer.device` / `trainer.precision`, both `auto` by default), the same optimizer, scaler, clipping,
-accumulation and `trainer.compile`, and the same `TrainStep` object the trainer calls at every update.
+accumulation and `trainer.compile`, and the same `Update` object the trainer calls at every update.
 Prints a table and writes JSON (--json).
 
 What is measured, on the trainer's own batches of the training split (or synthetic ones of Tatoeba-like lengths):
-  - throughput of `TrainStep` as the loop calls it (no synchronisation inside, one at the end): target
+  - throughput of `Update` as the loop calls it (no synchronisation inside, one at the end): target
     tokens/s, source+target tokens/s, sentences/s (padding excluded);
   - time per update split into data (batch to device), forward, backward and optimizer, from a few more updates
     run through the step's own four phases with a synchronisation after each;
@@ -57,7 +57,7 @@ from seq2seq.runtime import (
     AUTOCAST_DTYPES, RuntimeSettingError, configure_device, device_name, resolve_device, resolve_precision,
     seed_everything, synchronize,
 )
-from seq2seq.training.step import TrainStep
+from seq2seq.training.update import Update
 
 
 def parse_args() -> argparse.Namespace:
@@ -128,12 +128,12 @@ def synthetic_batches(
     return batches
 
 
-def count_flops(step: TrainStep, window: list[Batch]) -> int:
+def count_flops(update: Update, window: list[Batch]) -> int:
     """Forward + backward FLOPs of one real update (matrix products, attention included), counted by torch itself
     on the uncompiled model (the counter cannot see inside compiled graphs; the FLOPs are the same)."""
     counter = FlopCounterMode(display=False)
     with counter:
-        dataclasses.replace(step, train_model=step.model)(window)
+        dataclasses.replace(update, train_model=update.model)(window)
     return counter.get_total_flops()
 
 
@@ -143,12 +143,12 @@ def peak_memory_mib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def time_training(step: TrainStep, windows: list[list[Batch]]) -> dict:
+def time_training(update: Update, windows: list[list[Batch]]) -> dict:
     """Updates exactly as the training loop makes them, synchronised only before and after."""
-    synchronize(step.device)
+    synchronize(update.device)
     start = time.perf_counter()
-    losses = [step(window).loss_sum for window in windows]
-    synchronize(step.device)
+    losses = [update(window).loss_sum for window in windows]
+    synchronize(update.device)
     seconds = time.perf_counter() - start
     if not all(torch.isfinite(torch.stack(losses)).tolist()):
         sys.exit("benchmark: a training loss was not finite; the figures would be meaningless")
@@ -165,20 +165,20 @@ def time_training(step: TrainStep, windows: list[list[Batch]]) -> dict:
     }
 
 
-def time_phases(step: TrainStep, windows: list[list[Batch]]) -> dict[str, float]:
+def time_phases(update: Update, windows: list[list[Batch]]) -> dict[str, float]:
     """Mean ms per update in each phase of the step, synchronising around each (so slightly slower overall)."""
     phases: dict[str, float] = {"data": 0.0, "forward": 0.0, "backward": 0.0, "optimizer": 0.0}
 
     @contextlib.contextmanager
     def timed(name: str):
-        synchronize(step.device)
+        synchronize(update.device)
         start = time.perf_counter()
         yield
-        synchronize(step.device)
+        synchronize(update.device)
         phases[name] += time.perf_counter() - start
 
     for window in windows:
-        step(window, phase=timed)
+        update(window, phase=timed)
     return {name: 1000 * seconds / len(windows) for name, seconds in phases.items()}
 
 
@@ -288,13 +288,13 @@ def training_figures(args: argparse.Namespace, cfg, device: torch.device, precis
     windows = [batches[i : i + accumulate] for i in range(0, count, accumulate)]
 
     model = build_model(cfg.model, src_vocab, tgt_vocab).to(device)
-    step = TrainStep.from_config(model, cfg, device, precision, data_parallel=False, total_steps=None)
-    flops_per_tgt_token = count_flops(step, windows[0]) / sum(batch.num_tgt_tokens for batch in windows[0])
+    update = Update.from_config(model, cfg, device, precision, data_parallel=False, total_steps=None)
+    flops_per_tgt_token = count_flops(update, windows[0]) / sum(batch.num_tgt_tokens for batch in windows[0])
     for window in windows[1 : 1 + args.warmup]:
-        step(window)
+        update(window)
     timed = windows[1 + args.warmup : 1 + args.warmup + args.steps]
-    training = time_training(step, timed)
-    training["ms_per_step"] = time_phases(step, windows[1 + args.warmup + args.steps :]) if args.phase_steps else {}
+    training = time_training(update, timed)
+    training["ms_per_step"] = time_phases(update, windows[1 + args.warmup + args.steps :]) if args.phase_steps else {}
     peak = matmul_peak(device, AUTOCAST_DTYPES.get(precision, torch.float32))
     achieved = flops_per_tgt_token * training["target_tokens_per_s"]
     return {

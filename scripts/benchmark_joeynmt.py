@@ -32,7 +32,7 @@ import torch
 import yaml
 from hydra import compose, initialize_config_dir
 
-from seq2seq.config import TrainConfig, check_config
+from seq2seq.config import RunConfig, check_config
 from seq2seq.data.prepare import prepare_data
 from seq2seq.paths import CONFIG_DIR
 from seq2seq.runtime import device_name, resolve_device, resolve_precision
@@ -67,7 +67,7 @@ def write_joey_data(data, folder: Path) -> dict[str, str]:
     return paths
 
 
-def joey_config(cfg: TrainConfig, paths: dict[str, str], folder: Path, steps: int, log_every: int) -> dict:
+def joey_config(cfg: RunConfig, paths: dict[str, str], folder: Path, steps: int, log_every: int) -> dict:
     """A JoeyNMT 2.3 config for the Transformer and recipe in `cfg`."""
     model = cfg.model
 

@@ -24,7 +24,7 @@ import torch
 
 from seq2seq import __version__
 from seq2seq.atomic import atomic_write
-from seq2seq.config import TrainConfig, saved_config
+from seq2seq.config import RunConfig, saved_config
 from seq2seq.data.tokenizer import LEGACY_NORMALIZATION, Tokenizer
 from seq2seq.models import build_model
 from seq2seq.models.base import Seq2SeqModel
@@ -131,7 +131,7 @@ class LoadedModel:
     model: Seq2SeqModel
     src_tokenizer: Tokenizer
     tgt_tokenizer: Tokenizer
-    config: TrainConfig  # as saved, laid over today's defaults (`saved_config`)
+    config: RunConfig  # as saved, laid over today's defaults (`saved_config`)
     checkpoint: dict[str, Any]
 
 

@@ -14,7 +14,7 @@ without a schema line (a test's tiny model) still composes and is checked by `ch
 
 Types are checked by OmegaConf while composing; `check_config` then checks what a type cannot say (ranges, names
 from a closed list, rules between keys, what this machine can run), reports every problem at once, and returns the
-typed objects (`TrainConfig`) that the code reads from then on: nothing below the command line sees a DictConfig.
+typed objects (`RunConfig`) that the code reads from then on: nothing below the command line sees a DictConfig.
 A key's `metadata` holds its doc and what it allows (`setting`); the cross-key rules are each dataclass's `rules`.
 
 Checkpoints store the config as plain containers; `saved_config` lays one over these defaults as the same typed
@@ -289,8 +289,9 @@ class TrainerConfig:
 
 
 @dataclass
-class TrainConfig:
-    """The top of `configs/train.yaml`; a model file brings its family's schema (MODEL_CONFIGS)."""
+class RunConfig:
+    """Everything one training run is configured with: the top of `configs/train.yaml`; a model file brings its
+    family's schema (MODEL_CONFIGS)."""
 
     data: DataConfig = field(default_factory=DataConfig, metadata={"doc": "the corpus (configs/data/)"})
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig, metadata={"doc": "SentencePiece models"})
@@ -309,7 +310,7 @@ class TrainConfig:
 def register() -> None:
     """Put the schema where configs/ can name it: `base_train` and, in the model group, `base_<family>`."""
     store = ConfigStore.instance()
-    store.store(name="base_train", node=TrainConfig)
+    store.store(name="base_train", node=RunConfig)
     for family, schema in MODEL_CONFIGS.items():
         store.store(group="model", name=f"base_{family}", node=schema, package="model")
 
@@ -317,7 +318,7 @@ def register() -> None:
 register()
 
 
-def saved_config(saved: Mapping[str, Any]) -> TrainConfig:
+def saved_config(saved: Mapping[str, Any]) -> RunConfig:
     """A stored config (a checkpoint's, a run's .hydra/config.yaml) as the schema's objects: a key the file predates
     takes its default, a key since removed is dropped, a key since renamed is carried over. Unchecked (the file was
     valid when it was written), so no old file fails to load."""
@@ -328,7 +329,7 @@ def saved_config(saved: Mapping[str, Any]) -> TrainConfig:
         clean.setdefault("tgt_normalization", clean["normalization"])
     model = values.get("model") or {}
     family = MODEL_CONFIGS.get(model.get("name"), ModelConfig)
-    return _lenient(TrainConfig, {**values, "model": _lenient(family, model)})
+    return _lenient(RunConfig, {**values, "model": _lenient(family, model)})
 
 
 def _lenient(schema: type, values: Mapping[str, Any]) -> Any:
@@ -494,7 +495,7 @@ def model_config(values: Mapping[str, Any]) -> ModelConfig:
     raise ConfigError(f"model={values['name']}: " + "; ".join(problems))
 
 
-def check_config(cfg: DictConfig) -> TrainConfig:
+def check_config(cfg: DictConfig) -> RunConfig:
     """The composed training config as the schema's objects, or a ConfigError that lists every problem, one a line."""
     values = _plain(cfg)
     problems: list[str] = []
@@ -505,9 +506,9 @@ def check_config(cfg: DictConfig) -> TrainConfig:
         problems.append(str(error))
     else:
         problems += _problems(model, model_schema, "model.")
-    problems += _problems({key: value for key, value in values.items() if key != "model"}, TrainConfig, "")
+    problems += _problems({key: value for key, value in values.items() if key != "model"}, RunConfig, "")
     if not problems:
-        config = _instance(TrainConfig, {**values, "model": _instance(model_schema, model)})
+        config = _instance(RunConfig, {**values, "model": _instance(model_schema, model)})
         problems += [*config.data.rules(), *config.model.rules(), *config.optim.rules(), *config.trainer.rules(),
                      *config.rules()]
         if not problems:

@@ -31,8 +31,8 @@ from omegaconf import DictConfig, OmegaConf
 from seq2seq.training import distributed
 from seq2seq.checkpoint import CheckpointError
 from seq2seq.data.corpus import CorpusError
-from seq2seq.config import ConfigError, TrainConfig, check_config, composition_error_message, saved_config
-from seq2seq.training.runs import (
+from seq2seq.config import ConfigError, RunConfig, check_config, composition_error_message, saved_config
+from seq2seq.training.lifecycle import (
     LAST_CHECKPOINT, RunFolderError, RunLock, StopSignals, TrainingInterrupted, accept_run, buffer_log_records, check_creatable,
     data_source, remove_if_empty, remove_stale_temporaries, run_folder,
 )
@@ -63,7 +63,7 @@ def _register_resolvers() -> None:
 _register_resolvers()
 
 
-def resume_checkpoint(cfg: TrainConfig, run_dir: Path) -> Path | None:
+def resume_checkpoint(cfg: RunConfig, run_dir: Path) -> Path | None:
     """The checkpoint trainer.resume asks for, or None for a fresh start."""
     resume = cfg.trainer.resume
     if not resume:
@@ -104,7 +104,7 @@ def _resume_command(checkpoint: Path) -> str:
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="train")
-def _train(cfg: DictConfig) -> None:
+def _run(cfg: DictConfig) -> None:
     """Check the config and the checkpoint, lock and accept the run folder, then train. Nothing is written into
     the run folder before the run is accepted, so a rejected launch leaves an earlier run as it was."""
     run_dir = Path(HydraConfig.get().runtime.output_dir)
@@ -175,7 +175,7 @@ def main() -> None:
     full_error = os.environ.get("HYDRA_FULL_ERROR") == "1"
     os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
-        _train()
+        _run()
     except CompactHydraException as error:
         if full_error:
             raise

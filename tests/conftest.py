@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 from seq2seq.checkpoint import save_checkpoint
 from seq2seq.data.batching import collate
 from seq2seq.data.tokenizer import PAD_ID, build_tokenizers
-from seq2seq.config import TrainConfig, model_config, saved_config
+from seq2seq.config import RunConfig, model_config, saved_config
 from seq2seq.models import build_model
 from seq2seq.paths import CONFIG_DIR
 
@@ -38,7 +38,7 @@ def corpus_path() -> Path:
     return path
 
 
-def tatoeba_cfg(**data: object) -> TrainConfig:
+def tatoeba_cfg(**data: object) -> RunConfig:
     """The default data + tokenizer config, with data.* overrides, as the typed config."""
     cfg = OmegaConf.create({"data": OmegaConf.load(CONFIG_DIR / "data" / "tatoeba_zh_en.yaml")})
     for key, value in data.items():

@@ -23,7 +23,7 @@ from seq2seq.checkpoint import load_model
 from seq2seq.data.batching import collate
 from seq2seq.inference.forced import force
 from seq2seq.models.base import ModelOutput, Seq2SeqModel
-from seq2seq.training.step import token_loss
+from seq2seq.training.update import token_loss
 
 # 我 是 学 生 -> "I am a student.": 学 and 生 both sure on "student.", 是 possibly on "a".
 REFERENCE = parse_pharaoh("0-0 1-1 2-3 3-3 1?2")

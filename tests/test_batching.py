@@ -11,7 +11,7 @@ import torch
 from seq2seq.data.batching import TokenBatchSampler, collate, padded_length
 from seq2seq.config import model_config
 from seq2seq.models import build_model
-from seq2seq.training.step import token_loss
+from seq2seq.training.update import token_loss
 
 from conftest import TINY_MODELS
 

@@ -22,7 +22,7 @@ from seq2seq.config import (
     TrainerConfig, check_config, composition_error_message, model_config,
 )
 from seq2seq.paths import CONFIG_DIR, PROJECT_ROOT
-from seq2seq.training.runs import data_source, newest_run, run_folder
+from seq2seq.training.lifecycle import data_source, newest_run, run_folder
 from seq2seq.runtime import cpu_has_native_bf16
 
 DATA_CONFIGS = sorted(path.stem for path in (CONFIG_DIR / "data").glob("*.yaml"))

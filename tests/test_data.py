@@ -19,7 +19,7 @@ import torch
 from conftest import tatoeba_cfg
 from omegaconf import OmegaConf
 
-from seq2seq.config import DataConfig, TokenizerConfig, TrainConfig, saved_config
+from seq2seq.config import DataConfig, TokenizerConfig, RunConfig, saved_config
 from seq2seq.data import corpus as corpus_module
 from seq2seq.data import prepare as prepare_module
 from seq2seq.data import split as split_module
@@ -334,7 +334,7 @@ def test_hub_cache_key_follows_the_corpus_fingerprint(monkeypatch):
     versions = iter([datasets.DatasetDict({"train": split}) for split in (rows, rows, revised)])
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(corpus_module.datasets, "load_dataset", lambda name, config: next(versions))
-    cfg = TrainConfig(data=hub_cfg(), tokenizer=tokenizer_cfg())
+    cfg = RunConfig(data=hub_cfg(), tokenizer=tokenizer_cfg())
     keys = [prepare_module._cache_key(cfg) for _ in range(3)]
     assert keys[0] == keys[1] != keys[2]
 

@@ -27,7 +27,7 @@ from seq2seq.config import OptimConfig, model_config
 from seq2seq.models import build_model
 from seq2seq.training import distributed
 from seq2seq.training.optim import build_optimizer, build_scheduler
-from seq2seq.training.step import TrainStep, wrap_model
+from seq2seq.training.update import Update, wrap_model
 
 from conftest import TORCHRUN, Workspace, kill_tree
 
@@ -35,7 +35,7 @@ HOOK = '''
 """Test hook for seq2seq's training processes, driven by the JSON in $SEQ2SEQ_TEST_HOOK:
   scores: {"valid@10": {"bleu": 20.0}, "valid_averaged@20": {...}}  metrics that replace the measured ones
   stall_test: {"marker": PATH, "seconds": S}                         touch PATH, then sleep before the test
-  out_of_memory: {"calls": [3], "ranks": [0]}                       TrainStep.forward calls that run out of memory
+  out_of_memory: {"calls": [3], "ranks": [0]}                       Update.forward calls that run out of memory
 """
 import json
 import os
@@ -62,9 +62,9 @@ if _HOOK:
     from pathlib import Path
 
     import torch
-    from seq2seq.training import step as _step, validation as _validation
+    from seq2seq.training import update as _update, validation as _validation
 
-    _validate, _test, _forward = _validation.Evaluator.validate, _validation.Evaluator.test, _step.TrainStep.forward
+    _validate, _test, _forward = _validation.Evaluator.validate, _validation.Evaluator.test, _update.Update.forward
     _calls = [0]
 
     def _scripted_validate(self, model, step, *args, **kwargs):
@@ -89,7 +89,7 @@ if _HOOK:
 
     _validation.Evaluator.validate = _scripted_validate
     _validation.Evaluator.test = _stalled_test
-    _step.TrainStep.forward = _forward_out_of_memory
+    _update.Update.forward = _forward_out_of_memory
 '''
 
 QUIET = ["model=tiny_transformer", "trainer.num_attention_samples=0", "attention_examples=[]",
@@ -217,7 +217,7 @@ import sys, time
 from datetime import timedelta
 from pathlib import Path
 from seq2seq.training import distributed
-from seq2seq.training.runs import StopSignals, TrainingInterrupted
+from seq2seq.training.lifecycle import StopSignals, TrainingInterrupted
 
 mode, folder = sys.argv[1], Path(sys.argv[2])
 info = distributed.init_distributed("cpu", timedelta(seconds=float(sys.argv[3])))
@@ -286,13 +286,13 @@ TINY = {"name": "transformer", "d_model": 16, "num_heads": 2, "encoder_layers": 
 OPTIM = {"lr": 1e-3, "betas": [0.9, 0.98], "eps": 1e-9, "weight_decay": 0.0, "schedule": "constant", "warmup_steps": 0}
 
 
-def tiny_step(data_parallel: bool = False) -> TrainStep:
+def tiny_step(data_parallel: bool = False) -> Update:
     torch.manual_seed(0)
     model = build_model(model_config(TINY), 20, 20)
     optim = OptimConfig(**OPTIM)
     optimizer = build_optimizer(model, optim, fused=True)
     cpu = torch.device("cpu")
-    return TrainStep(model, wrap_model(model, cpu, data_parallel, False), optimizer,
+    return Update(model, wrap_model(model, cpu, data_parallel, False), optimizer,
                      build_scheduler(optimizer, optim, None), None, cpu, "fp32", 0.0, 0.0)
 
 
@@ -300,19 +300,19 @@ def test_a_batch_that_runs_out_of_memory_is_skipped_and_training_goes_on(monkeyp
     step = tiny_step()
     window = [collate([{"src_ids": [5, 6, 7], "tgt_ids": [8, 9]}, {"src_ids": [5], "tgt_ids": [8, 9, 10, 11]}])]
     before = {name: p.detach().clone() for name, p in step.model.named_parameters()}
-    forward = TrainStep.forward
+    forward = Update.forward
 
     def out_of_memory(self, batch, normaliser):
         forward(self, batch, normaliser)[0].sum().backward()  # leave gradients behind, as a failed backward would
         raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
 
-    monkeypatch.setattr(TrainStep, "forward", out_of_memory)
+    monkeypatch.setattr(Update, "forward", out_of_memory)
     result = step(window)
     shape = f"2 sentences x {window[0].src.size(1)} source / {window[0].tgt_in.size(1)} target positions"
     assert result.out_of_memory and result.failed_batch == shape
     assert all(torch.equal(before[name], p) for name, p in step.model.named_parameters())
     assert all(p.grad is None for p in step.model.parameters()) and step.scheduler.last_epoch == 0
-    monkeypatch.setattr(TrainStep, "forward", forward)
+    monkeypatch.setattr(Update, "forward", forward)
     assert not step(window).out_of_memory and step.scheduler.last_epoch == 1
 
 
@@ -321,13 +321,13 @@ import sys
 import torch
 from seq2seq.data.batching import collate
 from seq2seq.training import distributed
-from seq2seq.training.step import TrainStep
+from seq2seq.training.update import Update
 from test_distributed import HOOK, tiny_step
 
 exec(HOOK.split("_HOOK = ")[0])  # _out_of_memory_inside
 info = distributed.init_distributed("cpu")
 step = tiny_step(data_parallel=True)
-forward, calls = TrainStep.forward, [0]
+forward, calls = Update.forward, [0]
 
 def forward_out_of_memory(self, batch, normaliser):
     calls[0] += 1
@@ -335,7 +335,7 @@ def forward_out_of_memory(self, batch, normaliser):
         return _out_of_memory_inside(self.model, forward, self, batch, normaliser)
     return forward(self, batch, normaliser)
 
-TrainStep.forward = forward_out_of_memory
+Update.forward = forward_out_of_memory
 batch = collate([{"src_ids": [5 + info.rank, 6, 7], "tgt_ids": [8, 9]}])
 skipped = [step([batch, batch]).out_of_memory for _ in range(5)]
 digests = distributed.all_gather_object(distributed.weights_digest(step.model), "the weight digests")

@@ -12,13 +12,13 @@ from hydra import compose, initialize_config_dir
 
 import seq2seq.train  # noqa: F401  (registers the config schema and resolvers)
 from seq2seq.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from seq2seq.config import ConfigError, TrainConfig, check_config
+from seq2seq.config import ConfigError, RunConfig, check_config
 from seq2seq.paths import CONFIG_DIR
 from seq2seq.training.optim import lr_multiplier, refit_scheduler
 from seq2seq.training.resume import check_resumable as check_on
 
 
-def composed(*overrides: str) -> TrainConfig:
+def composed(*overrides: str) -> RunConfig:
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         return check_config(compose(config_name="train", overrides=list(overrides)))
 
@@ -27,7 +27,7 @@ CPU = torch.device("cpu")
 TRAINING_STATE = {"optimizer": {}, "scheduler": {}, "rng": [], "train_state": {}}  # what the check asks is there
 
 
-def check_resumable(path, cfg: TrainConfig, device: torch.device = CPU, precision: str = "fp32") -> None:
+def check_resumable(path, cfg: RunConfig, device: torch.device = CPU, precision: str = "fp32") -> None:
     check_on(path, cfg, device, precision)
 
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from seq2seq.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from seq2seq.training.runs import RunFolderError, RunLock, remove_stale_temporaries
+from seq2seq.training.lifecycle import RunFolderError, RunLock, remove_stale_temporaries
 
 from conftest import Workspace
 
@@ -57,7 +57,7 @@ def test_two_runs_started_together_get_two_folders(ws):
 
 def test_a_second_process_cannot_take_a_run_in_use(tmp_path):
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from pathlib import Path; from seq2seq.training.runs import RunLock; "
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; from seq2seq.training.lifecycle import RunLock; "
          "lock = RunLock(Path(sys.argv[1])); lock.record_holder(); print('locked', flush=True); time.sleep(60)",
          str(tmp_path)], stdout=subprocess.PIPE, text=True,
     )

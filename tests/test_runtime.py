@@ -195,7 +195,7 @@ def test_recurrent_models_train_on_a_gpu(key, precision):
 
 def test_train_step_with_a_gradient_scaler_runs_on_the_cpu():
     """The branch fp16 training takes (loss scaling, unscale before clipping, the scaler's step), on the CPU."""
-    from seq2seq.training.step import TrainStep
+    from seq2seq.training.update import Update
 
     cfg = saved_config({
         "optim": {"lr": 1e-3, "betas": [0.9, 0.98], "eps": 1e-9, "weight_decay": 0.0, "schedule": "constant",
@@ -205,7 +205,7 @@ def test_train_step_with_a_gradient_scaler_runs_on_the_cpu():
     torch.manual_seed(0)
     model = build_model(model_config({"name": "transformer", "d_model": 16, "num_heads": 2, "encoder_layers": 1,
                                       "decoder_layers": 1, "ff_dim": 32, "dropout": 0.0}), 20, 20)
-    step = TrainStep.from_config(model, cfg, CPU, "fp16", data_parallel=False, total_steps=None)
+    step = Update.from_config(model, cfg, CPU, "fp16", data_parallel=False, total_steps=None)
     step.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
     before = [p.detach().clone() for p in model.parameters()]
     result = step([_batch(), _batch()])

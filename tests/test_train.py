@@ -24,7 +24,7 @@ from seq2seq.config import OptimConfig
 from seq2seq.training.optim import build_optimizer, lr_multiplier, parameter_groups
 from seq2seq.inference.predict import translate_sentences
 from seq2seq.training.distributed import weights_digest
-from seq2seq.training.step import token_loss
+from seq2seq.training.update import token_loss
 from seq2seq.training.state import average_state_dicts
 
 from conftest import TORCHRUN, Workspace, kill_tree
@@ -260,7 +260,7 @@ from seq2seq.data.batching import collate
 from seq2seq.config import OptimConfig, model_config
 from seq2seq.models import build_model
 from seq2seq.training.optim import build_optimizer, build_scheduler
-from seq2seq.training.step import TrainStep, token_loss, wrap_model
+from seq2seq.training.update import Update, token_loss, wrap_model
 
 MODEL = {"name": "transformer", "d_model": 16, "num_heads": 2, "encoder_layers": 1, "decoder_layers": 1,
          "ff_dim": 32, "dropout": 0.0, "attention_dropout": 0.0, "tie_output": False}
@@ -275,7 +275,7 @@ def gradients(data_parallel, window):
     torch.manual_seed(0)
     model = build_model(model_config(MODEL), 20, 20)
     optimizer = build_optimizer(model, OPTIM, fused=True)
-    step = TrainStep(model, wrap_model(model, CPU, data_parallel, False), optimizer,
+    step = Update(model, wrap_model(model, CPU, data_parallel, False), optimizer,
                      build_scheduler(optimizer, OPTIM, None), None, CPU, "fp32", 0.0, 0.0)
     step(window)
     return model, {name: p.grad.clone() for name, p in model.named_parameters()}

@@ -24,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 import xxhash
 
-from seq2seq.config import DataConfig, TrainConfig
+from seq2seq.config import DataConfig, RunConfig
 from seq2seq.data.clean import side_normalizations
 from seq2seq.data.corpus import (
     CleaningReport, CorpusError, find_corpus, given_split_file, hub_fingerprint, load_corpus,
@@ -54,7 +54,7 @@ class PreparedData:
     stage_seconds: dict[str, float] = field(default_factory=dict)  # of this build; empty when loaded from cache
 
 
-def prepare_data(cfg: TrainConfig, log: Callable[[str], None] = print) -> PreparedData:
+def prepare_data(cfg: RunConfig, log: Callable[[str], None] = print) -> PreparedData:
     """Load (or build and cache) the tokenized splits for `cfg.data` and `cfg.tokenizer`; `log` gets the
     cleaning summary and the cache location (pass a no-op on non-zero distributed ranks)."""
     path = cache_dir() / "datasets" / _cache_key(cfg)
@@ -80,7 +80,7 @@ def direction_line(data_cfg: DataConfig, prepared: PreparedData) -> str:
     )
 
 
-def _cache_key(cfg: TrainConfig) -> str:
+def _cache_key(cfg: RunConfig) -> str:
     """Hash of everything that shapes the result: the settings, the corpus content (local) or its splits'
     fingerprints (hub), and which valid/test files are given with their content. xxh3 reads gigabytes per second,
     so even a corpus of millions of lines is recognised in a fraction of a second."""
@@ -132,7 +132,7 @@ def _load_cached(path: Path) -> PreparedData | None:
         return None  # damaged or from an incompatible version: rebuilt and replaced
 
 
-def _build(cfg: TrainConfig, path: Path, log: Callable[[str], None]) -> PreparedData:
+def _build(cfg: RunConfig, path: Path, log: Callable[[str], None]) -> PreparedData:
     """Build in a temporary sibling folder and rename it into place, so a crash never leaves half a cache."""
     clock = [time.perf_counter()]
     stage_seconds: dict[str, float] = {}

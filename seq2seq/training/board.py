@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from seq2seq.analysis.diagnostics import training_summary
-from seq2seq.config import TrainConfig
+from seq2seq.config import RunConfig
 from seq2seq.data.tokenizer import EOS_ID, Tokenizer
 from seq2seq.inference.forced import attend
 from seq2seq.models.base import NO_ATTENTION, Seq2SeqModel
@@ -153,7 +153,7 @@ def log_training(writer: SummaryWriter, step: int, **scalars: float) -> None:
         writer.add_scalar(f"train/{name}", value, step)
 
 
-def log_hparams(writer: SummaryWriter, cfg: TrainConfig, results: dict[str, Any], step: int) -> None:
+def log_hparams(writer: SummaryWriter, cfg: RunConfig, results: dict[str, Any], step: int) -> None:
     """One HPARAMS row per run, in the run's own folder, so TensorBoard lines variants up side by side."""
     hparams: dict[str, Any] = {"model": results["model"], "data": results["data"], "params": results["parameters"]}
     for key, value in asdict(cfg.model).items():

@@ -18,10 +18,10 @@ from typing import Any
 import torch
 
 from seq2seq.checkpoint import CheckpointError, checkpoint_tokenizers, load_checkpoint
-from seq2seq.config import TrainConfig, saved_config
+from seq2seq.config import RunConfig, saved_config
 from seq2seq.runtime import seed_everything, set_rng_state
 from seq2seq.training.optim import refit_scheduler, schedule_of
-from seq2seq.training.runs import data_source
+from seq2seq.training.lifecycle import data_source
 from seq2seq.training.state import AveragingHistory, CheckpointParts, Counters, total_steps
 
 log = logging.getLogger("seq2seq.train")
@@ -62,7 +62,7 @@ def flat_settings(config: Any, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def _compared(payload: dict[str, Any], cfg: TrainConfig, device: torch.device, precision: str
+def _compared(payload: dict[str, Any], cfg: RunConfig, device: torch.device, precision: str
               ) -> tuple[dict[str, Any], dict[str, Any]]:
     """(checkpoint's, this run's) settings as compared: the corpus as a resolved source, and the device type and
     precision the run really used (older files record only what was asked, e.g. auto, compared when both name one)."""
@@ -80,7 +80,7 @@ def _compared(payload: dict[str, Any], cfg: TrainConfig, device: torch.device, p
     return theirs, ours
 
 
-def check_resumable(path: Path, cfg: TrainConfig, device: torch.device, precision: str) -> dict[str, Any]:
+def check_resumable(path: Path, cfg: RunConfig, device: torch.device, precision: str) -> dict[str, Any]:
     """The checkpoint at `path`, read once, if this run can continue it -> its contents, for `restore`.
 
     Refuses, in one line naming the first setting that differs, a file without training state, a model, tokenizer
@@ -115,7 +115,7 @@ def check_resumable(path: Path, cfg: TrainConfig, device: torch.device, precisio
     return payload
 
 
-def changed_settings(saved: dict[str, Any], cfg: TrainConfig) -> dict[str, tuple[Any, Any]]:
+def changed_settings(saved: dict[str, Any], cfg: RunConfig) -> dict[str, tuple[Any, Any]]:
     """The settings of this run that differ from the checkpoint's: {key: (checkpoint, this run)}."""
     theirs = flat_settings(saved)
     ours = flat_settings(asdict(cfg))

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from seq2seq.allocator import active_allocator
-from seq2seq.config import ConfigError, TrainConfig
+from seq2seq.config import ConfigError, RunConfig
 from seq2seq.data.batching import make_loader
 from seq2seq.data.prepare import PreparedData, prepare_data
 from seq2seq.models import build_model, count_parameters
@@ -26,16 +26,16 @@ from seq2seq.training import distributed
 from seq2seq.training.keeper import CheckpointKeeper
 from seq2seq.training.limits import StoppingRules
 from seq2seq.training.resume import restore
-from seq2seq.training.runs import share_main_rank_folder
+from seq2seq.training.lifecycle import share_main_rank_folder
 from seq2seq.training.state import AveragingHistory, CheckpointParts, Counters, total_steps
-from seq2seq.training.step import TrainStep
+from seq2seq.training.update import Update
 from seq2seq.training.trainer import Trainer
 from seq2seq.training.validation import Evaluator
 
 log = logging.getLogger("seq2seq.train")
 
 
-def _configure_threads(cfg: TrainConfig, device: torch.device, local_world_size: int) -> None:
+def _configure_threads(cfg: RunConfig, device: torch.device, local_world_size: int) -> None:
     """trainer.num_threads, else OMP_NUM_THREADS (torchrun sets 1 per process unless told otherwise), else
     PyTorch's default (one thread per physical core) split between the processes on this machine."""
     if cfg.trainer.num_threads:
@@ -44,7 +44,7 @@ def _configure_threads(cfg: TrainConfig, device: torch.device, local_world_size:
         torch.set_num_threads(max(1, torch.get_num_threads() // local_world_size))
 
 
-def _prepare_data(cfg: TrainConfig, is_main: bool) -> PreparedData:
+def _prepare_data(cfg: RunConfig, is_main: bool) -> PreparedData:
     """Rank 0 builds the tokenized cache first; the other ranks then load it instead of racing to build it."""
     if not is_main:
         distributed.barrier("rank 0's data preparation")
@@ -57,7 +57,7 @@ def _prepare_data(cfg: TrainConfig, is_main: bool) -> PreparedData:
     return prepared
 
 
-def build_trainer(cfg: TrainConfig, run_dir: Path, device: torch.device, precision: str,
+def build_trainer(cfg: RunConfig, run_dir: Path, device: torch.device, precision: str,
                   resume: tuple[Path, dict[str, Any]] | None = None) -> Trainer:
     """The run `cfg` describes, on `device` in `precision` (this rank's, resolved once by the caller); `resume`:
     a checkpoint's path and contents that `resume.check_resumable` accepted."""
@@ -89,7 +89,7 @@ def build_trainer(cfg: TrainConfig, run_dir: Path, device: torch.device, precisi
     )
     steps_per_epoch = max(math.ceil(loader.batch_sampler.batches_per_epoch / cfg.trainer.accumulate), 1)
     steps = total_steps(cfg.trainer, steps_per_epoch)
-    update = TrainStep.from_config(model, cfg, device, precision, dist.enabled, steps)
+    update = Update.from_config(model, cfg, device, precision, dist.enabled, steps)
     parts = CheckpointParts(cfg, model, data.src_tokenizer, data.tgt_tokenizer, update.optimizer, update.scheduler,
                             update.scaler, dist.world_size, num_parameters, device, precision)
     folder = run_dir / "checkpoints"

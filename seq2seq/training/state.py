@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from seq2seq.checkpoint import load_torch_file, save_checkpoint
-from seq2seq.config import TrainConfig, TrainerConfig
+from seq2seq.config import RunConfig, TrainerConfig
 from seq2seq.data.tokenizer import Tokenizer
 
 
@@ -46,7 +46,7 @@ class Counters:
 class CheckpointParts:
     """The objects a checkpoint saves and a resume restores, besides the counters."""
 
-    cfg: TrainConfig
+    cfg: RunConfig
     model: torch.nn.Module
     src_tok: Tokenizer
     tgt_tok: Tokenizer

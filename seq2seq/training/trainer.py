@@ -3,7 +3,7 @@
 One `Trainer` (built by `setup.build_trainer`) runs on every rank. All ranks train; rank 0 alone logs, validates
 and writes files while the others wait at a barrier (inside `distributed.main_rank_only`, so a collective there
 fails at once instead of hanging), and every decision to stop is broadcast from rank 0. The parts: the update and
-its interval statistics are `step.py`'s; when to stop and the progress bar `limits.py`'s; validation, best.pt and
+its interval statistics are `update.py`'s; when to stop and the progress bar `limits.py`'s; validation, best.pt and
 last.pt `keeper.py`'s; resume `resume.py`'s; the end of the run (averaging, the test, results.json) `finish.py`'s.
 Throughput counts target tokens (y + EOS) of all ranks.
 """
@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from seq2seq.config import TrainConfig
+from seq2seq.config import RunConfig
 from seq2seq.data.batching import Batch
 from seq2seq.models.base import Seq2SeqModel
 from seq2seq.runtime import rng_state
@@ -31,9 +31,9 @@ from seq2seq.training import board, distributed
 from seq2seq.training.finish import finish_run
 from seq2seq.training.keeper import CheckpointKeeper
 from seq2seq.training.limits import ProgressBar, StoppingRules
-from seq2seq.training.runs import StopSignals, TrainingInterrupted
+from seq2seq.training.lifecycle import StopSignals, TrainingInterrupted
 from seq2seq.training.state import Counters
-from seq2seq.training.step import IntervalStats, StepResult, TrainStep, describe
+from seq2seq.training.update import IntervalStats, UpdateResult, Update, describe
 
 log = logging.getLogger("seq2seq.train")
 
@@ -43,8 +43,8 @@ class TrainingError(Exception):
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, run_dir: Path, dist: distributed.DistInfo, device: torch.device,
-                 precision: str, model: Seq2SeqModel, loader: DataLoader, update: TrainStep, counters: Counters,
+    def __init__(self, cfg: RunConfig, run_dir: Path, dist: distributed.DistInfo, device: torch.device,
+                 precision: str, model: Seq2SeqModel, loader: DataLoader, update: Update, counters: Counters,
                  rules: StoppingRules, keeper: CheckpointKeeper | None) -> None:
         self.cfg, self.run_dir, self.dist, self.device, self.precision = cfg, run_dir, dist, device, precision
         self.model, self.loader, self.update, self.counters, self.rules = model, loader, update, counters, rules
@@ -162,7 +162,7 @@ class Trainer:
             counters.epoch += 1
             counters.position = 0
 
-    def _apply_update(self, window: list[Batch]) -> StepResult:
+    def _apply_update(self, window: list[Batch]) -> UpdateResult:
         """One update; running out of memory where it cannot skip the batch is a TrainingError with advice."""
         try:
             return self.update(window)
@@ -177,7 +177,7 @@ class Trainer:
                 "trainer.accumulate to keep the update size), then start again, or resume from checkpoints/last.pt "
                 "with trainer.resume_reset=[sampler] (the batches are cut anew).")
 
-    def _skipped_for_memory(self, result: StepResult) -> None:
+    def _skipped_for_memory(self, result: UpdateResult) -> None:
         """Count a window skipped because a batch did not fit in memory; trainer.max_oom_steps of them in a row
         stop the run. Every rank gets here alike (the ranks agree on skipping)."""
         counters, limit = self.counters, self.cfg.trainer.max_oom_steps

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from seq2seq.analysis.alignment import HELD_OUT, AlignmentError, read_alignment_set, score_alignments
-from seq2seq.config import TrainConfig
+from seq2seq.config import RunConfig
 from seq2seq.training import board
 from seq2seq.data.batching import make_loader
 from seq2seq.data.prepare import PreparedData
@@ -24,7 +24,7 @@ from seq2seq.metrics import bleu_by_length, corpus_scores
 from seq2seq.models.base import Seq2SeqModel, eval_mode
 from seq2seq.inference.predict import translate_sentences, with_progress
 from seq2seq.runtime import autocast
-from seq2seq.training.step import token_loss
+from seq2seq.training.update import token_loss
 
 if TYPE_CHECKING:
     from torch.utils.tensorboard import SummaryWriter
@@ -33,7 +33,7 @@ log = logging.getLogger("seq2seq.train")
 
 
 class Evaluator:
-    def __init__(self, cfg: TrainConfig, data: PreparedData, device: torch.device, precision: str,
+    def __init__(self, cfg: RunConfig, data: PreparedData, device: torch.device, precision: str,
                  writer: SummaryWriter) -> None:
         self.cfg = cfg
         self.tcfg = cfg.trainer
@@ -140,7 +140,7 @@ class AlignmentValidation:
     """AER of the attention on the data.alignments_path pairs at every validation: each extraction's map is
     chosen on the first half of the pairs and its AER on the second half is the figure logged."""
 
-    def __init__(self, cfg: TrainConfig, src_tok: Tokenizer, tgt_tok: Tokenizer, device: torch.device) -> None:
+    def __init__(self, cfg: RunConfig, src_tok: Tokenizer, tgt_tok: Tokenizer, device: torch.device) -> None:
         from seq2seq.data.corpus import CorpusError
 
         try:

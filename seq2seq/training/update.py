@@ -30,7 +30,7 @@ from seq2seq.training import distributed
 from seq2seq.data.batching import Batch
 from seq2seq.data.tokenizer import PAD_ID
 from seq2seq.models.base import Seq2SeqModel
-from seq2seq.config import TrainConfig
+from seq2seq.config import RunConfig
 from seq2seq.training.optim import build_optimizer, build_scheduler
 from seq2seq.runtime import autocast, grad_scaler
 
@@ -63,7 +63,7 @@ def wrap_model(model: Seq2SeqModel, device: torch.device, data_parallel: bool, c
 
 
 @dataclass
-class StepResult:
+class UpdateResult:
     """What one update leaves behind, all on the device: summed loss, gradient norm and its finiteness."""
 
     loss_sum: torch.Tensor
@@ -76,7 +76,7 @@ class StepResult:
 
 
 @dataclass
-class TrainStep:
+class Update:
     """Forward, backward and optimizer update of one window; `train_model` is `model`, maybe DDP-wrapped/compiled."""
 
     model: Seq2SeqModel
@@ -90,8 +90,8 @@ class TrainStep:
     grad_clip: float  # 0: no clipping (the norm is still measured)
 
     @classmethod
-    def from_config(cls, model: Seq2SeqModel, cfg: TrainConfig, device: torch.device, precision: str,
-                    data_parallel: bool, total_steps: int | None) -> TrainStep:
+    def from_config(cls, model: Seq2SeqModel, cfg: RunConfig, device: torch.device, precision: str,
+                    data_parallel: bool, total_steps: int | None) -> Update:
         """The step `cfg` describes (optim, trainer.compile/label_smoothing/grad_clip), for the trainer and the
         benchmark alike."""
         optimizer = build_optimizer(model, cfg.optim, fused=True)
@@ -121,7 +121,7 @@ class TrainStep:
     def backward(self, loss: torch.Tensor) -> None:
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
 
-    def update(self, window_loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def apply_gradients(self, window_loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Clip, step (skipped when non-finite), schedule -> (grad norm, finite, nonfinite)."""
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
@@ -140,7 +140,7 @@ class TrainStep:
         self.scheduler.step()
         return grad_norm, finite, nonfinite
 
-    def __call__(self, window: list[Batch], phase: PhaseTimer = lambda name: contextlib.nullcontext()) -> StepResult:
+    def __call__(self, window: list[Batch], phase: PhaseTimer = lambda name: contextlib.nullcontext()) -> UpdateResult:
         """One optimizer update over `window`, without host synchronisation; `phase(name)` wraps each of the
         data / forward / backward / optimizer phases (the benchmark times them there).
 
@@ -168,8 +168,8 @@ class TrainStep:
                     with phase("backward"):
                         self.backward(loss)
         with phase("optimizer"):
-            grad_norm, finite, nonfinite = self.update(window_loss)
-        return StepResult(window_loss, window_tokens, grad_norm, finite, nonfinite)
+            grad_norm, finite, nonfinite = self.apply_gradients(window_loss)
+        return UpdateResult(window_loss, window_tokens, grad_norm, finite, nonfinite)
 
     def _forward_backward(self, batch: Batch, normaliser: float | torch.Tensor, window_loss: torch.Tensor,
                           phase: PhaseTimer, backward: bool) -> torch.Tensor | None:
@@ -186,7 +186,7 @@ class TrainStep:
         window_loss += loss_sum.detach()
         return loss
 
-    def _skip(self, failed_batch: str, data_parallel: bool) -> StepResult:
+    def _skip(self, failed_batch: str, data_parallel: bool) -> UpdateResult:
         """Drop the window's gradients and hand the memory back; no update, no schedule step."""
         self.optimizer.zero_grad(set_to_none=True)
         if data_parallel:
@@ -196,7 +196,7 @@ class TrainStep:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         zero = torch.zeros((), device=self.device)
-        return StepResult(zero, 0, zero, torch.zeros((), dtype=torch.bool, device=self.device), zero,
+        return UpdateResult(zero, 0, zero, torch.zeros((), dtype=torch.bool, device=self.device), zero,
                           out_of_memory=True, failed_batch=failed_batch)
 
     def _unwrapped(self) -> torch.nn.Module:
@@ -234,7 +234,7 @@ class IntervalStats:
         nonfinite, streak_max = (int(value) for value in anomalies.tolist())
         return loss_sum, int(tokens), nonfinite, streak_max
 
-    def add(self, result: StepResult) -> None:
+    def add(self, result: UpdateResult) -> None:
         self.loss_sum += result.loss_sum
         self.grad_norm_sum += torch.where(result.finite, result.grad_norm, 0.0)
         self.finite_steps += result.finite.float()

@@ -28,7 +28,7 @@ from typing import Any
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from seq2seq.config import DataConfig, TrainConfig, saved_config
+from seq2seq.config import DataConfig, RunConfig, saved_config
 from seq2seq.training import distributed
 
 LAST_CHECKPOINT = Path("checkpoints") / "last.pt"
@@ -168,7 +168,7 @@ def buffer_log_records() -> logging.handlers.MemoryHandler:
     return handler
 
 
-def accept_run(run_dir: Path, cfg: TrainConfig, overrides: list[str], resumed_from: Path | None,
+def accept_run(run_dir: Path, cfg: RunConfig, overrides: list[str], resumed_from: Path | None,
                buffered: logging.handlers.MemoryHandler, log_format: str) -> None:
     """The run is going ahead: keep its config (first launch), record this launch, and start train.log, whose lines
     have `log_format`."""
