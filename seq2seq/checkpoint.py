@@ -8,6 +8,7 @@ A checkpoint is one `torch.save` file holding:
   src_normalization, tgt_normalization — each side's Unicode normalisation (absent from older files: NFKC on both);
   step, epoch, best_valid_bleu, metrics;
   optimizer, scheduler, scaler, rng — training state for an exact resume (absent from inference-only exports).
+  train_state, runtime              — the run's counters, and the device type and precision it trained in.
 """
 
 from __future__ import annotations

@@ -19,10 +19,11 @@ from seq2seq.cli import add_decoding_arguments, decoding_options
 import seq2seq.train  # noqa: F401  registers the resolvers that hydra.run.dir in configs/train.yaml calls
 from seq2seq.config import (
     BEAM_SIZE, MAX_LEN_B, MODEL_CONFIGS as MODEL_CONFIGS_SCHEMA, ConfigError, DataConfig, OptimConfig, RNNConfig,
-    TrainerConfig, check_config, composition_error_message, model_config,
+    TokenizerConfig, TrainerConfig, check_config, composition_error_message, model_config,
 )
 from seq2seq.paths import CONFIG_DIR, PROJECT_ROOT
 from seq2seq.training.lifecycle import data_source, newest_run, run_folder
+from seq2seq.training.resume import flat_settings
 from seq2seq.runtime import cpu_has_native_bf16
 
 DATA_CONFIGS = sorted(path.stem for path in (CONFIG_DIR / "data").glob("*.yaml"))
@@ -275,3 +276,26 @@ def test_hydra_run_dir_follows_resume_auto(tmp_path, monkeypatch):
     assert (tmp_path / cfg.hydra.run.dir).resolve() == run.resolve()
     assert Path(fresh.hydra.run.dir).parent == Path("runs/tatoeba_zh_en/bahdanau")
     assert Path(fresh.hydra.run.dir).name != run.name
+
+
+def test_the_yaml_files_hold_no_copy_of_a_default():
+    """configs/README.md: every default lives in the schema; a value in a YAML file is a choice of that preset."""
+    schema = {"data": DataConfig, "tokenizer": TokenizerConfig, "optim": OptimConfig, "trainer": TrainerConfig}
+    checked = 0
+    for path in sorted(CONFIG_DIR.glob("*/*.yaml")):
+        group = path.parent.name
+        values = OmegaConf.to_container(OmegaConf.load(path)) or {}
+        values.pop("defaults", None)
+        if group == "model":  # global: the family's sizes, and its recipe in optim and trainer
+            sections = {"model": MODEL_CONFIGS_SCHEMA[path.stem], **schema}
+        elif group in schema:
+            values, sections = {group: values}, schema
+        else:
+            continue
+        for section, keys in values.items():
+            defaults = flat_settings(dataclasses.asdict(sections[section]()))
+            for key, value in flat_settings(keys).items():
+                assert defaults.get(key) != value, f"{path.relative_to(CONFIG_DIR)}: {section}.{key}={value!r} " \
+                                                   "repeats the schema's default (seq2seq/config.py)"
+                checked += 1
+    assert checked > 20
