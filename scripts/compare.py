@@ -120,7 +120,7 @@ def attention_comparison(runs: list[dict], out: Path, writer: SummaryWriter) -> 
         except (CheckpointError, UsageError) as error:
             print(f"compare: skipping the {data} attention figures: {error}", file=sys.stderr)
             continue
-        examples = [str(s) for s in models[0][1].config.get("attention_examples") or []]
+        examples = models[0][1].config.attention_examples
         for number, sentence in enumerate(examples):
             view = inspection.View()
             result = inspection.inspect_sentence(models, sentence, None, view, COVERAGE_THRESHOLD, None,
