@@ -346,7 +346,8 @@ distributed.cleanup()
 
 def test_under_ddp_every_rank_skips_the_update_a_batch_of_one_ran_out_of_memory_in(tmp_path):
     (tmp_path / "worker.py").write_text(DDP_OOM_WORKER)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent)}
+    tests_and_caller = os.pathsep.join(filter(None, [str(Path(__file__).parent), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": tests_and_caller}  # the checkout under test
     process = subprocess.Popen([*TORCHRUN[:-1], str(tmp_path / "worker.py")], stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True, env=env)
     try:
