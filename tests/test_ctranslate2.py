@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from conftest import _config, _train, corpus_pairs
 from seq2seq import export, translate
 from seq2seq.checkpoint import LoadedModel, load_model, save_checkpoint
+from seq2seq.config import model_config, saved_config
 from seq2seq.data.tokenizer import EOS_ID, PAD_ID, build_tokenizers
 from seq2seq.inference.ctranslate2_engine import CTranslate2Decoder
 from seq2seq.inference.predict import translate_sentences
@@ -39,11 +39,11 @@ def en_zh_checkpoint(tmp_path_factory, corpus_path) -> Path:
     config["tokenizer"] |= {"joint": True}
     config["data"] |= {"src_lang": "en", "tgt_lang": "zh"}
     src_tok, tgt_tok = build_tokenizers([en for en, _ in pairs], [zh for _, zh in pairs],
-                                        OmegaConf.create(config["tokenizer"]), folder / "cache", ("NFKC", None))
+                                        saved_config(config).tokenizer, folder / "cache", ("NFKC", None))
     examples = [{"src_ids": src_tok.encode(en), "tgt_ids": tgt_tok.encode(zh), "index": i}
                 for i, (en, zh) in enumerate(pairs)]
     torch.manual_seed(0)
-    model = build_model(OmegaConf.create(config["model"]), src_tok.vocab_size, tgt_tok.vocab_size)
+    model = build_model(model_config(config["model"]), src_tok.vocab_size, tgt_tok.vocab_size)
     _train(model, examples)
     path = folder / "transformer.pt"
     save_checkpoint(path, {
