@@ -6,6 +6,8 @@ interactive page and a local server.
     python -m seq2seq.inspect --checkpoint transformer.pt 我是一个学生。 --reference "I am a student."
     python -m seq2seq.inspect --checkpoint transformer.pt --pairs valid.tsv --html valid.html
     python -m seq2seq.inspect --checkpoint bahdanau.pt --checkpoint transformer.pt --serve --port 8000
+    python -m seq2seq.inspect --checkpoint rnn.pt --checkpoint transformer.pt 我是一个学生。 --out why.png \
+        --explain attention --explain integrated-gradients
 
 Each model translates the sentence with beam search (its checkpoint's test beam unless --beam-size), then its
 choice is scored once more with teacher forcing to read the attention of every layer and head. With --reference
@@ -19,6 +21,11 @@ says so. --words draws words instead of SentencePiece pieces; Chinese words come
 installed (`pip install "seq2seq[zh]"`), else characters. Diagnostics are on words either way (see
 seq2seq/analysis/inspection.py). --html writes one self-contained page (hover, switch layer / head / mean,
 pieces / words); --serve serves it on 127.0.0.1 with a form for new sentences.
+
+--explain puts gradient attributions beside attention (or instead of it): saliency, input-x-gradient or
+integrated-gradients (Captum; seq2seq/analysis/attribution.py), how much each target piece's log-probability owes
+to each source piece, rows summing to 1 like attention; for every family, the RNN included. Repeat it for several;
+each is a panel of the figure and an entry of "attributions" in --json.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ from pathlib import Path
 
 from seq2seq.analysis import diagnostics as analysis
 from seq2seq.analysis import inspection, page, server
+from seq2seq.analysis.attribution import ATTENTION, EXPLANATIONS
 from seq2seq.analysis.plotting import figure_to_png
 from seq2seq.atomic import atomic_write
 from seq2seq.checkpoint import CheckpointError, LoadedModel
@@ -65,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--coverage-threshold", type=float, default=analysis.COVERAGE_THRESHOLD,
                         help="flag source words that receive less attention than this in total "
                         f"(default {analysis.COVERAGE_THRESHOLD})")
+    parser.add_argument("--explain", action="append", choices=EXPLANATIONS, metavar="METHOD",
+                        help=f"what explains the translation: {', '.join(EXPLANATIONS)} (default attention; "
+                        "repeat for several side by side)")
     parser.add_argument("--beam-size", type=int, help="beam width, 1 = greedy (default: each checkpoint's test beam)")
     parser.add_argument("--device", choices=DEVICES, default="auto", help="auto = the GPU when one is visible")
     return parser
@@ -128,12 +139,14 @@ def run(args: argparse.Namespace) -> None:
     except RuntimeSettingError as error:
         raise UsageError(str(error)) from error
     view = inspection.View(args.layer, args.head, args.heads)
+    explanations = list(dict.fromkeys(args.explain or [ATTENTION]))
+    methods = [name for name in explanations if name != ATTENTION]
     models = inspection.load_models(args.checkpoint, device)
     inputs = _inputs(args, models)
 
     def inspect(sentence: str, reference: str | None) -> inspection.Inspection:
         result = inspection.inspect_sentence(models, sentence, reference, view, args.coverage_threshold,
-                                             args.beam_size, device)
+                                             args.beam_size, device, methods)
         for item in result.inspected:
             if (warning := inspection.truncation_warning(item)) is not None:
                 print(warning, file=sys.stderr)
@@ -145,7 +158,8 @@ def run(args: argparse.Namespace) -> None:
             _print(f"\n== {result.sentence}  |  {result.reference}")
         _print(inspection.format_table(result.reports, result.agreement, args.coverage_threshold))
     documents = [{"sentence": r.sentence, "reference": r.reference, "view": view.describe(),
-                  "coverage_threshold": args.coverage_threshold, "models": r.reports, "agreement": r.agreement}
+                  "explain": explanations, "coverage_threshold": args.coverage_threshold, "models": r.reports,
+                  "agreement": r.agreement}
                  for r in results]
     if args.json:
         document = documents[0] if args.pairs is None else {"pairs": documents}
@@ -153,7 +167,7 @@ def run(args: argparse.Namespace) -> None:
     for number, result in enumerate(results, start=1):
         if args.out:
             path = _numbered(args.out, number, len(results))
-            figure = inspection.comparison_figure(result.inspected, result.sentence, view, args.words)
+            figure = inspection.comparison_figure(result.inspected, result.sentence, view, args.words, explanations)
             _write(path, figure_to_png(figure), "--out")
             print(f"wrote {path}", file=sys.stderr)
     title = "attention: " + ", ".join(inspection.model_label(path, loaded) for path, loaded in models)

@@ -6,7 +6,8 @@ Rows of a map are the target pieces plus the step that emits "</s>"; columns are
 "</s>" the encoder is given. A `View` picks the map that is drawn and diagnosed: for the Transformer the mean
 over all decoder layers and heads, one layer (mean of its heads), one head, or every head of a layer; layers and
 heads are numbered from 1. Bahdanau's single additive attention is its map in every view. The fixed-context
-RNN has no attention.
+RNN has no attention. Beside attention, gradient attributions (seq2seq/analysis/attribution.py: saliency,
+input x gradient, integrated gradients) explain the same target over the same source tokens, for every family.
 """
 
 from __future__ import annotations
@@ -15,13 +16,14 @@ import itertools
 import math
 import textwrap
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from seq2seq.analysis import diagnostics as analysis
+from seq2seq.analysis.attribution import ATTENTION, attributions
 from seq2seq.analysis.plotting import Panel, side_by_side_figure
 from seq2seq.checkpoint import LoadedModel, load_model
 from seq2seq.cli import UsageError
@@ -37,8 +39,9 @@ MAX_FIGURE_UNITS = 60  # rows and columns drawn per heatmap: beyond this a PNG c
 class Inspected:
     """One model on one sentence: the target it produced (`forced`: the given reference instead), its
     cross-attention (L, H, T, S) over pieces (None without attention), the loss of that target (nats, summed
-    over its pieces and "</s>"), the source pieces cut off by the model's length limit (`cut`, 0 if none) and
-    the reference pieces beyond its target positions, not forced (`reference_cut`, 0 if none)."""
+    over its pieces and "</s>"), the source pieces cut off by the model's length limit (`cut`, 0 if none), the
+    reference pieces beyond its target positions, not forced (`reference_cut`, 0 if none), and the (T, S) piece
+    map of every attribution method asked for (`attribution.attributions`)."""
 
     label: str
     family: str
@@ -53,6 +56,7 @@ class Inspected:
     cut: int = 0
     cut_before: str = ""
     reference_cut: int = 0
+    attributions: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 @dataclass
@@ -97,9 +101,10 @@ def load_models(paths: Sequence[Path], device: torch.device) -> list[tuple[Path,
 
 
 def inspect_model(path: Path, loaded: LoadedModel, sentence: str, beam_size: int | None, device: torch.device,
-                  reference: str | None = None) -> Inspected:
+                  reference: str | None = None, methods: Sequence[str] = ()) -> Inspected:
     """The model's translation of `sentence` (beam search, its checkpoint's test beam unless `beam_size`) or,
-    with `reference`, that reference by forced decoding; then every layer's attention behind it."""
+    with `reference`, that reference by forced decoding; then every layer's attention behind it and the
+    attributions of each of `methods` (attribution.METHODS)."""
     model, src_tok, tgt_tok = loaded.model, loaded.src_tokenizer, loaded.tgt_tokenizer
     trainer = loaded.config.trainer  # a checkpoint older than a key has the schema's default for it
     max_len_a, max_len_b = trainer.max_len_a, trainer.max_len_b
@@ -123,6 +128,7 @@ def inspect_model(path: Path, loaded: LoadedModel, sentence: str, beam_size: int
         tgt_pieces=[*tgt_tok.pieces(result.tokens), analysis.EOS_PIECE], layers=result.layers,
         forced=reference is not None, loss=result.loss, cut=len(all_ids) - len(ids),
         cut_before=src_tok.decode(all_ids[len(ids): len(ids) + 8]), reference_cut=result.cut,
+        attributions={method: attributions(model, ids, result.tokens, method).cpu().numpy() for method in methods},
     )
 
 
@@ -174,30 +180,45 @@ def drawn_map(layers: np.ndarray, view: View) -> np.ndarray:
     return selected_map(layers, view)
 
 
-def comparison_figure(inspected: Sequence[Inspected], title: str, view: View, words: bool):
-    """The models side by side; a map with more than MAX_FIGURE_UNITS rows or columns shows its first ones and
-    says so in its title (the HTML page and the JSON keep all of them)."""
+def _panel(title: str, item: Inspected, matrix: np.ndarray, words: bool) -> tuple[Panel, bool]:
+    """A heatmap panel of one (T, S) or (H, T, S) piece map of `item`, on words when asked; cut to its first
+    MAX_FIGURE_UNITS rows and columns (and said so in its title) beyond that. Also whether it was cut."""
+    src_labels, tgt_labels = item.src_pieces, item.tgt_pieces
+    if words:
+        src_units, tgt_units = analysis.merge_words(item.src_pieces), analysis.merge_words(item.tgt_pieces)
+        matrix = analysis.merge_attention(matrix, src_units, tgt_units)
+        src_labels, tgt_labels = src_units.labels, tgt_units.labels
+    if max(len(src_labels), len(tgt_labels)) <= MAX_FIGURE_UNITS:
+        return Panel(title, item.translation, src_labels, tgt_labels, matrix), False
+    title = f"{title} ({len(tgt_labels)}×{len(src_labels)}, first {MAX_FIGURE_UNITS} drawn)"
+    src_labels, tgt_labels = src_labels[:MAX_FIGURE_UNITS], tgt_labels[:MAX_FIGURE_UNITS]
+    matrix = matrix[..., : len(tgt_labels), : len(src_labels)]
+    return Panel(title, item.translation, src_labels, tgt_labels, matrix), True
+
+
+def comparison_figure(inspected: Sequence[Inspected], title: str, view: View, words: bool,
+                      explanations: Sequence[str] = (ATTENTION,)):
+    """The models side by side, each with a panel per explanation (its attention in `view`, or an attribution
+    method that `inspect_model` computed); a map with more than MAX_FIGURE_UNITS rows or columns shows its first
+    ones and says so in its title (the HTML page and the JSON keep all of them)."""
     panels, cut = [], False
     for item in inspected:
-        if item.layers is None:
-            panels.append(Panel(item.label, item.translation, [], [], None, NO_ATTENTION_NOTE))
-            continue
-        matrix = drawn_map(item.layers, view)
-        src_labels, tgt_labels = item.src_pieces, item.tgt_pieces
-        panel_title = item.label if item.layers.shape[:2] == (1, 1) else f"{item.label} ({view.describe()})"
-        if words:
-            src_units, tgt_units = analysis.merge_words(item.src_pieces), analysis.merge_words(item.tgt_pieces)
-            matrix = analysis.merge_attention(matrix, src_units, tgt_units)
-            src_labels, tgt_labels = src_units.labels, tgt_units.labels
-        if max(len(src_labels), len(tgt_labels)) > MAX_FIGURE_UNITS:
-            panel_title = f"{item.label} ({len(tgt_labels)}×{len(src_labels)}, first {MAX_FIGURE_UNITS} drawn)"
-            src_labels, tgt_labels = src_labels[:MAX_FIGURE_UNITS], tgt_labels[:MAX_FIGURE_UNITS]
-            matrix = matrix[..., : len(tgt_labels), : len(src_labels)]
-            cut = True
-        panels.append(Panel(panel_title, item.translation, src_labels, tgt_labels, matrix))
+        for explanation in explanations:
+            if explanation != ATTENTION:
+                panel, panel_cut = _panel(f"{item.label} · {explanation}", item, item.attributions[explanation],
+                                          words)
+            elif item.layers is None:
+                panel, panel_cut = Panel(item.label, item.translation, [], [], None, NO_ATTENTION_NOTE), False
+            else:
+                label = item.label if len(explanations) == 1 else f"{item.label} · {ATTENTION}"
+                described = label if item.layers.shape[:2] == (1, 1) else f"{label} ({view.describe()})"
+                panel, panel_cut = _panel(described, item, drawn_map(item.layers, view), words)
+            panels.append(panel)
+            cut = cut or panel_cut
     if cut:
         title = f"[maps cut to their first {MAX_FIGURE_UNITS} rows and columns; see --html or --json for all] {title}"
-    return side_by_side_figure(panels, title=title)
+    scale = "attention weight" if list(explanations) == [ATTENTION] else "weight (each row sums to 1)"
+    return side_by_side_figure(panels, title=title, scale=scale)
 
 
 def rounded(values) -> list:
@@ -209,24 +230,28 @@ def diagnose(inspected: Sequence[Inspected], view: View, threshold: float) -> li
     target words), each target word's entropy (nats; log of the number of source words if uniform) and the
     source word it attends to most; the mean share of weight on the source "</s>" and on punctuation; every
     source word's coverage (attention received over all rows) and those below `threshold`; and the mean
-    entropy of every layer and head."""
+    entropy of every layer and head. Each attribution method's word map (`attributions`: its `weights` and
+    the source word each target word owes most to, `argmax`), for models with or without attention."""
     reports = []
     for item in inspected:
+        src, tgt = analysis.merge_words(item.src_pieces), analysis.merge_words(item.tgt_pieces)
         report: dict = {"model": item.label, "family": item.family, "checkpoint": str(item.checkpoint),
                         "translation": item.translation, "forced": item.forced, "loss": round(item.loss, 4),
                         "target_pieces": len(item.tgt_pieces), "source_pieces_cut": item.cut,
                         "reference_pieces_cut": item.reference_cut,
-                        "has_attention": item.layers is not None}
+                        "has_attention": item.layers is not None, "source_words": src.labels,
+                        "target_words": tgt.labels, "attributions": {}}
+        for method, pieces in item.attributions.items():
+            matrix = analysis.merge_attention(pieces, src, tgt)
+            report["attributions"][method] = {"weights": rounded(matrix),
+                                              "argmax": [src.labels[i] for i in matrix.argmax(axis=-1)]}
         reports.append(report)
         if item.layers is None:
             continue
-        src, tgt = analysis.merge_words(item.src_pieces), analysis.merge_words(item.tgt_pieces)
         all_maps = analysis.merge_attention(item.layers, src, tgt)
         matrix = analysis.merge_attention(selected_map(item.layers, view), src, tgt)
         received = analysis.coverage(matrix)
         report.update({
-            "source_words": src.labels,
-            "target_words": tgt.labels,
             "weights": rounded(matrix),
             "row_entropy": rounded(analysis.row_entropy(matrix)),
             "uniform_entropy": round(math.log(len(src.labels)), 4),
@@ -273,10 +298,15 @@ def format_table(reports: Sequence[dict], pairs: Sequence[dict], threshold: floa
     for report in reports:
         what = "reference (forced)" if report["forced"] else "translation"
         lines.append(f"\n{report['model']}: {what}: {report['translation']}  (loss {report['loss']:.2f} nats)")
+        for row, word in enumerate(report["target_words"]):
+            cells = [f"  {word:<16}"]
+            if report["has_attention"]:
+                cells.append(f"→ {report['argmax'][row]:<12} entropy {report['row_entropy'][row]:.2f}")
+            cells += [f"{method} → {maps['argmax'][row]}" for method, maps in report["attributions"].items()]
+            if len(cells) > 1:
+                lines.append("  ".join(cells))
         if not report["has_attention"]:
             continue
-        for word, source, entropy in zip(report["target_words"], report["argmax"], report["row_entropy"]):
-            lines.append(f"  {word:<16} → {source:<12} entropy {entropy:.2f}")
         grid = report["layer_head_entropy"]
         if len(grid) > 1 or len(grid[0]) > 1:
             for layer, heads in enumerate(grid, start=1):
@@ -305,9 +335,12 @@ class Inspection:
 
 
 def inspect_sentence(models: Sequence[tuple[Path, LoadedModel]], sentence: str, reference: str | None,
-                     view: View, threshold: float, beam_size: int | None, device: torch.device) -> Inspection:
-    """`inspect_model` for every model, then `diagnose` and `agreements` on the selected view."""
-    inspected = [inspect_model(path, loaded, sentence, beam_size, device, reference) for path, loaded in models]
+                     view: View, threshold: float, beam_size: int | None, device: torch.device,
+                     methods: Sequence[str] = ()) -> Inspection:
+    """`inspect_model` for every model (with the attributions of `methods`), then `diagnose` and `agreements` on
+    the selected view."""
+    inspected = [inspect_model(path, loaded, sentence, beam_size, device, reference, methods)
+                 for path, loaded in models]
     check_view(view, inspected)
     reports = diagnose(inspected, view, threshold)
     return Inspection(sentence, reference, inspected, reports, agreements(reports))

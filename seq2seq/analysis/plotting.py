@@ -218,9 +218,9 @@ def _panel_grid(panel: Panel) -> tuple[int, int]:
     return math.ceil(heads / columns), columns
 
 
-def side_by_side_figure(panels: Sequence[Panel], title: str = "") -> Figure:
-    """Several models' attention on the same sentence, one column each with the model's name and translation
-    above it, on one colour scale (0 to 1) so the maps compare directly."""
+def side_by_side_figure(panels: Sequence[Panel], title: str = "", scale: str = "attention weight") -> Figure:
+    """Several models' attention (or attributions) on the same sentence, one column each with the model's name
+    and translation above it, on one colour scale (0 to 1, named `scale`) so the maps compare directly."""
     if not panels:
         raise ValueError("side_by_side_figure needs at least one panel.")
     matrices = [None if panel.attention is None else _as_array(panel.attention) for panel in panels]
@@ -264,7 +264,7 @@ def side_by_side_figure(panels: Sequence[Panel], title: str = "") -> Figure:
             if matrix.ndim == 3:
                 ax.set_title(f"head {index + 1}", fontsize=8)
     if image is not None:
-        figure.colorbar(image, ax=heatmap_axes[-1], shrink=0.8, label="attention weight")
+        figure.colorbar(image, ax=heatmap_axes[-1], shrink=0.8, label=scale)
     if title:
         _set_title(figure, title)
     return figure

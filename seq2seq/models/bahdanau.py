@@ -51,6 +51,10 @@ class BahdanauSeq2Seq(Seq2SeqModel):
             self.output_projection.weight = self.tgt_embed.weight
         self.dropout = nn.Dropout(dropout)
 
+    @property
+    def source_embedding(self) -> nn.Module:
+        return self.encoder.embed
+
     def encode(self, src: torch.Tensor, src_mask: torch.Tensor) -> DecoderState:
         """State = annotations, their projected keys, the mask and the decoder's initial (B, layers, H) state(s)
         (from the encoder's final states, as Bahdanau et al. initialise s_0 from the backward encoder)."""

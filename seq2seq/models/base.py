@@ -64,6 +64,13 @@ class Seq2SeqModel(nn.Module):
         """Longest target (BOS included) the model can score; None when unbounded. Decoding caps lengths by it."""
         return None
 
+    @property
+    def source_embedding(self) -> nn.Module:
+        """The embedding that turns source ids into vectors. `encode` and `forward` call it on the source before
+        anything else (before any target embedding, even when the two share weights), which is where gradient
+        attributions to source tokens are taken (seq2seq/analysis/attribution.py)."""
+        raise NotImplementedError
+
     def encode(self, src: torch.Tensor, src_mask: torch.Tensor) -> DecoderState:
         """Run the encoder once; the returned state is what `decode_step` starts from."""
         raise NotImplementedError

@@ -138,6 +138,10 @@ class RNNSeq2Seq(Seq2SeqModel):
             self.output_projection.weight = self.tgt_embed.weight
         self.dropout = nn.Dropout(dropout)
 
+    @property
+    def source_embedding(self) -> nn.Module:
+        return self.encoder.embed
+
     def encode(self, src: torch.Tensor, src_mask: torch.Tensor) -> DecoderState:
         """State = the context vector and the decoder's initial (B, layers, H) state(s); nothing per position."""
         outputs, final = self.encoder(src, src_mask, need_outputs=self.context != "final")

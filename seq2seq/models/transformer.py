@@ -234,6 +234,10 @@ class TransformerSeq2Seq(Seq2SeqModel):
     def max_target_positions(self) -> int:
         return self.max_positions
 
+    @property
+    def source_embedding(self) -> nn.Module:
+        return self.src_embed
+
     def _embed(self, embedding: nn.Embedding, tokens: torch.Tensor, offset: int = 0) -> torch.Tensor:
         length = offset + tokens.size(1)
         if length > self.max_positions:
