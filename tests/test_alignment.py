@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from seq2seq import evaluate
 from seq2seq.analysis.alignment import (ATTENTION, HELD_OUT, SELECTION, SHIFT_ATT, AlignmentError,
                                         AlignmentScorer, AlignmentSet, Counts, aer, attention_explanations, extract,
                                         format_pharaoh, grow_diag_final, named_maps, parse_pharaoh, piece_tokens,
@@ -310,7 +311,32 @@ def test_evaluate_refuses_alignments_of_a_model_without_attention_before_decodin
     assert run.returncode == 2 and run.stdout == ""
     assert run.stderr.strip().splitlines() == [
         "error: --alignments scores attention, and the rnn model has none (its decoder sees the source only "
-        "through one fixed context vector, so there is no alignment to draw)."]
+        "through one fixed context vector, so there is no alignment to draw); score its attributions instead "
+        "(--explain integrated-gradients)."]
+
+
+def test_evaluate_scores_attributions_in_the_same_table(checkpoints, corpus_path, tmp_path, capsys):
+    """--explain adds attribution rows beside every attention map, held out like them, and scores the rnn, which
+    has no attention."""
+    pairs, lines = _diagonal_pairs(corpus_path, 6)
+    (tmp_path / "pairs.tsv").write_text("".join(f"{en}\t{zh}\n" for zh, en in pairs), encoding="utf-8")
+    (tmp_path / "pairs.align").write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    for family, methods, expected in (("rnn", ["integrated-gradients"], {"integrated-gradients"}),
+                                      ("bahdanau", ["saliency", "input-x-gradient"],
+                                       {"attention", "shift-att", "saliency", "input-x-gradient"})):
+        arguments = ["--checkpoint", str(checkpoints[family]), "--tsv", str(tmp_path / "pairs.tsv"), "--alignments",
+                     str(tmp_path / "pairs.align"), "--json", str(tmp_path / f"{family}.json")]
+        assert evaluate.main(arguments + [item for method in methods for item in ("--explain", method)]) == 0
+        stdout = capsys.readouterr().out
+        for method in methods:
+            for extraction in ("argmax", "intersect", "grow-diag-final"):
+                assert f"| {method} | {extraction} | source embedding | " in stdout, stdout
+        document = json.loads((tmp_path / f"{family}.json").read_text(encoding="utf-8"))
+        assert {row["explanation"] for row in document["chosen"]} == expected
+        assert all(0.0 <= row[part]["aer"] <= 1.0 for row in document["rows"] for part in (SELECTION, HELD_OUT))
+    assert evaluate.main(["--checkpoint", str(checkpoints["rnn"]), "--tsv", str(tmp_path / "pairs.tsv"),
+                          "--explain", "saliency"]) == 2
+    assert "--explain scores attributions against reference links" in capsys.readouterr().err
 
 
 @pytest.mark.slow

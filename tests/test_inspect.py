@@ -141,6 +141,31 @@ def test_three_models_side_by_side_with_chinese_glyphs(checkpoints, tmp_path, ca
         assert model["model"] in stdout
 
 
+def test_explain_draws_and_reports_attributions_for_every_family(checkpoints, tmp_path, capsysbinary):
+    out, report = tmp_path / "why.png", tmp_path / "why.json"
+    code, stdout, stderr = _inspect(capsysbinary, *_three(checkpoints), SENTENCE, "--reference", "I am a student.",
+                                    "--explain", "attention", "--explain", "integrated-gradients", "--out", out,
+                                    "--json", report)
+    assert code == 0, stderr
+    png = out.read_bytes()
+    assert png.startswith(PNG_MAGIC)
+    document = json.loads(report.read_text(encoding="utf-8"))
+    assert document["explain"] == ["attention", "integrated-gradients"]
+    for model in document["models"]:  # the rnn too, which has no attention
+        explained = model["attributions"]["integrated-gradients"]
+        weights = np.array(explained["weights"])
+        assert weights.shape == (len(model["target_words"]), len(model["source_words"]))
+        np.testing.assert_allclose(weights.sum(axis=1), 1.0, atol=1e-3)
+        assert explained["argmax"] == [model["source_words"][i] for i in weights.argmax(axis=1)]
+    assert "integrated-gradients → " in stdout
+    wide = imread(io.BytesIO(png), format="png").shape[1]  # 3 models x 2 explanations, wider than attention alone
+    _inspect(capsysbinary, *_three(checkpoints), SENTENCE, "--reference", "I am a student.", "--out", out)
+    assert wide > imread(io.BytesIO(out.read_bytes()), format="png").shape[1]
+    with pytest.raises(SystemExit) as refused:
+        _inspect(capsysbinary, "--checkpoint", checkpoints["rnn"], SENTENCE, "--explain", "gradcam")
+    assert refused.value.code == 2 and "invalid choice: 'gradcam'" in capsysbinary.readouterr().err.decode()
+
+
 def test_heads_and_layer_views(checkpoints, tmp_path, capsysbinary):
     transformer = checkpoints["transformer"]
     code, _, stderr = _inspect(capsysbinary, "--checkpoint", transformer, "--checkpoint", checkpoints["bahdanau"],

@@ -25,8 +25,11 @@ ones (P includes S): precision |A∩P|/|A|, recall |A∩S|/|S|, AER = 1 - (|A∩
 Honest figures. The minimum over dozens of maps and extractions, taken on the pairs it is scored on, flatters
 every model. So the pairs come in two parts (`AlignmentSet.halves`, or another set to choose on): per
 explanation and extraction the map with the lowest AER on the SELECTION part is chosen, and its AER on the
-HELD_OUT part is the figure reported (`AlignmentReport.chosen`, `.best`). Other explanations (gradient
-attributions, ...) are scored the same way: `AlignmentScorer.add` takes any explanation's maps by name.
+HELD_OUT part is the figure reported (`AlignmentReport.chosen`, `.best`). Other explanations are scored the same
+way: `AlignmentScorer.add` takes any explanation's maps by name. Gradient attributions (`methods`, see
+seq2seq/analysis/attribution.py) are explanations of their own, one map each (SOURCE_EMBEDDING, where they are
+taken) whose rows are the steps that predict each target token, as ATTENTION's; they score the fixed-context
+RNN, which has no attention, too.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from seq2seq.analysis.attribution import ATTENTION, attributions
 from seq2seq.analysis.diagnostics import Units, merge_attention, piece_texts
 from seq2seq.checkpoint import LoadedModel
 from seq2seq.config import DataConfig
@@ -52,7 +56,8 @@ from seq2seq.models.base import NO_ATTENTION, Seq2SeqModel
 CHARACTER_LANGUAGES = frozenset({"zh", "ja", "cmn", "yue", "wuu", "lzh"})
 EXTRACTIONS = ("argmax", "intersect", "grow-diag-final")
 LINK = re.compile(r"^(\d+)([-?])(\d+)$")
-ATTENTION, SHIFT_ATT = "attention", "shift-att"  # the step that predicts a target token; the one that reads it
+SHIFT_ATT = "shift-att"  # the step that reads a target token as its input (ATTENTION: the one that predicts it)
+SOURCE_EMBEDDING = "source embedding"  # the one map of an attribution method: where it is taken
 SELECTION, HELD_OUT = "selection", "held_out"  # the part of the pairs maps are chosen on; the part reported
 PARTS = (SELECTION, HELD_OUT)
 
@@ -271,6 +276,15 @@ def attention_explanations(layers: np.ndarray, src_units: Units, tgt_units: Unit
             SHIFT_ATT: named_maps(merge_attention(pieces[:, :, 1:], src_units, tgt_units))}
 
 
+def attribution_explanations(model: Seq2SeqModel, src_ids: Sequence[int], tgt_ids: Sequence[int], src_units: Units,
+                             tgt_units: Units, methods: Sequence[str]) -> dict[str, Maps]:
+    """Each attribution method's token map of a pair (`attribution.attributions`, rows: the steps that predict
+    each target token), the "</s>" row and column dropped as attention's are."""
+    return {method: {SOURCE_EMBEDDING: merge_attention(
+        attributions(model, src_ids, tgt_ids, method)[:-1, :-1].cpu().numpy(), src_units, tgt_units)}
+        for method in methods}
+
+
 @dataclass(frozen=True)
 class AlignmentSet:
     """Sentence pairs with their reference links, and the name reports give them."""
@@ -385,13 +399,15 @@ def describe_skipped(skipped: Mapping[str, int]) -> str:
 
 def score_alignments(model: Seq2SeqModel, src_tok: Tokenizer, tgt_tok: Tokenizer, selection: AlignmentSet,
                      held_out: AlignmentSet, src_lang: str, tgt_lang: str, device: torch.device,
-                     max_len_a: float = search.MAX_LEN_A, max_len_b: int = search.MAX_LEN_B) -> AlignmentReport:
-    """AER of the model's attention, as predicted and shifted (`attention_explanations`), every map and
-    extraction, on the pairs maps are chosen on (`selection`) and on those they are reported on (`held_out`).
-    An AlignmentError, before anything is decoded, when the model has no attention or a part has no pair that
-    can be scored."""
-    if not model.has_attention:
-        raise AlignmentError(f"the model has no attention ({NO_ATTENTION}).")
+                     max_len_a: float = search.MAX_LEN_A, max_len_b: int = search.MAX_LEN_B,
+                     methods: Sequence[str] = ()) -> AlignmentReport:
+    """AER of the model's attention, as predicted and shifted (`attention_explanations`), and of the attributions
+    of `methods` (attribution.METHODS), every map and extraction, on the pairs maps are chosen on (`selection`)
+    and on those they are reported on (`held_out`). An AlignmentError, before anything is decoded, when there is
+    nothing to score (no attention and no `methods`) or a part has no pair that can be scored."""
+    if not model.has_attention and not methods:
+        raise AlignmentError(f"the model has no attention ({NO_ATTENTION}); score its attributions instead "
+                             "(evaluate --explain).")
     src_chars, tgt_chars = counts_characters(src_lang), counts_characters(tgt_lang)
     tgt_limit = target_token_limit(model)
     src_limit = source_token_limit(model, max_len_a, max_len_b)
@@ -413,18 +429,21 @@ def score_alignments(model: Seq2SeqModel, src_tok: Tokenizer, tgt_tok: Tokenizer
     scorer = AlignmentScorer()
     for part, pairs in kept.items():
         forced = force(model, [(src_ids, tgt_ids) for src_ids, tgt_ids, *_ in pairs], device)
-        for (_, _, src_units, tgt_units, reference), result in zip(pairs, forced):
-            scorer.add(part, attention_explanations(result.layers, src_units, tgt_units), reference)
+        for (src_ids, tgt_ids, src_units, tgt_units, reference), result in zip(pairs, forced):
+            explanations = {} if result.layers is None else attention_explanations(result.layers, src_units,
+                                                                                    tgt_units)
+            explanations |= attribution_explanations(model, src_ids, tgt_ids, src_units, tgt_units, methods)
+            scorer.add(part, explanations, reference)
     return scorer.report(selection.name, held_out.name, skipped)
 
 
 def score_checkpoint(loaded: LoadedModel, selection: AlignmentSet, held_out: AlignmentSet,
-                     device: torch.device) -> AlignmentReport:
+                     device: torch.device, methods: Sequence[str] = ()) -> AlignmentReport:
     """`score_alignments` with the languages and length limits a checkpoint was trained with."""
     data, trainer = loaded.config.data, loaded.config.trainer
     return score_alignments(
         loaded.model, loaded.src_tokenizer, loaded.tgt_tokenizer, selection, held_out, data.src_lang, data.tgt_lang,
-        device, trainer.max_len_a, trainer.max_len_b,
+        device, trainer.max_len_a, trainer.max_len_b, methods,
     )
 
 

@@ -22,7 +22,6 @@ from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
-from captum.attr import InputXGradient, IntegratedGradients, Saliency
 from torch import nn
 
 from seq2seq.models.base import Seq2SeqModel, eval_mode
@@ -74,6 +73,8 @@ def embedding_attributions(model: Seq2SeqModel, src_ids: Sequence[int], tgt_ids:
                            method: str) -> torch.Tensor:
     """(T+1, S+1, E) float32 attributions of each forced target step to each source embedding dimension, by
     one of METHODS; `src_ids` and `tgt_ids` without "</s>"."""
+    from captum.attr import InputXGradient, IntegratedGradients, Saliency  # it loads pyplot: not for training's AER
+
     if method not in METHODS:
         raise ValueError(f"unknown attribution method {method!r}; one of {', '.join(METHODS)}.")
     if not src_ids:
