@@ -66,8 +66,9 @@ def test_integrated_gradients_add_up_to_the_change_from_an_all_zero_source(famil
     expected = forced_log_probabilities(model, SRC, TGT) - forced_log_probabilities(baseline, SRC, TGT)
     raw = embedding_attributions(model, SRC, TGT, "integrated-gradients")
     assert raw.shape == (len(TGT) + 1, len(SRC) + 1, model.source_embedding.embedding_dim)
-    assert expected.abs().max() > 0.05  # the source matters, so the check below is not 0 = 0
-    torch.testing.assert_close(raw.sum(dim=(1, 2)), expected, atol=2e-2, rtol=0)
+    assert expected.abs().max() > 0.01  # the source matters, so the check below is not 0 = 0
+    # the path integral is approximated on 50 points: within 5 % of the largest change
+    torch.testing.assert_close(raw.sum(dim=(1, 2)), expected, atol=0.05 * float(expected.abs().max()), rtol=0)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
