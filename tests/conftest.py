@@ -8,6 +8,7 @@ import random
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -24,6 +25,17 @@ from seq2seq.models import build_model
 from seq2seq.paths import CONFIG_DIR
 
 TATOEBA_RELATIVE_PATH = Path("tatoeba-cmn-eng/cmn-eng.tsv")
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """For tiny models: a second intra-op thread only adds contention on a shared machine (measured: 10x slower
+    overfitting with 2 threads under load, no gain when idle). A test file uses it with
+    `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -23,12 +22,7 @@ FAMILIES = {
 SHARED = {**FAMILIES["transformer"], "share_embeddings": True}
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: the models here are tiny
 
 
 def tiny(config: dict, seed: int = 0) -> torch.nn.Module:

@@ -3,7 +3,6 @@ RNN can see, mixed precision, and that each one can actually learn (overfitting 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -47,14 +46,7 @@ SMALL = {
 ATTENTION = [key for key in SMALL if not key.startswith("rnn")]
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """These models are tiny: a second intra-op thread only adds contention on a shared machine (measured: 10x
-    slower overfitting with 2 threads under load, no gain when idle)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: the models here are tiny
 
 
 def small_model(key: str, seed: int = 0) -> torch.nn.Module:
