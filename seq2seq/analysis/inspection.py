@@ -198,12 +198,12 @@ def _panel(title: str, item: Inspected, matrix: np.ndarray, words: bool) -> tupl
 
 def comparison_figure(inspected: Sequence[Inspected], title: str, view: View, words: bool,
                       explanations: Sequence[str] = (ATTENTION,)):
-    """The models side by side, each with a panel per explanation (its attention in `view`, or an attribution
+    """The models side by side, a row of panels per explanation (their attention in `view`, or an attribution
     method that `inspect_model` computed); a map with more than MAX_FIGURE_UNITS rows or columns shows its first
     ones and says so in its title (the HTML page and the JSON keep all of them)."""
     panels, cut = [], False
-    for item in inspected:
-        for explanation in explanations:
+    for explanation in explanations:
+        for item in inspected:
             if explanation != ATTENTION:
                 panel, panel_cut = _panel(f"{item.label} · {explanation}", item, item.attributions[explanation],
                                           words)
@@ -218,7 +218,7 @@ def comparison_figure(inspected: Sequence[Inspected], title: str, view: View, wo
     if cut:
         title = f"[maps cut to their first {MAX_FIGURE_UNITS} rows and columns; see --html or --json for all] {title}"
     scale = "attention weight" if list(explanations) == [ATTENTION] else "weight (each row sums to 1)"
-    return side_by_side_figure(panels, title=title, scale=scale)
+    return side_by_side_figure(panels, title=title, scale=scale, columns=len(inspected))
 
 
 def rounded(values) -> list:

@@ -218,11 +218,15 @@ def _panel_grid(panel: Panel) -> tuple[int, int]:
     return math.ceil(heads / columns), columns
 
 
-def side_by_side_figure(panels: Sequence[Panel], title: str = "", scale: str = "attention weight") -> Figure:
-    """Several models' attention (or attributions) on the same sentence, one column each with the model's name
-    and translation above it, on one colour scale (0 to 1, named `scale`) so the maps compare directly."""
+def side_by_side_figure(panels: Sequence[Panel], title: str = "", scale: str = "attention weight",
+                        columns: int | None = None) -> Figure:
+    """Several models' attention (or attributions) on the same sentence, one panel each with the model's name
+    and translation above it, `columns` panels a row (default all in one row), on one colour scale (0 to 1,
+    named `scale`) so the maps compare directly."""
     if not panels:
         raise ValueError("side_by_side_figure needs at least one panel.")
+    columns = min(columns or len(panels), len(panels))
+    rows_of_panels = math.ceil(len(panels) / columns)
     matrices = [None if panel.attention is None else _as_array(panel.attention) for panel in panels]
     for panel, matrix in zip(panels, matrices):
         if matrix is not None:
@@ -231,16 +235,19 @@ def side_by_side_figure(panels: Sequence[Panel], title: str = "", scale: str = "
             _check_shape(matrix, panel.src_labels, panel.tgt_labels)
     grids = [_panel_grid(panel) for panel in panels]
     longest = max(max(len(p.src_labels) * cols, len(p.tgt_labels) * rows) for p, (rows, cols) in zip(panels, grids))
-    size = _label_size(longest * len(panels))
+    size = _label_size(longest * columns)
     step = INCHES_PER_TOKEN * size / 9.0
     widths = [
         1.4 + cols * (0.3 + step * max(len(p.src_labels), 4)) for p, (rows, cols) in zip(panels, grids)
     ]
     heights = [1.6 + rows * (0.4 + step * max(len(p.tgt_labels), 4)) for p, (rows, cols) in zip(panels, grids)]
-    figure = _canvas_figure(sum(widths) + 1.0, max(heights) + (0.4 if title else 0.0))
-    columns = figure.subfigures(1, len(panels), width_ratios=widths, squeeze=False)[0]
+    column_widths = [max(widths[start::columns]) for start in range(columns)]
+    row_heights = [max(heights[start: start + columns]) for start in range(0, len(panels), columns)]
+    figure = _canvas_figure(sum(column_widths) + 1.0, sum(row_heights) + (0.4 if title else 0.0))
+    places = figure.subfigures(rows_of_panels, columns, width_ratios=column_widths, height_ratios=row_heights,
+                               squeeze=False).ravel()
     image, heatmap_axes = None, []
-    for column, panel, matrix, (rows, cols) in zip(columns, panels, matrices, grids):
+    for column, panel, matrix, (rows, cols) in zip(places, panels, matrices, grids):
         column.suptitle(
             f"{display_piece(_shorten(panel.title, PANEL_TITLE_CHARS))}\n"
             f"{display_piece(_shorten(panel.translation or '(empty translation)', PANEL_TITLE_CHARS))}",
