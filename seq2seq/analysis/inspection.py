@@ -298,13 +298,13 @@ def format_table(reports: Sequence[dict], pairs: Sequence[dict], threshold: floa
     for report in reports:
         what = "reference (forced)" if report["forced"] else "translation"
         lines.append(f"\n{report['model']}: {what}: {report['translation']}  (loss {report['loss']:.2f} nats)")
-        for row, word in enumerate(report["target_words"]):
-            cells = [f"  {word:<16}"]
-            if report["has_attention"]:
-                cells.append(f"→ {report['argmax'][row]:<12} entropy {report['row_entropy'][row]:.2f}")
-            cells += [f"{method} → {maps['argmax'][row]}" for method, maps in report["attributions"].items()]
-            if len(cells) > 1:
-                lines.append("  ".join(cells))
+        if report["has_attention"] or report["attributions"]:
+            for row, word in enumerate(report["target_words"]):
+                line = f"  {word:<16}"
+                if report["has_attention"]:
+                    line += f" → {report['argmax'][row]:<12} entropy {report['row_entropy'][row]:.2f}"
+                lines.append(line + "".join(f"  {method} → {maps['argmax'][row]}"
+                                            for method, maps in report["attributions"].items()))
         if not report["has_attention"]:
             continue
         grid = report["layer_head_entropy"]
