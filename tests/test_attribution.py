@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from seq2seq.analysis.attribution import METHODS, attributions, embedding_attributions
+from seq2seq.config import model_config
 from seq2seq.models import build_model
 
 PAD = 0
@@ -27,7 +28,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: the models he
 
 def tiny(config: dict, seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
-    return build_model(config, 20, 20).eval()
+    return build_model(model_config(config), 20, 20).eval()
 
 
 def forced_log_probabilities(model: torch.nn.Module, src: list[int], tgt: list[int]) -> torch.Tensor:
