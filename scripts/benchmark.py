@@ -47,7 +47,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from seq2seq.checkpoint import load_model
 from seq2seq.config import check_config
 from seq2seq.data.batching import Batch, collate, padded_length
-from seq2seq.cli import UsageError
+from seq2seq.errors import UsageError
 from seq2seq.export import export
 from seq2seq.inference.ctranslate2_engine import CTranslate2Decoder
 from seq2seq.models import build_model, count_parameters

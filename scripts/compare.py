@@ -31,8 +31,7 @@ from torch.utils.tensorboard import SummaryWriter  # noqa: E402
 from seq2seq.analysis import inspection  # noqa: E402
 from seq2seq.analysis.diagnostics import COVERAGE_THRESHOLD  # noqa: E402
 from seq2seq.training.board import add_figure  # noqa: E402
-from seq2seq.checkpoint import CheckpointError  # noqa: E402
-from seq2seq.cli import UsageError  # noqa: E402
+from seq2seq.errors import UsageError  # noqa: E402
 
 COLUMNS = (
     ("run", "{}"),
@@ -117,7 +116,7 @@ def attention_comparison(runs: list[dict], out: Path, writer: SummaryWriter) -> 
             continue
         try:
             models = inspection.load_models(paths, torch.device("cpu"))
-        except (CheckpointError, UsageError) as error:
+        except UsageError as error:
             print(f"compare: skipping the {data} attention figures: {error}", file=sys.stderr)
             continue
         examples = models[0][1].config.attention_examples

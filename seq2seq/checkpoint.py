@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import pickle
 import re
+import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,14 +28,16 @@ from seq2seq import __version__
 from seq2seq.atomic import atomic_write
 from seq2seq.config import RunConfig, saved_config
 from seq2seq.data.tokenizer import LEGACY_NORMALIZATION, Tokenizer
+from seq2seq.errors import UsageError
 from seq2seq.models import build_model
 from seq2seq.models.base import Seq2SeqModel
 
 FORMAT_VERSION = 1
 REQUIRED_KEYS = ("format_version", "config", "model", "src_tokenizer", "tgt_tokenizer")
+ZIP_MAGIC = b"PK\x03\x04"  # torch.save writes a zip archive
 
 
-class CheckpointError(Exception):
+class CheckpointError(UsageError):
     """A checkpoint that is missing, damaged or written by an incompatible version."""
 
 
@@ -70,26 +73,37 @@ def load_torch_file(path: Path, map_location: str | torch.device = "cpu") -> Any
     """`torch.load` with `weights_only=True`: tensors, numbers, text, containers and NumPy RNG states only, so a
     shared file cannot run code when loaded. Anything else is a CheckpointError naming what it asked for."""
     try:
-        with torch.serialization.safe_globals(_numpy_rng_globals()):
+        with torch.serialization.safe_globals(_numpy_rng_globals()), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")  # a foreign pickle: refused below
             return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
         unsupported = re.search(r"GLOBAL ([\w.]+)", str(error))
         if "Weights only load failed" not in str(error) or unsupported is None:
-            raise _unreadable(path, error) from error
+            raise _unreadable(path) from error
         raise CheckpointError(
             f"refusing to load {path}: it asks to unpickle {unsupported.group(1)}, which could run arbitrary code; "
             "seq2seq checkpoints hold only tensors, numbers, text and RNG states. Use a checkpoint from a source "
             "you trust, written by seq2seq's trainer."
         ) from error
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, IndexError, KeyError, TypeError) as error:
-        raise _unreadable(path, error) from error  # what the weights-only unpickler raises on bytes that are no pickle
+    except OSError as error:
+        raise CheckpointError(f"cannot read checkpoint {path}: {error.strerror or error}.") from error
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, IndexError, KeyError, TypeError) as error:
+        raise _unreadable(path) from error  # what the weights-only unpickler raises on bytes that are no pickle
 
 
-def _unreadable(path: Path, error: Exception) -> CheckpointError:
-    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+def _unreadable(path: Path) -> CheckpointError:
+    """A file torch cannot read, described in our own words: torch's text names internals and can advise loading
+    with weights_only=False, which would let a shared file run code."""
+    with open(path, "rb") as handle:
+        head = handle.read(len(ZIP_MAGIC))
+    if not head:
+        what = "the file is empty"
+    elif head == ZIP_MAGIC:
+        what = "the file is truncated or damaged (an interrupted copy or write)"
+    else:
+        what = "the file is not a seq2seq checkpoint"
     return CheckpointError(
-        f"cannot read checkpoint {path}: the file is truncated or is not a seq2seq checkpoint ({first}). "
-        "Use another checkpoint (last.pt or best.pt of the run) or retrain."
+        f"cannot read checkpoint {path}: {what}. Use another checkpoint (last.pt or best.pt of the run) or retrain."
     )
 
 

@@ -1,5 +1,5 @@
 """Command-line pieces shared by `seq2seq.translate` and `seq2seq.evaluate`: decoding options, loading a
-checkpoint onto the device the runtime rule picks, reading input lines, and the error a user can fix.
+checkpoint onto the device the runtime rule picks, reading input lines, and the `main` that reports a `Seq2SeqError` in one line.
 """
 
 from __future__ import annotations
@@ -14,20 +14,16 @@ from pathlib import Path
 
 import torch
 
-from seq2seq.checkpoint import CheckpointError, LoadedModel, load_model
+from seq2seq.checkpoint import LoadedModel, load_model
+from seq2seq.errors import Seq2SeqError, UsageError
 from seq2seq.inference.ctranslate2_engine import COMPUTE_TYPES, CTranslate2Decoder
-from seq2seq.inference.output import OutputError
 from seq2seq.inference.predict import quantize_int8
-from seq2seq.runtime import DEVICES, PRECISIONS, RuntimeSettingError, resolve_device, resolve_precision
+from seq2seq.runtime import DEVICES, PRECISIONS, resolve_device, resolve_precision
 
 log = logging.getLogger("seq2seq.cli")
 
 ENGINES = ("torch", "ctranslate2")
 INVALID_UTF8_LISTED = 10  # input lines with invalid UTF-8 warned about one by one; one more warning says more follow
-
-
-class UsageError(Exception):
-    """A problem the user can fix from the command line; reported in one line with exit code 2."""
 
 
 def decode_line(raw: bytes) -> str:
@@ -96,7 +92,7 @@ def decoding_options(args: argparse.Namespace, loaded: LoadedModel, device: torc
         "max_sentences": args.batch_size,
         "device": device,
         "precision": "fp32" if args.int8 or args.engine == "ctranslate2"
-        else _runtime(resolve_precision, args.precision, device, setting="--precision"),
+        else resolve_precision(args.precision, device, setting="--precision"),
     }
     if args.int8 and args.precision not in ("auto", "fp32"):
         raise UsageError(f"--int8 computes in int8 and fp32, not {args.precision}; drop --precision {args.precision}.")
@@ -111,7 +107,7 @@ def decoding_options(args: argparse.Namespace, loaded: LoadedModel, device: torc
 
 
 def load(args: argparse.Namespace) -> tuple[LoadedModel, torch.device]:
-    device = _runtime(resolve_device, args.device, setting="--device")
+    device = resolve_device(args.device, setting="--device")
     loaded = load_model(args.checkpoint, device=device)
     if args.int8 and args.engine == "torch":
         if device.type != "cpu":
@@ -135,7 +131,7 @@ def ctranslate2_decoder(args: argparse.Namespace, loaded: LoadedModel, device: t
     elif device.type == "cpu" and args.precision == "auto":
         precision = "fp32"
     else:
-        precision = _runtime(resolve_precision, args.precision, device, setting="--precision")
+        precision = resolve_precision(args.precision, device, setting="--precision")
     compute_type = COMPUTE_TYPES[precision]
     if compute_type not in ctranslate2.get_supported_compute_types(device.type):
         raise UsageError(f"CTranslate2 cannot compute in {compute_type} on this {device.type}; "
@@ -146,14 +142,6 @@ def ctranslate2_decoder(args: argparse.Namespace, loaded: LoadedModel, device: t
                               torch.get_num_threads())
 
 
-def _runtime(resolve, *args, setting: str):
-    """A runtime rule's answer, its refusal turned into a UsageError naming the option."""
-    try:
-        return resolve(*args, setting=setting)
-    except RuntimeSettingError as error:
-        raise UsageError(str(error)) from error
-
-
 def read_file_lines(path: Path) -> Iterator[str]:
     with open(path, "rb") as handle:
         yield from read_lines(handle, str(path))
@@ -161,16 +149,16 @@ def read_file_lines(path: Path) -> Iterator[str]:
 
 def run_command(parser: argparse.ArgumentParser, run: Callable[[argparse.Namespace], None],
                 argv: list[str] | None) -> int:
-    """The `main` of translate and evaluate: parse `argv`, log to stderr (INFO with --verbose), `run`. A problem the
-    user can fix is one line and exit status 2, Ctrl-C exit 130, and a reader that went away (`| head`) a quiet stop."""
+    """The `main` of translate and evaluate: parse `argv`, log to stderr (INFO with --verbose), `run`. A Seq2SeqError is
+    one line and its exit status (2 for a problem the user can fix), Ctrl-C exit 130, and a reader that went away (`| head`) a quiet stop."""
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s: %(message)s",
                         stream=sys.stderr)
     try:
         run(args)
-    except (CheckpointError, UsageError, OutputError) as error:
+    except Seq2SeqError as error:
         print(f"error: {error}", file=sys.stderr)
-        return 2
+        return error.exit_code
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # and keep Python from complaining at exit
         return 0

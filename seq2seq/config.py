@@ -33,6 +33,7 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from seq2seq.errors import UsageError
 from seq2seq.runtime import DEVICES, PRECISIONS, RuntimeSettingError, resolve_device, resolve_precision
 
 # Allowed names of the keys that pick an implementation; the modules that implement them import these.
@@ -52,7 +53,7 @@ MAX_LEN_A = 1.5
 MAX_LEN_B = 10
 
 
-class ConfigError(ValueError):
+class ConfigError(UsageError, ValueError):
     """A configuration that cannot work; reported as one line per problem, exit status 2."""
 
 

@@ -34,15 +34,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from seq2seq.analysis.alignment import (AlignmentError, AlignmentSet, format_alignment_table, read_alignment_set,
+from seq2seq.analysis.alignment import (AlignmentSet, format_alignment_table, read_alignment_set,
                                         read_pharaoh, score_checkpoint)
 from seq2seq.analysis.attribution import METHODS
 from seq2seq.checkpoint import LoadedModel
 from seq2seq.metrics import bleu_by_length, corpus_scores
 from seq2seq.inference.predict import translate_sentences, with_progress
-from seq2seq.cli import (
-    UsageError, add_decoding_arguments, decoding_options, load, read_file_lines, run_command,
-)
+from seq2seq.cli import add_decoding_arguments, decoding_options, load, read_file_lines, run_command
+from seq2seq.errors import UsageError
 from seq2seq.inference.output import one_line
 from seq2seq.models.base import NO_ATTENTION
 
@@ -186,29 +185,20 @@ def evaluate_alignments(args: argparse.Namespace, loaded: LoadedModel, device, s
                         references: list[str], where: str) -> dict:
     """AER of the checkpoint's attention against the --alignments links: each extraction's map chosen on the
     first half of the pairs (or on --select-on) and reported on the rest."""
-    try:
-        links = read_pharaoh(args.alignments)
-    except AlignmentError as error:
-        raise UsageError(str(error)) from error
+    links = read_pharaoh(args.alignments)
     if args.limit is not None:
         links = links[: args.limit]
     if len(links) != len(sources):
         raise UsageError(f"{where} has {len(sources)} sentence pairs but {args.alignments} has {len(links)} lines; "
                          "give one alignment line per pair, in order.")
-    from seq2seq.data.corpus import CorpusError  # loads `datasets`, as reading --select-on does
-
     given = AlignmentSet(where, list(zip(sources, references)), links)
-    try:
-        if args.select_on is None:
-            selection, held_out = given.halves()
-        else:
-            selection, held_out = read_alignment_set(args.select_on, loaded.config.data), given
-        print(f"forcing {len(selection.pairs) + len(held_out.pairs)} references through the model ...",
-              file=sys.stderr)
-        start = time.perf_counter()
-        report = score_checkpoint(loaded, selection, held_out, device, list(dict.fromkeys(args.explain or [])))
-    except (AlignmentError, CorpusError) as error:
-        raise UsageError(str(error)) from error
+    if args.select_on is None:
+        selection, held_out = given.halves()
+    else:
+        selection, held_out = read_alignment_set(args.select_on, loaded.config.data), given
+    print(f"forcing {len(selection.pairs) + len(held_out.pairs)} references through the model ...", file=sys.stderr)
+    start = time.perf_counter()
+    report = score_checkpoint(loaded, selection, held_out, device, list(dict.fromkeys(args.explain or [])))
     return {"checkpoint": str(args.checkpoint), "model": loaded.config.model.name, "data": where,
             "alignments": str(args.alignments), **report.as_dict(), "seconds": round(time.perf_counter() - start, 3)}
 

@@ -30,8 +30,9 @@ import numpy as np
 import torch
 
 from seq2seq.checkpoint import LoadedModel, load_model
-from seq2seq.cli import UsageError, run_command
+from seq2seq.cli import run_command
 from seq2seq.data.tokenizer import BOS_ID, EOS_ID, UNK_ID, Tokenizer
+from seq2seq.errors import UsageError
 from seq2seq.models.transformer import TransformerSeq2Seq
 from seq2seq.paths import cache_dir
 

@@ -40,9 +40,9 @@ from seq2seq.analysis import inspection, page, server
 from seq2seq.analysis.attribution import ATTENTION, EXPLANATIONS
 from seq2seq.analysis.plotting import figure_to_png
 from seq2seq.atomic import atomic_write
-from seq2seq.checkpoint import CheckpointError, LoadedModel
-from seq2seq.cli import UsageError
-from seq2seq.runtime import DEVICES, RuntimeSettingError, resolve_device
+from seq2seq.checkpoint import LoadedModel
+from seq2seq.errors import Seq2SeqError, UsageError
+from seq2seq.runtime import DEVICES, resolve_device
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -134,10 +134,7 @@ def run(args: argparse.Namespace) -> None:
         raise UsageError(f"--beam-size must be at least 1, got {args.beam_size}.")
     if args.max_chars < 1:
         raise UsageError(f"--max-chars must be at least 1, got {args.max_chars}.")
-    try:
-        device = resolve_device(args.device, setting="--device")
-    except RuntimeSettingError as error:
-        raise UsageError(str(error)) from error
+    device = resolve_device(args.device, setting="--device")
     view = inspection.View(args.layer, args.head, args.heads)
     explanations = list(dict.fromkeys(args.explain or [ATTENTION]))
     methods = [name for name in explanations if name != ATTENTION]
@@ -187,9 +184,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         run(args)
-    except (CheckpointError, UsageError) as error:
+    except Seq2SeqError as error:
         print(f"error: {error}", file=sys.stderr)
-        return 2
+        return error.exit_code
     return 0
 
 

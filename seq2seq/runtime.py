@@ -19,13 +19,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from seq2seq.errors import UsageError
+
 DEVICES = ("auto", "cpu", "cuda")
 CONCRETE_PRECISIONS = ("bf16", "fp16", "fp32")
 PRECISIONS = ("auto", *CONCRETE_PRECISIONS)
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-class RuntimeSettingError(ValueError):
+class RuntimeSettingError(UsageError, ValueError):
     """A device or precision this machine cannot run; the message names the setting and what to use instead."""
 
 

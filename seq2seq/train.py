@@ -30,16 +30,16 @@ from omegaconf import DictConfig, OmegaConf
 
 from seq2seq.training import distributed
 from seq2seq.checkpoint import CheckpointError
-from seq2seq.data.corpus import CorpusError
-from seq2seq.config import ConfigError, RunConfig, check_config, composition_error_message, saved_config
+from seq2seq.config import RunConfig, check_config, composition_error_message, saved_config
+from seq2seq.errors import Seq2SeqError
 from seq2seq.training.lifecycle import (
     LAST_CHECKPOINT, RunFolderError, RunLock, StopSignals, TrainingInterrupted, accept_run, buffer_log_records, check_creatable,
     data_source, remove_if_empty, remove_stale_temporaries, run_folder,
 )
-from seq2seq.runtime import RuntimeSettingError, resolve_device, resolve_precision
+from seq2seq.runtime import resolve_device, resolve_precision
 from seq2seq.training.resume import check_resumable
 from seq2seq.training.setup import build_trainer
-from seq2seq.training.trainer import Trainer, TrainingError
+from seq2seq.training.trainer import Trainer
 
 log = logging.getLogger("seq2seq.train")
 
@@ -135,20 +135,19 @@ def _run(cfg: DictConfig) -> None:
             trainer.fit(stops)
         if trainer.is_main:
             log.info("run folder: %s", trainer.run_dir.resolve())
-    except TrainingInterrupted as stop:
-        _fail(f"{stop}. Continue with:\n  {_resume_command(stop.checkpoint)}", stop.status, trainer)
-    except (ConfigError, RuntimeSettingError, CheckpointError, CorpusError, RunFolderError) as error:
+    except Seq2SeqError as error:
         if not accepted:
             if lock is not None:
                 lock.release(remove=True)
             remove_if_empty(run_dir)
-        _fail(error, 2, trainer)
+        message = str(error)
+        if isinstance(error, TrainingInterrupted):
+            message += f". Continue with:\n  {_resume_command(error.checkpoint)}"
+        _fail(message, error.exit_code, trainer)
     except OSError as error:
         where = f" {error.filename}" if error.filename else ""
         _fail(f"cannot write{where}: {error.strerror or error}. Free space or fix the permissions, then run "
               "again (trainer.resume=auto continues from the last checkpoint).", 2, trainer)
-    except (TrainingError, distributed.CollectiveError) as error:
-        _fail(error, 1, trainer)
     except KeyboardInterrupt:
         _fail("interrupted before the current step finished; nothing was saved since the last checkpoint", 130,
               trainer)

@@ -25,9 +25,8 @@ from pathlib import Path
 
 from seq2seq.checkpoint import LoadedModel
 from seq2seq.analysis.terminal import AttentionOutput
-from seq2seq.cli import (
-    UsageError, add_decoding_arguments, decoding_options, load, read_file_lines, read_lines, run_command,
-)
+from seq2seq.cli import add_decoding_arguments, decoding_options, load, read_file_lines, read_lines, run_command
+from seq2seq.errors import UsageError
 from seq2seq.inference.output import TranslationWriter, format_translation
 from seq2seq.inference.predict import translate_sentences
 

@@ -14,15 +14,16 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from seq2seq.checkpoint import save_checkpoint
 from seq2seq.data.batching import collate
-from seq2seq.data.tokenizer import PAD_ID, build_tokenizers
+from seq2seq.data.tokenizer import build_tokenizers
 from seq2seq.config import RunConfig, model_config, saved_config
 from seq2seq.models import build_model
+from seq2seq.models.base import Seq2SeqModel
 from seq2seq.paths import CONFIG_DIR
+from seq2seq.training.update import Update
 
 TATOEBA_RELATIVE_PATH = Path("tatoeba-cmn-eng/cmn-eng.tsv")
 
@@ -92,23 +93,21 @@ def _config(name: str) -> dict:
         "data": OmegaConf.load(CONFIG_DIR / "data" / "tatoeba_zh_en.yaml"),
         "tokenizer": {"src_vocab_size": 1000, "tgt_vocab_size": 500, "character_coverage": 0.98},
         "model": {"name": name, **TINY_MODELS[name]},
-        "trainer": {"test_beam_size": 3},
+        "trainer": {"test_beam_size": 3, "label_smoothing": 0.0},
+        "optim": {"lr": 1e-2, "schedule": "constant", "warmup_steps": 0},  # fast, for a few dozen steps
     }))
 
 
-def _train(model: torch.nn.Module, examples: list[dict], steps: int = 60) -> None:
-    """A few dozen teacher-forced updates: enough for outputs that look like English, not like random ids."""
+def _train(model: Seq2SeqModel, config: dict, examples: list[dict], steps: int = 60) -> None:
+    """A few dozen updates of the trainer's own step (`config`'s optimizer, clipping and loss) on batches of 32
+    pairs: enough for outputs that look like English, not like random ids."""
     torch.manual_seed(0)
     rng = random.Random(0)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    update = Update.from_config(model, saved_config(config), torch.device("cpu"), "fp32", data_parallel=False,
+                                total_steps=steps)
     model.train()
     for _ in range(steps):
-        batch = collate(rng.sample(examples, 32))
-        logits = model(batch.src, batch.src_mask, batch.tgt_in).logits
-        loss = F.cross_entropy(logits.flatten(0, 1), batch.tgt_out.flatten(), ignore_index=PAD_ID)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+        update([collate(rng.sample(examples, 32))])
     model.eval()
 
 
@@ -133,7 +132,7 @@ def checkpoints(tmp_path_factory, corpus_path) -> dict[str, Path]:
             config = _config(name)
             torch.manual_seed(0)
             model = build_model(model_config(config["model"]), src_tok.vocab_size, tgt_tok.vocab_size)
-            _train(model, examples)
+            _train(model, config, examples)
             paths[name] = folder / f"{name}.pt"
             save_checkpoint(paths[name], {
                 "config": config, "model": model.state_dict(), "src_tokenizer": src_tok.proto,

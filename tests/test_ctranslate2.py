@@ -44,7 +44,7 @@ def en_zh_checkpoint(tmp_path_factory, corpus_path) -> Path:
                 for i, (en, zh) in enumerate(pairs)]
     torch.manual_seed(0)
     model = build_model(model_config(config["model"]), src_tok.vocab_size, tgt_tok.vocab_size)
-    _train(model, examples)
+    _train(model, config, examples)
     path = folder / "transformer.pt"
     save_checkpoint(path, {
         "config": config, "model": model.state_dict(), "src_tokenizer": src_tok.proto, "tgt_tokenizer": tgt_tok.proto,

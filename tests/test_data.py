@@ -633,6 +633,7 @@ def test_prepare_data_builds_then_reuses_the_cache(tmp_path, cache, monkeypatch)
     assert os.listdir(cache / "datasets") == [first.cache_path.name]  # no temporary folders left behind
 
 
+@pytest.mark.slow
 @pytest.mark.corpus
 def test_preparation_memory_does_not_grow_with_the_corpus(corpus_path, tmp_path):
     """scripts/benchmark_data.py on synthetic Tatoeba corpora of 150k and 600k pairs (both cleaned by two worker

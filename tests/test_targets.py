@@ -107,7 +107,7 @@ def test_a_model_learns_chinese_targets_with_their_punctuation(corpus_path, tmp_
     examples = [{"src_ids": src_tok.encode(en), "tgt_ids": tgt_tok.encode(zh)} for en, zh in pairs]
     torch.manual_seed(0)
     model = build_model(model_config(_config("transformer")["model"]), src_tok.vocab_size, tgt_tok.vocab_size)
-    _train(model, examples, steps=300)
+    _train(model, _config("transformer"), examples, steps=300)
     outputs = [t.text for t in translate_sentences(model, src_tok, tgt_tok, [en for en, _ in pairs], beam_size=1)]
     learnt = [out for out, (_, zh) in zip(outputs, pairs) if out == " ".join(zh.split())]
     assert len(learnt) >= len(pairs) // 2

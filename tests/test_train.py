@@ -28,6 +28,7 @@ from seq2seq.training.update import token_loss
 from seq2seq.training.state import average_state_dicts
 
 from conftest import TORCHRUN, Workspace, kill_tree
+from test_board import chart_tags, comparison_layout
 
 def kill_after_first_checkpoint(process: subprocess.Popen, runs: Path) -> Path:
     """SIGKILL the run (a launcher and all its workers) as soon as it has written checkpoints/last.pt;
@@ -88,15 +89,19 @@ def test_run_logs_curves_metrics_and_attention(sweep, family):
     acc = events(run)
     tags = acc.Tags()
     for tag in ("train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s", "train/nonfinite_steps",
-                "valid/loss", "valid/ppl", "valid/bleu", "valid/chrf", "test/bleu", "test/chrf",
-                "hparam/valid_bleu", "hparam/test_bleu", "hparam/params"):
+                "valid/loss", "valid/ppl", "valid/bleu", "valid/chrf",
+                "hparam/valid_bleu", "hparam/test_bleu", "hparam/test_chrf", "hparam/params"):
         assert tag in tags["scalars"], f"{tag} missing from {family}'s events"
     assert [step for step, _ in scalars(acc, "valid/bleu")] == [15, 30]
     assert [step for step, _ in scalars(acc, "train/loss")] == [5, 10, 15, 20, 25, 30]
     lrs = [value for _, value in scalars(acc, "train/lr")]
     assert lrs == sorted(lrs) and lrs[0] > 0  # still warming up
     assert all(math.isfinite(value) for _, value in scalars(acc, "train/loss"))
-    assert any(tag.startswith("test/bleu_by_length/") for tag in tags["scalars"])
+    # The test's one-point figures are a text summary (and the HPARAMS row), not scalar charts.
+    assert not any(tag.startswith("test/") for tag in tags["scalars"])
+    assert "| source tokens | sentences | BLEU |" in text(acc, "test/scores/text_summary")
+    # TensorBoard's comparison layout draws curves this run writes in each of its charts.
+    assert all(drawn for drawn in chart_tags(comparison_layout(acc), tags["scalars"]).values())
     assert "| source | reference | hypothesis |" in text(acc, "valid/samples/text_summary")
 
     images = tags["images"]
@@ -121,7 +126,7 @@ def test_run_logs_curves_metrics_and_attention(sweep, family):
     assert results["stopped_by"] == "max_steps" and isinstance(results["averaged"], bool)
     assert results["test_sentences"] == 40 and results["test_bleu_by_length"]
     assert results["target_tokens_per_s"] > 0 and results["valid_bleu"] is not None
-    assert results["test_bleu"] == pytest.approx(scalars(acc, "test/bleu")[-1][1], abs=1e-4)
+    assert results["test_bleu"] == pytest.approx(scalars(acc, "hparam/test_bleu")[-1][1], abs=1e-4)
 
 
 @pytest.mark.slow
@@ -295,6 +300,7 @@ if info.rank == 0:
 """
 
 
+@pytest.mark.slow
 def test_ddp_gradients_are_the_global_per_token_mean(tmp_path):
     """Two Gloo ranks with very different token counts update as one process that saw both batches would."""
     worker = tmp_path / "worker.py"

@@ -10,6 +10,7 @@ import io
 import json
 import logging
 import os
+import pickle
 import shutil
 import subprocess
 import sys
@@ -132,14 +133,21 @@ def test_missing_checkpoint_exits_2_without_traceback(tmp_path):
     assert len(stderr.strip().splitlines()) == 1
 
 
-@pytest.mark.parametrize("problem", ["truncated", "text", "foreign_pickle", "folder"])
-def test_unusable_checkpoint_exits_2_naming_the_file(checkpoints, tmp_path, capsysbinary, problem):
+@pytest.mark.parametrize("problem, says", [
+    ("truncated", "truncated or damaged"), ("empty", "is empty"), ("text", "not a seq2seq checkpoint"),
+    ("plain_pickle", "not a seq2seq checkpoint"), ("foreign_pickle", "not a seq2seq checkpoint"), ("folder", "folder"),
+])
+def test_unusable_checkpoint_exits_2_naming_the_file(checkpoints, tmp_path, capsysbinary, problem, says):
     path = tmp_path / f"{problem}.pt"
     if problem == "truncated":
         data = checkpoints["transformer"].read_bytes()
         path.write_bytes(data[: len(data) // 2])
+    elif problem == "empty":
+        path.write_bytes(b"")
     elif problem == "text":
         path.write_text("this is not a checkpoint\n")
+    elif problem == "plain_pickle":
+        path.write_bytes(pickle.dumps({"weights": [0.0, 1.0]}))
     elif problem == "foreign_pickle":
         torch.save({"weights": torch.zeros(2)}, path)
     else:
@@ -148,8 +156,9 @@ def test_unusable_checkpoint_exits_2_naming_the_file(checkpoints, tmp_path, caps
         sentences = ["你好"] if module is translate_cli else []
         code, out, err = _main(capsysbinary, module, "--checkpoint", path, *sentences)
         assert (code, out) == (2, [])
-        assert str(path) in err
+        assert str(path) in err and says in err
         assert len(err.strip().splitlines()) == 1
+        assert "weights_only" not in err and "torch.load" not in err  # our words, never torch's advice
 
 
 # --- translate: attention, n-best --------------------------------------------------------------------------------

@@ -48,6 +48,7 @@ from seq2seq.analysis.diagnostics import Units, merge_attention, piece_texts
 from seq2seq.checkpoint import LoadedModel
 from seq2seq.config import DataConfig
 from seq2seq.data.tokenizer import Tokenizer
+from seq2seq.errors import UsageError
 from seq2seq.inference import search
 from seq2seq.inference.forced import force, target_token_limit
 from seq2seq.inference.predict import source_token_limit
@@ -65,7 +66,7 @@ Link = tuple[int, int]  # (source token, target token)
 Maps = dict[str, np.ndarray]  # one pair's maps of one explanation: name -> (target tokens, source tokens) weights
 
 
-class AlignmentError(Exception):
+class AlignmentError(UsageError):
     """A reference alignment file that cannot be used; the message says which line and why."""
 
 

@@ -26,7 +26,7 @@ from seq2seq.analysis import diagnostics as analysis
 from seq2seq.analysis.attribution import ATTENTION, attributions
 from seq2seq.analysis.plotting import Panel, side_by_side_figure
 from seq2seq.checkpoint import LoadedModel, load_model
-from seq2seq.cli import UsageError
+from seq2seq.errors import UsageError
 from seq2seq.inference.forced import attend
 from seq2seq.inference.predict import source_token_limit
 from seq2seq.models.base import NO_ATTENTION

@@ -21,7 +21,7 @@ import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from seq2seq.cli import UsageError
+from seq2seq.errors import UsageError
 
 log = logging.getLogger("seq2seq.inspect")
 
@@ -31,7 +31,7 @@ MAX_WAITING = 4
 SOCKET_TIMEOUT_S = 30  # a client that stops sending frees its thread after this
 
 
-class RequestError(Exception):
+class RequestError(UsageError):
     """A request the server refuses, with the HTTP status to answer."""
 
     def __init__(self, status: int, message: str) -> None:

@@ -49,12 +49,13 @@ from seq2seq.data.clean import (
 from seq2seq.data.shards import Pairs, resolve_num_proc
 from seq2seq.data.split import first_occurrences, grouped_split, hash_texts
 from seq2seq.data.tokenizer import normalize_text
+from seq2seq.errors import UsageError
 from seq2seq.paths import cache_dir, data_dir, data_mirror
 
 DOWNLOAD_TIMEOUT_S = 30
 HUB_PROBE_TIMEOUT_S = 5
 
-class CorpusError(Exception):
+class CorpusError(UsageError):
     """A corpus that cannot be found, read or split; the message says where we looked and what to do."""
 
 

@@ -7,13 +7,14 @@ import re
 import sys
 from pathlib import Path
 
+from seq2seq.errors import UsageError
 from seq2seq.inference.predict import Translation
 
 # Everything str.splitlines() treats as a line break: none may reach the output, or line counts would drift.
 LINE_BREAKS = re.compile("[\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029]+")
 
 
-class OutputError(Exception):
+class OutputError(UsageError):
     """A file that output was to go to cannot be written; the message names it and why."""
 
 

@@ -1,6 +1,8 @@
-"""What the trainer draws in TensorBoard besides scalars: sample translations, attention heatmaps, the test
-table by source length and the HPARAMS row. Figures go through the shared PNG renderer (the one
-`translate --attention-plot` uses), so TensorBoard and the command line show the same pictures.
+"""What the trainer shows in TensorBoard: its scalar curves, the layout TensorBoard opens on (its CUSTOM SCALARS
+tab: valid BLEU, loss and tokens/s of every run, one chart each), sample translations, attention heatmaps, the test
+scores as a text summary and the HPARAMS row (figures of one point each, never scalar charts). Figures go through the
+shared PNG renderer (the one `translate --attention-plot` uses), so TensorBoard and the command line show the same
+pictures.
 """
 
 from __future__ import annotations
@@ -8,6 +10,7 @@ from __future__ import annotations
 import io
 from collections.abc import Sequence
 from dataclasses import asdict
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -26,6 +29,27 @@ if TYPE_CHECKING:
     from torch.utils.tensorboard import SummaryWriter
 
 ATTENTION_SAMPLE_TOKENS = (3, 30)  # source lengths drawn as heatmaps: long enough to be interesting, short to read
+
+# What users compare across runs (`tensorboard --logdir runs`, CUSTOM SCALARS tab): each chart draws the scalar
+# tags its regular expressions match, for every run; the trainer and validation write these tags.
+COMPARISON_LAYOUT: dict[str, dict[str, list]] = {
+    "compare runs": {
+        "valid BLEU": ["Multiline", [r"^valid/bleu$"]],
+        "loss (train and valid)": ["Multiline", [r"^train/loss$", r"^valid/loss$"]],
+        "target tokens/s": ["Multiline", [r"^train/tokens_per_s$"]],
+    },
+}
+
+
+def open_writer(run_dir: Path, purge_step: int | None = None) -> SummaryWriter:
+    """The run's event writer; a new run's starts with the comparison layout. `purge_step` (a resume) drops the
+    interrupted run's events from that step on, so the curves go on without a fold; its layout stays."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(log_dir=str(run_dir), purge_step=purge_step)
+    if purge_step is None:
+        writer.add_custom_scalars(COMPARISON_LAYOUT)
+    return writer
 
 
 def _markdown_cell(text: str) -> str:
@@ -137,14 +161,13 @@ def log_alignment(writer: SummaryWriter, report: dict, step: int) -> None:
 
 
 def log_test(writer: SummaryWriter, scores: dict[str, Any], buckets: list[dict[str, Any]], step: int) -> None:
-    """Test BLEU/chrF, and BLEU by source length as scalars and as a table."""
-    writer.add_scalar("test/bleu", scores["bleu"], step)
-    writer.add_scalar("test/chrf", scores["chrf"], step)
-    rows = ["| source tokens | sentences | BLEU |", "|---|---|---|"]
+    """Test BLEU/chrF and BLEU by source length as one text summary: figures of one point each, which as scalar
+    charts would crowd out the curves (the HPARAMS row carries test BLEU and chrF too)."""
+    rows = [f"test BLEU {scores['bleu']:.2f}, chrF {scores['chrf']:.2f}", "",
+            "| source tokens | sentences | BLEU |", "|---|---|---|"]
     for bucket in buckets:
-        writer.add_scalar(f"test/bleu_by_length/{bucket['bucket']}", bucket["bleu"], step)
         rows.append(f"| {bucket['bucket']} | {bucket['count']} | {bucket['bleu']:.2f} |")
-    writer.add_text("test/bleu_by_length", "\n".join(rows), step)
+    writer.add_text("test/scores", "\n".join(rows), step)
 
 
 def log_training(writer: SummaryWriter, step: int, **scalars: float) -> None:

@@ -26,10 +26,12 @@ from typing import Any, NoReturn
 import torch
 import torch.distributed as dist
 
+from seq2seq.errors import Seq2SeqError
+
 DEFAULT_TIMEOUT = timedelta(minutes=30)
 
 
-class CollectiveError(RuntimeError):
+class CollectiveError(Seq2SeqError, RuntimeError):
     """A collective that failed or timed out; the message names the rank, what it waited for and what to do."""
 
 

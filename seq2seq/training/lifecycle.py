@@ -29,6 +29,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from seq2seq.config import DataConfig, RunConfig, saved_config
+from seq2seq.errors import Seq2SeqError, UsageError
 from seq2seq.training import distributed
 
 LAST_CHECKPOINT = Path("checkpoints") / "last.pt"
@@ -36,7 +37,7 @@ LOCK_FILE = "run.lock"
 LAUNCHES = Path(".hydra") / "launches.jsonl"
 
 
-class RunFolderError(Exception):
+class RunFolderError(UsageError):
     """A run folder that cannot be used: in use by another process, or not writable."""
 
 
@@ -199,13 +200,13 @@ def accept_run(run_dir: Path, cfg: RunConfig, overrides: list[str], resumed_from
 # ----------------------------------------------------------------------------- stopping on a signal
 
 
-class TrainingInterrupted(Exception):
-    """SIGINT/SIGTERM stopped training after a step; `checkpoint` holds that step, `status` is 128 + the signal."""
+class TrainingInterrupted(Seq2SeqError):
+    """SIGINT/SIGTERM stopped training after a step; `checkpoint` holds that step, `exit_code` is 128 + the signal."""
 
-    def __init__(self, message: str, checkpoint: Path, status: int) -> None:
+    def __init__(self, message: str, checkpoint: Path, exit_code: int) -> None:
         super().__init__(message)
         self.checkpoint = checkpoint
-        self.status = status
+        self.exit_code = exit_code
 
 
 class StopSignals:

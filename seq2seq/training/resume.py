@@ -156,10 +156,6 @@ def restore(path: Path, payload: dict[str, Any], parts: CheckpointParts, loader_
     _refit_schedule(payload["config"], parts, counters, steps_per_epoch)
     if history is not None:
         history.forget_after(counters.step)
-    log.info(
-        "resumed from %s at step %d (epoch %d, %d batches into it), best valid BLEU %.2f",
-        path, counters.step, counters.epoch + 1, counters.position, counters.best_bleu,
-    )
     return counters
 
 
@@ -169,8 +165,7 @@ def _restore_random_state(path: Path, states: list[dict[str, Any]], counters: Co
     seed = parts.cfg.trainer.seed
     if "sampler" in parts.cfg.trainer.resets:
         counters.position = 0
-        log.warning("trainer.resume_reset: the sampler starts epoch %d afresh, with new random states",
-                    counters.epoch + 1)
+        log.warning("trainer.resume_reset: the sampler starts its current epoch afresh, with new random states")
         seed_everything(seed + rank + counters.step)
     elif len(states) != parts.world_size:
         raise CheckpointError(

@@ -22,7 +22,7 @@ from seq2seq.data.batching import make_loader
 from seq2seq.data.prepare import PreparedData, prepare_data
 from seq2seq.models import build_model, count_parameters
 from seq2seq.runtime import configure_device, seed_everything
-from seq2seq.training import distributed
+from seq2seq.training import board, distributed
 from seq2seq.training.keeper import CheckpointKeeper
 from seq2seq.training.limits import StoppingRules
 from seq2seq.training.resume import restore
@@ -103,10 +103,11 @@ def build_trainer(cfg: RunConfig, run_dir: Path, device: torch.device, precision
     rules = StoppingRules(cfg.trainer, steps)
     keeper = None
     if dist.is_main:
-        from torch.utils.tensorboard import SummaryWriter
-
-        purge = {"purge_step": counters.step + 1} if resume is not None else {}
-        writer = SummaryWriter(log_dir=str(run_dir), **purge)
+        writer = board.open_writer(run_dir, counters.step + 1 if resume is not None else None)
         evaluator = Evaluator(cfg, data, device, precision, writer)
         keeper = CheckpointKeeper(folder, parts, evaluator, history, writer, rules)
-    return Trainer(cfg, run_dir, dist, device, precision, model, loader, update, counters, rules, keeper)
+    trainer = Trainer(cfg, run_dir, dist, device, precision, model, loader, update, counters, rules, keeper)
+    if resume is not None:  # epochs counted as the log and TensorBoard's train/epoch count them everywhere
+        log.info("resumed from %s at step %d (%.2f epochs), best valid BLEU %.2f", resume[0], counters.step,
+                 trainer.epochs_done(), counters.best_bleu)
+    return trainer

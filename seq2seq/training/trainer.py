@@ -25,6 +25,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from seq2seq.config import RunConfig
 from seq2seq.data.batching import Batch
+from seq2seq.errors import TrainingError
 from seq2seq.models.base import Seq2SeqModel
 from seq2seq.runtime import rng_state
 from seq2seq.training import board, distributed
@@ -36,10 +37,6 @@ from seq2seq.training.state import Counters
 from seq2seq.training.update import IntervalStats, UpdateResult, Update, describe
 
 log = logging.getLogger("seq2seq.train")
-
-
-class TrainingError(Exception):
-    """Training cannot go on (e.g. the loss stayed non-finite); the message says why and what to try."""
 
 
 class Trainer:
@@ -74,9 +71,9 @@ class Trainer:
         )
         if completed and has_results:
             log.info(
-                "the run in %s is already complete (%s; step %d, epoch %d, %.1f minutes); raise trainer.max_steps, "
+                "the run in %s is already complete (%s; step %d, %.2f epochs, %.1f minutes); raise trainer.max_steps, "
                 "trainer.max_epochs, trainer.time_limit_minutes or trainer.patience to train it further.",
-                self.run_dir, completed, counters.step, counters.epoch, self.rules.elapsed() / 60,
+                self.run_dir, completed, counters.step, self.epochs_done(), self.rules.elapsed() / 60,
             )
             return {}
         if completed:
