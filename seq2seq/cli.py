@@ -1,5 +1,6 @@
 """Command-line pieces shared by `seq2seq.translate` and `seq2seq.evaluate`: decoding options, loading a
-checkpoint onto the device the runtime rule picks, reading input lines, and the `main` that reports a `Seq2SeqError` in one line.
+checkpoint onto the device the runtime rule picks, reading input lines, and the `main` that reports a
+`Seq2SeqError` in one line.
 """
 
 from __future__ import annotations
@@ -149,8 +150,9 @@ def read_file_lines(path: Path) -> Iterator[str]:
 
 def run_command(parser: argparse.ArgumentParser, run: Callable[[argparse.Namespace], None],
                 argv: list[str] | None) -> int:
-    """The `main` of translate and evaluate: parse `argv`, log to stderr (INFO with --verbose), `run`. A Seq2SeqError is
-    one line and its exit status (2 for a problem the user can fix), Ctrl-C exit 130, and a reader that went away (`| head`) a quiet stop."""
+    """The `main` of translate and evaluate: parse `argv`, log to stderr (INFO with --verbose), `run`. A Seq2SeqError
+    is one line and its exit status (2 for a problem the user can fix), Ctrl-C exit 130, and a reader that went away
+    (`| head`) a quiet stop."""
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s: %(message)s",
                         stream=sys.stderr)
