@@ -40,7 +40,7 @@ def test_every_exception_derives_from_the_base_with_its_exit_status():
 
 
 def test_an_interruption_exits_with_its_signal_status(tmp_path):
-    from seq2seq.training.runs import TrainingInterrupted
+    from seq2seq.training.lifecycle import TrainingInterrupted
 
     stop = TrainingInterrupted("SIGTERM stopped training at step 3", tmp_path / "last.pt", 143)
     assert isinstance(stop, Seq2SeqError) and stop.exit_code == 143
