@@ -8,8 +8,9 @@ import math
 import pytest
 import torch
 
-from seq2seq.inference.search import Hypothesis, beam_search, decode, greedy_decode, length_penalty_factor
 from seq2seq.config import model_config
+from seq2seq.inference.search import (Hypothesis, SearchTree, beam_search, decode, explore, greedy_decode,
+                                      length_penalty_factor)
 from seq2seq.models import build_model
 from seq2seq.models.base import DecoderState, ModelOutput, Seq2SeqModel, masked_softmax
 
@@ -283,6 +284,85 @@ def test_decoding_uses_eval_mode_and_restores_training_mode() -> None:
     assert [h[0].tokens for h in first] == [h[0].tokens for h in second]
     assert model.training
     assert first[0][0].attention is not None and not first[0][0].attention.requires_grad
+
+
+def teacher_forced_log_probs(model: Seq2SeqModel, src: torch.Tensor, tokens: list[int]) -> torch.Tensor:
+    """(len(tokens) + 1, V) the model's next-token log-probabilities after BOS, BOS y1, ..."""
+    with torch.no_grad():
+        logits = model(src, torch.ones_like(src, dtype=torch.bool), torch.tensor([[BOS, *tokens]])).logits
+    return logits[0].log_softmax(-1)
+
+
+def check_tree(model: Seq2SeqModel, src: torch.Tensor, tree: SearchTree, top_k: int) -> None:
+    """Every node's score adds its log-probability to its parent's, and every node the search extended lists
+    the model's own top-k next words (PAD and BOS never among them) after its path."""
+    for node in tree.nodes[1:]:
+        assert node.score == pytest.approx(tree.nodes[node.parent].score + node.log_prob, abs=1e-4)
+    for node in tree.nodes:
+        if not node.next_words:
+            continue
+        path = []
+        walk = node
+        while walk.parent is not None:
+            path.append(walk.token)
+            walk = tree.nodes[walk.parent]
+        expected = teacher_forced_log_probs(model, src, path[::-1])[-1]
+        expected[[PAD, BOS]] = float("-inf")
+        values, tokens = expected.topk(top_k)
+        assert [t for t, _ in node.next_words] == tokens.tolist()
+        assert [v for _, v in node.next_words] == pytest.approx(values.tolist(), abs=1e-4)
+
+
+@pytest.mark.parametrize("name", ["markov", "rnn", "bahdanau", "transformer"])
+@pytest.mark.parametrize("beam_size", [1, 3])
+def test_explore_finds_the_beam_search_result_and_records_its_tree(name: str, beam_size: int) -> None:
+    model = searched_models()[name]
+    for length in (3, 6, 8):
+        src, src_mask = source([length], seed=length, vocab=9)
+        alpha = 0.6
+        tree = explore(model, src, src_mask, beam_size=beam_size, length_penalty=alpha, top_k=4)
+        (best,) = beam_search(model, src, src_mask, beam_size=beam_size, length_penalty=alpha)[0]
+        assert tree.best.tokens == best.tokens and tree.best.score == pytest.approx(best.score, abs=1e-5)
+        path = [tree.nodes[i] for i in tree.best_path]
+        assert [n.token for n in path[1:]] == [*best.tokens, EOS] and path[-1].final_score == pytest.approx(best.score)
+        if best.attention is None:
+            assert all(n.attention is None for n in path)
+        else:
+            torch.testing.assert_close(torch.tensor([n.attention for n in path[1:]]), best.attention)
+        finished = [n for n in tree.nodes if n.final_score is not None]
+        assert max(n.final_score for n in finished) == pytest.approx(best.score)
+        assert len({n.index for n in tree.nodes if n.step == 2}) <= 2 * beam_size
+        check_tree(model, src, tree, top_k=4)
+
+
+@pytest.mark.parametrize("name", ["markov", "transformer"])
+def test_a_forced_prefix_is_kept_and_the_search_goes_on_from_it(name: str) -> None:
+    model = searched_models()[name]
+    src, src_mask = source([6], seed=6, vocab=9)
+    free = explore(model, src, src_mask, beam_size=1).best
+    unlikely = min(range(4, 8), key=lambda t: teacher_forced_log_probs(model, src, [])[0, t].item())
+    tree = explore(model, src, src_mask, beam_size=3, length_penalty=0.0, prefix=[unlikely, A], top_k=3)
+    assert tree.best.tokens[:2] == [unlikely, A] and tree.prefix_length == 2
+    first = tree.nodes[tree.best_path[1]]
+    assert first.forced and first.token == unlikely and unlikely not in [t for t, _ in tree.nodes[0].next_words]
+    assert not tree.nodes[tree.best_path[3]].forced
+    raw, _ = rescore(model, src, src_mask, tree.best.tokens)
+    assert tree.best.score == pytest.approx(raw, abs=1e-4)  # the forced words' log-probabilities count
+    check_tree(model, src, tree, top_k=3)
+    # Greedy continues a prefix it would have chosen itself exactly as it goes on without one.
+    assert explore(model, src, src_mask, beam_size=1, prefix=free.tokens[:2]).best.tokens == free.tokens
+
+
+def test_explore_refuses_what_it_cannot_search() -> None:
+    model = ShortPositions([{A: 0.9, B: 0.1}])
+    src, src_mask = source([3])
+    with pytest.raises(ValueError, match="one sentence"):
+        explore(model, *source([3, 4]))
+    with pytest.raises(ValueError, match="not PAD, BOS or EOS"):
+        explore(model, src, src_mask, prefix=[A, EOS])
+    with pytest.raises(ValueError, match="at most 5"):
+        explore(model, src, src_mask, prefix=[A] * 6)
+    assert explore(model, src, src_mask, prefix=[B] * 5).best.tokens == [B] * 5  # the limit stretches to a prefix
 
 
 def reference_greedy(model: Seq2SeqModel, src: torch.Tensor, max_len_a: float, max_len_b: float) -> Hypothesis:

@@ -19,10 +19,17 @@ Scores: greedy returns the sum of token log-probabilities (EOS included). Beam s
 that sum divided by the GNMT length penalty lp(n) = ((5 + n) / 6) ** alpha (Wu et al. 2016), n = generated
 tokens including EOS, alpha = `length_penalty`; alpha = 0 ranks by raw log-probability, larger alpha favours
 longer outputs. The returned beam score is that normalised score.
+
+`explore` is beam search of one sentence that also records its tree (every hypothesis it kept open or
+finished, with its score, its attention and the top-k words its step proposed) and can force a target prefix
+first ("what if the translation began like this?"): the same search loop, with the prefix's tokens the only
+ones allowed at their steps. The attention page (seq2seq/analysis/page.py) draws it.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,6 +61,18 @@ def _max_lengths(model: Seq2SeqModel, src_mask: torch.Tensor, max_len_a: float, 
     if model.max_target_positions is not None:  # BOS + tokens must fit the model's positions
         limits = limits.clamp(max=model.max_target_positions - 1)
     return limits
+
+
+def _force_tokens(log_probs: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Rows whose entry of `tokens` (a CPU long vector) is >= 0 may only produce that token (a forced prefix)."""
+    rows = (tokens >= 0).nonzero().squeeze(1)
+    if rows.numel() == 0:
+        return log_probs
+    on_device, chosen = rows.to(log_probs.device), tokens[rows].to(log_probs.device)
+    kept = log_probs[on_device, chosen]
+    forced = log_probs.index_fill(0, on_device, float("-inf"))
+    forced[on_device, chosen] = kept
+    return forced
 
 
 def _restrict(log_probs: torch.Tensor, forced: torch.Tensor, model: Seq2SeqModel) -> torch.Tensor:
@@ -163,6 +182,133 @@ def beam_search(
         return search.run(_max_lengths(model, src_mask, max_len_a, max_len_b))
 
 
+@dataclass
+class SearchNode:
+    """One hypothesis of a recorded search: `token` (None for the start, BOS) extends node `parent`. `log_prob`
+    is the token's log-probability, `score` the sum of those of the path (the beam's score); a node whose token
+    is EOS is a finished hypothesis, `final_score` its length-normalised score. `attention` is the source
+    attention (one weight per source token, "</s>" included) of the step that chose `token` (None without
+    attention); `next_words` the `top_k` (token, log-probability) the model proposed after this node, best
+    first, whether the beam kept them or not ([] if the search never extended it). `forced`: part of the
+    forced prefix."""
+
+    index: int
+    parent: int | None
+    step: int
+    token: int | None
+    log_prob: float
+    score: float
+    forced: bool = False
+    final_score: float | None = None
+    attention: list[float] | None = None
+    next_words: list[tuple[int, float]] | None = None
+
+
+@dataclass
+class SearchTree:
+    """A recorded search of one sentence: every node (index 0 is the start); `best` the hypothesis the search
+    returns (as `beam_search` would, prefix included; None if nothing finished: a model whose scores are NaN),
+    `best_path` its nodes from the start to its EOS."""
+
+    nodes: list[SearchNode]
+    best: Hypothesis | None
+    best_path: list[int]
+    beam_size: int
+    prefix_length: int
+
+
+class _TreeRecorder:
+    """What `explore` adds to `_BeamSearch` for a batch of one sentence: a node per kept or finished beam."""
+
+    def __init__(self, top_k: int, prefix_length: int) -> None:
+        self.top_k, self.prefix_length = top_k, prefix_length
+        self.nodes = [SearchNode(index=0, parent=None, step=-1, token=None, log_prob=0.0, score=0.0)]
+        self.row_nodes: list[int | None] = [0]  # the node each beam row continues (None: a row not yet open)
+        self.attention: list[list[float]] | None = None
+
+    def proposed(self, log_probs: torch.Tensor, attention: torch.Tensor | None, model: Seq2SeqModel) -> None:
+        """The step's distributions (rows, V), what the model proposes before the search forces a prefix or
+        an EOS at the length limit (PAD and BOS never): the top-k of every open row."""
+        log_probs = _restrict(log_probs, torch.zeros(log_probs.size(0), dtype=torch.bool), model)
+        values, tokens = log_probs.topk(min(self.top_k, log_probs.size(-1)), dim=-1)
+        values, tokens = values.cpu().tolist(), tokens.cpu().tolist()
+        self.attention = None if attention is None else attention.float().cpu().tolist()
+        for row, node in enumerate(self.row_nodes):
+            if node is not None:
+                self.nodes[node].next_words = [(t, v) for t, v in zip(tokens[row], values[row]) if v > float("-inf")]
+
+    def chosen(self, step: int, scores: torch.Tensor, tokens: torch.Tensor,
+               parents: torch.Tensor, open_order: torch.Tensor, finishing: torch.Tensor, alpha: float) -> None:
+        """The step's candidates (ranked, for the one sentence): those that finished and those kept open."""
+        scores, tokens, parents = scores[0].cpu().tolist(), tokens[0].cpu().tolist(), parents[0].cpu().tolist()
+
+        def add(rank: int) -> int:
+            parent = self.row_nodes[parents[rank]]
+            assert parent is not None  # candidates with a finite score extend an open row
+            node = SearchNode(index=len(self.nodes), parent=parent, step=step, token=tokens[rank],
+                              log_prob=scores[rank] - self.nodes[parent].score, score=scores[rank],
+                              forced=step < self.prefix_length,
+                              attention=None if self.attention is None else self.attention[parents[rank]])
+            self.nodes.append(node)
+            return node.index
+
+        for rank in finishing[0].nonzero().squeeze(1).tolist():
+            node = self.nodes[add(rank)]
+            node.final_score = scores[rank] / length_penalty_factor(step + 1, alpha)
+        self.row_nodes = [add(rank) if math.isfinite(scores[rank]) else None for rank in open_order[0].tolist()]
+
+    def tree(self, best: Hypothesis | None, beam: int, eos_id: int) -> SearchTree:
+        path: list[int] = []
+        if best is not None:
+            wanted = [*best.tokens, eos_id]
+            finished = [n for n in self.nodes if n.final_score is not None and n.step == len(wanted) - 1]
+            for node in sorted(finished, key=lambda n: -n.final_score):
+                path = self.path(node.index)
+                if [self.nodes[i].token for i in path[1:]] == wanted:
+                    break
+        return SearchTree(self.nodes, best, path, beam, self.prefix_length)
+
+    def path(self, index: int) -> list[int]:
+        """The nodes from the start to node `index`."""
+        path = [index]
+        while (parent := self.nodes[path[-1]].parent) is not None:
+            path.append(parent)
+        return path[::-1]
+
+
+@torch.inference_mode()
+def explore(
+    model: Seq2SeqModel,
+    src: torch.Tensor,
+    src_mask: torch.Tensor,
+    beam_size: int = BEAM_SIZE,
+    length_penalty: float = LENGTH_PENALTY,
+    max_len_a: float = MAX_LEN_A,
+    max_len_b: float = MAX_LEN_B,
+    prefix: Sequence[int] = (),
+    top_k: int = 5,
+) -> SearchTree:
+    """Beam search of one sentence (`src` (1, S)) that records its tree; `prefix` (target ids without BOS/EOS)
+    is forced first and the search goes on from it. Without a prefix the best hypothesis is `beam_search`'s.
+    The length limit stretches to fit the prefix, within the model's positions."""
+    if src.size(0) != 1:
+        raise ValueError(f"explore searches one sentence at a time, got a batch of {src.size(0)}")
+    if beam_size < 1 or top_k < 1:
+        raise ValueError(f"beam_size={beam_size} and top_k={top_k} must be at least 1")
+    if any(token in (model.pad_id, model.bos_id, model.eos_id) for token in prefix):
+        raise ValueError("a forced prefix holds target words only, not PAD, BOS or EOS")
+    limits = _max_lengths(model, src_mask, max_len_a, max_len_b).clamp(min=len(prefix))
+    if model.max_target_positions is not None and len(prefix) > model.max_target_positions - 1:
+        raise ValueError(f"the prefix has {len(prefix)} tokens; the model reads at most "
+                         f"{model.max_target_positions - 1}")
+    with eval_mode(model):
+        search = _BeamSearch(model, src, src_mask, beam_size, length_penalty, 1, True,
+                             prefixes=torch.tensor([list(prefix)], dtype=torch.long).view(1, -1),
+                             recorder=_TreeRecorder(top_k, len(prefix)))
+        results = search.run(limits)[0]
+        return search.recorder.tree(results[0] if results else None, beam_size, model.eos_id)
+
+
 class _StateReorder:
     """Reorders beam rows of the decoder state, skipping the tensors known to be equal across a sentence's beams.
 
@@ -205,9 +351,13 @@ class _BeamSearch:
     (step, row) pairs until their sentence is done."""
 
     def __init__(self, model: Seq2SeqModel, src: torch.Tensor, src_mask: torch.Tensor, beam: int, alpha: float,
-                 n_best: int, return_attention: bool) -> None:
+                 n_best: int, return_attention: bool, prefixes: torch.Tensor | None = None,
+                 recorder: _TreeRecorder | None = None) -> None:
+        """`prefixes` (B, P) CPU: the tokens each sentence is forced to begin with (-1 past a shorter prefix);
+        `recorder`: a batch of one sentence whose tree is recorded."""
         self.model, self.src_mask, self.beam, self.alpha, self.n_best = model, src_mask, beam, alpha, n_best
         self.return_attention = return_attention
+        self.prefixes, self.recorder = prefixes, recorder
         self.device = src.device
         self.encoded = model.encode(src, src_mask)
         self.tokens: list[list[int]] = []
@@ -236,7 +386,11 @@ class _BeamSearch:
             if attention is not None and self.return_attention:
                 self.attention.append(attention.float())
             vocab = log_probs.size(-1)
+            if self.recorder is not None:
+                self.recorder.proposed(log_probs, attention, model)
             log_probs = _restrict(log_probs, (limits[sentences] <= step).repeat_interleave(beam), model)
+            if self.prefixes is not None and step < self.prefixes.size(1):
+                log_probs = _force_tokens(log_probs, self.prefixes[sentences, step].repeat_interleave(beam))
             candidates = (log_probs + beam_scores.view(-1, 1)).view(n, beam * vocab)
             top_scores, top_index = candidates.topk(2 * beam, dim=1)
             top_beam, top_token = top_index // vocab, top_index % vocab
@@ -254,6 +408,8 @@ class _BeamSearch:
             beam_scores = top_scores.gather(1, keep_order)
             open_parents = parents.gather(1, keep_order).view(-1)
             prev = top_token.gather(1, keep_order).view(-1)
+            if self.recorder is not None:
+                self.recorder.chosen(step, top_scores, top_token, parents, keep_order, finishing, alpha)
 
             best_open = beam_scores.max(dim=1).values / length_penalty_factor(step + 1, alpha)
             converged = merged_scores[:, -1].isfinite() & (best_open <= merged_scores[:, -1])
