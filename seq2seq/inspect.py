@@ -54,6 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="a checkpoint; repeat for each model to compare (same language pair)")
     parser.add_argument("--reference", metavar="TEXT",
                         help="a translation of the sentence to force: attention and loss of this target")
+    parser.add_argument("--prefix", metavar="TEXT",
+                        help="force the translation to begin with this text, then let the search go on (\"what if\")")
+    parser.add_argument("--top-k", type=int, default=inspection.TOP_K,
+                        help=f"the page: next words shown per search step (default {inspection.TOP_K})")
     parser.add_argument("--pairs", type=Path, metavar="FILE.tsv",
                         help="many sentences with references, a TSV in the checkpoint's corpus layout (data.columns)")
     parser.add_argument("--out", type=Path, help="write the side-by-side figure here (PNG; with --pairs, one "
@@ -134,6 +138,10 @@ def run(args: argparse.Namespace) -> None:
         raise UsageError(f"--beam-size must be at least 1, got {args.beam_size}.")
     if args.max_chars < 1:
         raise UsageError(f"--max-chars must be at least 1, got {args.max_chars}.")
+    if args.top_k < 1:
+        raise UsageError(f"--top-k must be at least 1, got {args.top_k}.")
+    if args.prefix is not None and (args.reference is not None or args.pairs is not None):
+        raise UsageError("--prefix starts the model's own translation; drop --reference / --pairs (whole targets).")
     device = resolve_device(args.device, setting="--device")
     view = inspection.View(args.layer, args.head, args.heads)
     explanations = list(dict.fromkeys(args.explain or [ATTENTION]))
@@ -141,15 +149,16 @@ def run(args: argparse.Namespace) -> None:
     models = inspection.load_models(args.checkpoint, device)
     inputs = _inputs(args, models)
 
-    def inspect(sentence: str, reference: str | None) -> inspection.Inspection:
-        result = inspection.inspect_sentence(models, sentence, reference, view, args.coverage_threshold,
-                                             args.beam_size, device, methods)
+    def inspect(query: server.Query) -> inspection.Inspection:
+        result = inspection.inspect_sentence(models, query.sentence, query.reference, view, args.coverage_threshold,
+                                             args.beam_size, device, methods, query.prefix,
+                                             query.prefix_ids, query.prefix_model, args.top_k)
         for item in result.inspected:
             if (warning := inspection.truncation_warning(item)) is not None:
                 print(warning, file=sys.stderr)
         return result
 
-    results = [inspect(sentence, reference) for sentence, reference in inputs]
+    results = [inspect(server.Query(sentence, reference, args.prefix)) for sentence, reference in inputs]
     for result in results:
         if len(results) > 1:
             _print(f"\n== {result.sentence}  |  {result.reference}")
@@ -176,8 +185,7 @@ def run(args: argparse.Namespace) -> None:
     if args.serve:
         live_page = page.render_page([page.page_item(result) for result in results], page_view, title,
                                      live=True, max_chars=args.max_chars)
-        server.serve(live_page, lambda sentence, reference: page.page_item(inspect(sentence, reference)),
-                     args.host, args.port, args.max_chars)
+        server.serve(live_page, lambda query: page.page_item(inspect(query)), args.host, args.port, args.max_chars)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,6 +8,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -20,6 +21,7 @@ import pytest
 from seq2seq.analysis import server as page_server
 
 SENTENCE = "我是一个学生。"
+ONE = json.dumps({"sentence": "一"}).encode("ascii")  # a request body the echo server answers
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 
 
@@ -164,24 +166,155 @@ def test_server_answers_bad_requests_and_survives(served):
     assert _post(served, {"sentence": SENTENCE})[0] == 200  # still serving
 
 
-def test_server_says_busy_when_the_queue_is_full():
-    answered = []
-    server = page_server.InspectServer(("127.0.0.1", 0), "<html></html>",
-                                       lambda sentence, reference: answered.append(sentence) or {"ok": sentence})
+@pytest.fixture(scope="module")
+def _echo():
+    """An InspectServer in this process whose "model" echoes the query (and a NaN for the sentence "nan")."""
+    answered: list[page_server.Query] = []
+
+    def inspect(query: page_server.Query) -> dict:
+        answered.append(query)
+        return {"sentence": query.sentence, "prefix": query.prefix, "weight": float("nan") if query.sentence == "nan"
+                else 0.5}
+
+    server = page_server.InspectServer(("127.0.0.1", 0), "<html></html>", inspect)
+    server.answered = answered
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        port = server.server_address[1]
-        for _ in range(page_server.MAX_WAITING + 1):  # as many requests as may run or wait
-            server.waiting.acquire()
-        status, answer = _post(port, {"sentence": "一"})
-        assert status == 503 and "busy" in answer["error"] and answered == []
-        for _ in range(page_server.MAX_WAITING + 1):
-            server.waiting.release()
-        assert _post(port, {"sentence": "一"}) == (200, {"ok": "一"})
+        yield server
     finally:
         server.shutdown()
         server.server_close()
+
+
+@pytest.fixture
+def echo_server(_echo):
+    _echo.answered.clear()
+    return _echo
+
+
+def test_server_says_busy_when_the_queue_is_full(echo_server):
+    port = echo_server.server_address[1]
+    for _ in range(page_server.MAX_WAITING + 1):  # as many requests as may run or wait
+        echo_server.waiting.acquire()
+    status, answer = _post(port, {"sentence": "一"})
+    assert status == 503 and "busy" in answer["error"] and echo_server.answered == []
+    for _ in range(page_server.MAX_WAITING + 1):
+        echo_server.waiting.release()
+    assert _post(port, {"sentence": "一"}) == (200, {"sentence": "一", "prefix": None, "weight": 0.5})
+
+
+def _exchange(port: int, raw: bytes, answers: int = 1) -> list[tuple[int, dict, dict]]:
+    """Send raw bytes on one connection and read `answers` responses: (status, headers, JSON body) each."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as connection:
+        connection.sendall(raw)
+        reader = connection.makefile("rb")
+        responses = []
+        for _ in range(answers):
+            status_line = reader.readline().decode("latin-1")
+            assert status_line.startswith("HTTP/1."), f"no status line: {status_line!r}"
+            headers = http.client.parse_headers(reader)
+            body = reader.read(int(headers["Content-Length"]))
+            assert headers["Content-Type"].startswith("application/json"), body
+            responses.append((int(status_line.split()[1]), dict(headers), json.loads(body, parse_constant=_no_nan)))
+        return responses
+
+
+def _no_nan(name: str):
+    raise AssertionError(f"the answer is not strict JSON: it holds {name}")
+
+
+def _raw(method: str, path: str, body: bytes = b"", port: int | None = None, **headers: str) -> bytes:
+    lines = [f"{method} {path} HTTP/1.1", f"Host: 127.0.0.1:{port}"] if port else [f"{method} {path} HTTP/1.1"]
+    lines += [f"{name.replace('_', '-')}: {value}" for name, value in headers.items()]
+    if body and "Content_Length" not in headers:
+        lines.append(f"Content-Length: {len(body)}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body  # header bytes are Latin-1 in HTTP
+
+
+def test_a_post_to_an_unknown_path_reads_its_body_so_the_connection_stays_in_step(echo_server):
+    port = echo_server.server_address[1]
+    body = _raw("GET", "/smuggled", port=port)  # a body that looks like a request: it must not be answered
+    (status, _, answer), (second, _, health) = _exchange(
+        port, _raw("POST", "/api/nothing", body, port) + _raw("GET", "/api/health", port=port), answers=2)
+    assert status == 404 and "POST to /api/inspect" in answer["error"]
+    assert (second, health) == (200, {"ok": True})
+
+
+@pytest.mark.parametrize("length", ["²", "¹²", "-1", "1e3", ""])  # "²".isdigit() is True, int("²") fails
+def test_a_content_length_that_is_no_ascii_number_is_refused(echo_server, length):
+    port = echo_server.server_address[1]
+    ((status, headers, answer),) = _exchange(port, _raw("POST", "/api/inspect", b"{}", port, Content_Length=length))
+    assert status == 411 and "Content-Length" in answer["error"] and headers.get("Connection") == "close"
+    assert _post(port, {"sentence": "一"})[0] == 200
+
+
+def test_answers_are_strict_json_with_null_for_what_is_not_a_number(echo_server):
+    port = echo_server.server_address[1]
+    ((status, _, answer),) = _exchange(port, _raw("POST", "/api/inspect", b'{"sentence": "nan"}', port))
+    assert status == 200 and answer == {"sentence": "nan", "prefix": None, "weight": None}
+
+
+@pytest.mark.parametrize("host, origin", [
+    ("evil.example", None),  # a DNS-rebinding page: its name, pointed at 127.0.0.1
+    ("127.0.0.1:{port}", "http://evil.example"),  # another site posting from the user's browser
+    ("127.0.0.1:{port}", "null"),  # a sandboxed frame or a file:// page
+    ("localhost:1", None),  # another port
+    ("127.0.0.1:{port}", "http://127.0.0.1:1"),
+    (None, None),
+])
+def test_requests_for_another_host_or_from_another_origin_are_refused(echo_server, host, origin):
+    port = echo_server.server_address[1]
+    headers = {"Host": host.format(port=port)} if host else {}
+    if origin:
+        headers["Origin"] = origin
+    for method, body in (("GET", b""), ("POST", ONE)):
+        ((status, _, answer),) = _exchange(port, _raw(method, "/api/inspect" if body else "/", body, **headers))
+        assert status == 403 and "refused" in answer["error"] or "only" in answer["error"]
+    assert echo_server.answered == []
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1:{port}", "localhost:{port}", "[::1]:{port}", "LOCALHOST:{port}"])
+def test_the_page_s_own_host_and_origin_are_served(echo_server, host):
+    port = echo_server.server_address[1]
+    host = host.format(port=port)
+    ((status, _, answer),) = _exchange(port, _raw("POST", "/api/inspect", ONE, Host=host,
+                                                  Origin=f"http://{host}"))
+    assert status == 200 and answer["sentence"] == "一"
+
+
+def test_hosts_a_server_bound_elsewhere_answers():
+    assert "192.168.1.5:8000" in page_server.allowed_hosts("192.168.1.5", 8000)
+    assert "localhost" in page_server.allowed_hosts("127.0.0.1", 80)  # port 80 may go unsaid
+    assert not any("0.0.0.0" in host for host in page_server.allowed_hosts("0.0.0.0", 8000))
+
+
+@pytest.mark.parametrize("raw", [
+    b"BREW /coffee HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n",  # a method the server does not know
+    b"GET / HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n" + b"X-Long: " + b"x" * 70_000 + b"\r\n\r\n",  # header too long
+    b"GARBAGE\r\n\r\n",  # no request line
+    b"POST /api/inspect HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: 999999999\r\n\r\n{}",  # oversized
+    b"POST /api/inspect HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n",  # no length
+])
+def test_malformed_requests_get_a_4xx_json_answer_and_the_server_goes_on(echo_server, raw):
+    port = echo_server.server_address[1]
+    ((status, headers, answer),) = _exchange(port, raw.replace(b"{port}", str(port).encode()))
+    assert 400 <= status < 500 and answer["error"] and headers.get("Connection") == "close"
+    assert _post(port, {"sentence": "一"})[0] == 200
+
+
+@pytest.mark.parametrize("document, message", [
+    ({"sentence": "一", "prefix": "I", "reference": "I am."}, "not both"),
+    ({"sentence": "一", "prefix": "I", "prefix_ids": [5], "prefix_model": 0}, "once"),
+    ({"sentence": "一", "prefix_ids": [5]}, "prefix_model"),
+    ({"sentence": "一", "prefix_ids": ["5"], "prefix_model": 0}, "piece ids"),
+    ({"sentence": "一", "prefix_ids": [True], "prefix_model": 0}, "piece ids"),
+    ({"sentence": "一", "prefix_model": 0}, "both or neither"),
+    ({"sentence": "一", "prefix": 3}, "string or null"),
+])
+def test_what_if_queries_that_make_no_sense_are_refused(echo_server, document, message):
+    status, answer = _post(echo_server.server_address[1], document)
+    assert status == 400 and message in answer["error"]
 
 
 def test_page_data_cannot_close_its_script_element():

@@ -8,6 +8,9 @@ over all decoder layers and heads, one layer (mean of its heads), one head, or e
 heads are numbered from 1. Bahdanau's single additive attention is its map in every view. The fixed-context
 RNN has no attention. Beside attention, gradient attributions (seq2seq/analysis/attribution.py: saliency,
 input x gradient, integrated gradients) explain the same target over the same source tokens, for every family.
+
+A model's own translation comes from `search.explore`, which also records the search (the beam tree and the
+top-k words of every step, `Inspected.search`) and can force a target prefix first; the page draws it.
 """
 
 from __future__ import annotations
@@ -27,12 +30,17 @@ from seq2seq.analysis.attribution import ATTENTION, attributions
 from seq2seq.analysis.plotting import Panel, side_by_side_figure
 from seq2seq.checkpoint import LoadedModel, load_model
 from seq2seq.errors import UsageError
+from seq2seq.data.tokenizer import Tokenizer
+from seq2seq.inference import search
 from seq2seq.inference.forced import attend
 from seq2seq.inference.predict import source_token_limit
-from seq2seq.models.base import NO_ATTENTION
+from seq2seq.models.base import NO_ATTENTION, Seq2SeqModel
 
 NO_ATTENTION_NOTE = "no attention:\n" + textwrap.fill(NO_ATTENTION, 34)  # a figure panel's lines
 MAX_FIGURE_UNITS = 60  # rows and columns drawn per heatmap: beyond this a PNG cell is too small to read
+TOP_K = 5  # next words recorded per search step
+NOT_A_NUMBER = ("the search finished no translation: the model's scores are not numbers (NaN), its weights have "
+                "diverged; load an earlier checkpoint")
 
 
 @dataclass
@@ -57,6 +65,8 @@ class Inspected:
     cut_before: str = ""
     reference_cut: int = 0
     attributions: dict[str, np.ndarray] = field(default_factory=dict)
+    search: dict | None = None
+    prefix: str | None = None
 
 
 @dataclass
@@ -100,11 +110,38 @@ def load_models(paths: Sequence[Path], device: torch.device) -> list[tuple[Path,
     return models
 
 
+def search_document(tree: search.SearchTree, tokenizer: Tokenizer) -> dict:
+    """A recorded search as JSON for the page: its nodes with pieces, probabilities and scores (rounded)."""
+    def probability(log_prob: float) -> float:
+        return round(math.exp(log_prob), 4)
+
+    nodes = [{
+        "id": node.index, "parent": node.parent, "step": node.step, "token": node.token,
+        "piece": "<s>" if node.token is None else tokenizer.pieces([node.token])[0],
+        "p": probability(node.log_prob), "score": round(node.score, 4),
+        "final": None if node.final_score is None else round(node.final_score, 4), "forced": node.forced,
+        "attention": None if node.attention is None else rounded(node.attention),
+        "next": [{"token": token, "piece": piece, "p": probability(log_prob)} for (token, log_prob), piece
+                 in zip(node.next_words or [], tokenizer.pieces(t for t, _ in node.next_words or []))],
+    } for node in tree.nodes]
+    return {"beam_size": tree.beam_size, "prefix_length": tree.prefix_length, "best_path": tree.best_path,
+            "nodes": nodes, "note": NOT_A_NUMBER if tree.best is None else None}
+
+
+def _prefix_ids(model: Seq2SeqModel, tokenizer: Tokenizer, prefix: str | Sequence[int]) -> list[int]:
+    ids = tokenizer.encode(prefix) if isinstance(prefix, str) else list(prefix)
+    words = range(model.eos_id + 1, tokenizer.vocab_size)
+    if any(i not in words for i in ids):
+        raise UsageError(f"the prefix ids must be target pieces of this model ({words.start}..{words.stop - 1}).")
+    return ids
+
+
 def inspect_model(path: Path, loaded: LoadedModel, sentence: str, beam_size: int | None, device: torch.device,
-                  reference: str | None = None, methods: Sequence[str] = ()) -> Inspected:
-    """The model's translation of `sentence` (beam search, its checkpoint's test beam unless `beam_size`) or,
-    with `reference`, that reference by forced decoding; then every layer's attention behind it and the
-    attributions of each of `methods` (attribution.METHODS)."""
+                  reference: str | None = None, methods: Sequence[str] = (),
+                  prefix: str | Sequence[int] | None = None, top_k: int = TOP_K) -> Inspected:
+    """The model's translation of `sentence` (beam search, its checkpoint's test beam unless `beam_size`, with
+    `prefix` forced first: text or target piece ids) or, with `reference`, that reference by forced decoding;
+    then every layer's attention behind it and the attributions of each of `methods` (attribution.METHODS)."""
     model, src_tok, tgt_tok = loaded.model, loaded.src_tokenizer, loaded.tgt_tokenizer
     trainer = loaded.config.trainer  # a checkpoint older than a key has the schema's default for it
     max_len_a, max_len_b = trainer.max_len_a, trainer.max_len_b
@@ -112,16 +149,23 @@ def inspect_model(path: Path, loaded: LoadedModel, sentence: str, beam_size: int
     ids = all_ids[: source_token_limit(model, max_len_a, max_len_b)]
     if not ids:
         raise UsageError("the sentence is empty after normalisation; give a sentence to translate.")
-    reference_ids = None
+    tree, prefix_ids = None, _prefix_ids(model, tgt_tok, prefix or ())
     if reference is not None:
         reference_ids = tgt_tok.encode(reference)
         if not reference_ids:
             raise UsageError("the reference is empty after normalisation; give the translation to force.")
-    result = attend(
-        model, ids, device, reference_ids=reference_ids,
-        beam_size=beam_size or trainer.test_beam_size, length_penalty=trainer.length_penalty, max_len_a=max_len_a,
-        max_len_b=max_len_b,
-    )
+    else:
+        src = torch.tensor([[*ids, model.eos_id]], device=device)
+        try:
+            tree = search.explore(
+                model, src, torch.ones_like(src, dtype=torch.bool), beam_size=beam_size or trainer.test_beam_size,
+                length_penalty=trainer.length_penalty, max_len_a=max_len_a, max_len_b=max_len_b, prefix=prefix_ids,
+                top_k=top_k,
+            )
+        except ValueError as error:  # a prefix the model cannot read
+            raise UsageError(f"{model_label(path, loaded)}: {error}.") from None
+        reference_ids = tree.best.tokens if tree.best is not None else []
+    result = attend(model, ids, device, reference_ids=reference_ids)
     return Inspected(
         label=model_label(path, loaded), family=loaded.config.model.name, checkpoint=path, sentence=sentence,
         translation=tgt_tok.decode(result.tokens), src_pieces=src_tok.pieces([*ids, model.eos_id]),
@@ -129,6 +173,8 @@ def inspect_model(path: Path, loaded: LoadedModel, sentence: str, beam_size: int
         forced=reference is not None, loss=result.loss, cut=len(all_ids) - len(ids),
         cut_before=src_tok.decode(all_ids[len(ids): len(ids) + 8]), reference_cut=result.cut,
         attributions={method: attributions(model, ids, result.tokens, method).cpu().numpy() for method in methods},
+        search=None if tree is None else search_document(tree, tgt_tok),
+        prefix=tgt_tok.decode(prefix_ids) if prefix_ids else None,
     )
 
 
@@ -336,11 +382,21 @@ class Inspection:
 
 def inspect_sentence(models: Sequence[tuple[Path, LoadedModel]], sentence: str, reference: str | None,
                      view: View, threshold: float, beam_size: int | None, device: torch.device,
-                     methods: Sequence[str] = ()) -> Inspection:
+                     methods: Sequence[str] = (), prefix: str | None = None,
+                     prefix_ids: Sequence[int] | None = None, prefix_model: int | None = None,
+                     top_k: int = TOP_K) -> Inspection:
     """`inspect_model` for every model (with the attributions of `methods`), then `diagnose` and `agreements` on
-    the selected view."""
-    inspected = [inspect_model(path, loaded, sentence, beam_size, device, reference, methods)
-                 for path, loaded in models]
+    the selected view. A target prefix is forced on every model: `prefix` text, or `prefix_ids` (pieces of model
+    number `prefix_model`, from 0), which the other models get as text."""
+    prefixes: list[str | Sequence[int] | None] = [prefix] * len(models)
+    if prefix_ids is not None:
+        if prefix_model is None or not 0 <= prefix_model < len(models):
+            raise UsageError(f"the prefix belongs to model {prefix_model}, but the models are numbered 0.."
+                             f"{len(models) - 1}.")
+        text = models[prefix_model][1].tgt_tokenizer.decode(prefix_ids)
+        prefixes = [prefix_ids if number == prefix_model else text for number in range(len(models))]
+    inspected = [inspect_model(path, loaded, sentence, beam_size, device, reference, methods, forced, top_k)
+                 for (path, loaded), forced in zip(models, prefixes)]
     check_view(view, inspected)
     reports = diagnose(inspected, view, threshold)
     return Inspection(sentence, reference, inspected, reports, agreements(reports))
