@@ -3,6 +3,7 @@ no script error, the weights of the --json diagnostics), and `inspect --serve` a
 
 from __future__ import annotations
 
+import base64
 import http.client
 import json
 import os
@@ -13,10 +14,10 @@ import subprocess
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from html.parser import HTMLParser
 
 import numpy as np
 import pytest
+import torch
 
 from seq2seq.analysis import server as page_server
 
@@ -33,71 +34,131 @@ def _browser() -> str:
                 "apt-get install -y chromium")
 
 
-class _Dom(HTMLParser):
-    """The parts of the dumped DOM the test reads: body attributes, #errors, panels and their cells."""
+CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--window-size=1600,1000")
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.body: dict = {}
-        self.errors = ""
-        self.panels: dict[str, list[list[float]]] = {}
-        self._panel: str | None = None
-        self._in_errors = False
+# What the page draws, read back from its SVG: per panel the attention map, the next words, the beam tree and
+# the expanded node's attention.
+READ_PAGE = """
+const weights = (svg) => svg ? [...svg.querySelectorAll("g.row")].map(
+  (g) => [...g.querySelectorAll("rect")].map((r) => Number(r.dataset.w))) : [];
+return [...document.querySelectorAll("#panels .panel")].map((p) => ({
+  model: p.dataset.model,
+  translation: p.querySelector(".translation").textContent.replace(/^[^:]*: /, ""),
+  prefix: p.querySelector(".translation .prefix") ? p.querySelector(".translation .prefix").textContent : null,
+  weights: weights(p.querySelector("svg[data-kind=attention]")),
+  words: [...p.querySelectorAll("svg[data-kind=next-words] g.word")].map((g) => ({
+    step: Number(g.dataset.step), piece: g.dataset.piece, p: Number(g.dataset.p), chosen: g.dataset.chosen === "1"})),
+  nodes: [...p.querySelectorAll("svg[data-kind=beam-tree] g.node")].map((g) => ({
+    id: Number(g.dataset.node), piece: g.dataset.piece, score: Number(g.dataset.score), best: g.dataset.best === "1"})),
+  details: weights(p.querySelector("svg[data-kind=node-attention]")),
+  note: p.querySelector(".note") ? p.querySelector(".note").textContent : null,
+}));
+"""
 
-    def handle_starttag(self, tag: str, attrs: list) -> None:
-        attributes = dict(attrs)
-        if tag == "body":
-            self.body = attributes
-        elif tag == "pre" and attributes.get("id") == "errors":
-            self._in_errors = True
-        elif tag == "section" and "panel" in (attributes.get("class") or ""):
-            self._panel = attributes["data-model"]
-            self.panels[self._panel] = []
-        elif tag == "tr" and self._panel is not None:
-            self.panels[self._panel].append([])
-        elif tag == "td" and self._panel is not None and "data-w" in attributes:
-            self.panels[self._panel][-1].append(float(attributes["data-w"]))
 
-    def handle_endtag(self, tag: str) -> None:
-        if tag == "pre":
-            self._in_errors = False
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    """Headless Chromium driven by Selenium through Debian's chromedriver."""
+    webdriver = pytest.importorskip("selenium.webdriver", reason="pip install -e '.[dev]' installs selenium")
+    chromium, driver = _browser(), shutil.which("chromedriver")
+    if driver is None:
+        pytest.skip("no chromedriver installed; on Debian: apt-get install -y chromium-driver")
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in (*CHROMIUM_FLAGS, f"--user-data-dir={tmp_path_factory.mktemp('profile')}"):
+        options.add_argument(flag)
+    session = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=driver))
+    session.set_script_timeout(60)
+    try:
+        yield session
+    finally:
+        session.quit()
 
-    def handle_data(self, data: str) -> None:
-        if self._in_errors:
-            self.errors += data
+
+def _wait(browser, condition: str, timeout: float = 120) -> None:
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    WebDriverWait(browser, timeout).until(lambda driver: driver.execute_script("return " + condition))
+
+
+def _drawn(browser) -> list[dict]:
+    assert browser.find_element("id", "errors").text == ""
+    return browser.execute_script(READ_PAGE)
+
+
+def _click(browser, selector: str) -> None:
+    from selenium.webdriver.common.action_chains import ActionChains
+
+    element = browser.find_element("css selector", selector)
+    browser.execute_script("arguments[0].scrollIntoView({block: 'center', inline: 'center'})", element)
+    ActionChains(browser).move_to_element(element).click().perform()
+
+
+def _png_size(data_url: str) -> tuple[int, int]:
+    png = base64.b64decode(data_url.split(",", 1)[1])
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    return int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")
+
+
+def _n_best(checkpoint, count: int) -> list[tuple[float, str]]:
+    """`translate --n-best` of SENTENCE: (score, text) best first."""
+    run = subprocess.run([sys.executable, "-m", "seq2seq.translate", "--checkpoint", str(checkpoint), "--precision",
+                          "fp32", "--n-best", str(count), SENTENCE], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    return [(float(score), text) for _, score, text in (line.split("\t") for line in run.stdout.splitlines())]
 
 
 def _three(checkpoints) -> list[str]:
     return [arg for name in ("rnn", "bahdanau", "transformer") for arg in ("--checkpoint", str(checkpoints[name]))]
 
 
-def test_page_in_a_headless_browser_shows_every_model_with_the_json_weights(checkpoints, tmp_path):
-    browser = _browser()
+def test_page_in_a_headless_browser_draws_the_json_weights_and_translate_s_search(browser, checkpoints, tmp_path):
     page, report = tmp_path / "page.html", tmp_path / "page.json"
     run = subprocess.run([sys.executable, "-m", "seq2seq.inspect", *_three(checkpoints), SENTENCE, "--words",
                           "--html", str(page), "--json", str(report)], capture_output=True, timeout=300)
     assert run.returncode == 0, run.stderr.decode()
     html = page.read_text(encoding="utf-8")
     assert not re.search(r"""(src|href)=["']?(https?:)?//""", html), "the page must not fetch anything"
-    dumped = subprocess.run(
-        [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}",
-         "--dump-dom", page.as_uri()],
-        capture_output=True, timeout=180, env={**os.environ, "HOME": str(tmp_path)},
-    )
-    assert dumped.returncode == 0, dumped.stderr.decode()[-2000:]
-    dom = _Dom()
-    dom.feed(dumped.stdout.decode("utf-8"))
-    assert dom.body.get("data-ready") == "1", "the page's script did not finish"
-    assert dom.errors.strip() == ""
+    browser.get(page.as_uri())
+    _wait(browser, 'document.body.dataset.ready === "1"')
+    drawn = _drawn(browser)
     models = json.loads(report.read_text(encoding="utf-8"))["models"]
-    assert list(dom.panels) == [model["model"] for model in models]
-    for model in models:
-        cells = [row for row in dom.panels[model["model"]] if row]
-        if not model["has_attention"]:
-            assert cells == []
-            continue
-        np.testing.assert_allclose(np.array(cells), np.array(model["weights"]), atol=2e-4)
+    searches = browser.execute_script(
+        "return JSON.parse(document.getElementById('data').textContent).items[0].models.map((m) => m.search)")
+    assert [panel["model"] for panel in drawn] == [model["model"] for model in models]
+    for panel, model, search, name in zip(drawn, models, searches, ("rnn", "bahdanau", "transformer")):
+        assert panel["translation"] == model["translation"]
+        if model["has_attention"]:
+            np.testing.assert_allclose(np.array(panel["weights"]), np.array(model["weights"]), atol=2e-4)
+        else:
+            assert panel["weights"] == [] and "no attention" in panel["note"]
+        # The tree holds translate's two best: the chosen path ends in the best score, the runner-up finished too.
+        (best_score, best_text), (second_score, _) = _n_best(checkpoints[name], 2)
+        assert best_text == model["translation"]
+        finals = [node["final"] for node in search["nodes"] if node["final"] is not None]
+        assert search["nodes"][search["best_path"][-1]]["final"] == pytest.approx(best_score, abs=1e-3)
+        assert any(final == pytest.approx(second_score, abs=1e-3) for final in finals)
+        best = [node for node in panel["nodes"] if node["best"]]
+        assert [node["id"] for node in best] == search["best_path"] and len(panel["nodes"]) == len(search["nodes"])
+        assert best[0]["piece"] == "<s>" and best[-1]["piece"] == "</s>"
+        chosen = [word for word in panel["words"] if word["chosen"]]
+        assert [word["piece"] for word in chosen] == [node["piece"] for node in best[1:]]
+        assert all(0 <= word["p"] <= 1 for word in panel["words"])
+
+    # Bahdanau's attention while searching is the attention forced decoding reads: expanding the last node of the
+    # chosen path draws the same map as the panel (in pieces).
+    browser.find_element("css selector", "input[name=units][value=pieces]").click()
+    _click(browser, f'section.panel:nth-child(2) g.node[data-node="{searches[1]["best_path"][-1]}"]')
+    bahdanau = _drawn(browser)[1]
+    np.testing.assert_allclose(np.array(bahdanau["details"]), np.array(bahdanau["weights"]), atol=2e-3)
+
+    svg = browser.execute_script("return window.attentionPage.exportSVG()")
+    assert svg.startswith("<svg") and all(model["model"] in svg for model in models)
+    width, height = _png_size(browser.execute_async_script(
+        "window.attentionPage.exportPNG().then(arguments[0], (e) => arguments[0]('error: ' + e))"))
+    assert width > 800 and height > 300
 
 
 def _request(port: int, method: str, path: str, body: bytes | None = None,
@@ -120,10 +181,9 @@ def _post(port: int, document) -> tuple[int, dict]:
 
 @pytest.fixture(scope="module")
 def served(checkpoints):
-    """`inspect --serve --port 0` with the bahdanau and transformer checkpoints; yields the port it chose."""
+    """`inspect --serve --port 0` with the three checkpoints; yields the port it chose."""
     process = subprocess.Popen(
-        [sys.executable, "-m", "seq2seq.inspect", "--checkpoint", str(checkpoints["bahdanau"]), "--checkpoint",
-         str(checkpoints["transformer"]), "--serve", "--port", "0"],
+        [sys.executable, "-m", "seq2seq.inspect", *_three(checkpoints), "--serve", "--port", "0"],
         stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
     )
     try:
@@ -144,8 +204,8 @@ def test_server_translates_a_sentence_and_serves_the_page(served):
     assert status == 200 and 'id="data"' in page and '"live": true' in page
     status, answer = _post(served, {"sentence": SENTENCE, "reference": None})
     assert status == 200, answer
-    assert [model["family"] for model in answer["models"]] == ["bahdanau", "transformer"]
-    assert all(model["words"]["layers"] for model in answer["models"])
+    assert [model["family"] for model in answer["models"]] == ["rnn", "bahdanau", "transformer"]
+    assert all(model["words"]["layers"] for model in answer["models"][1:])
     status, answer = _post(served, {"sentence": SENTENCE, "reference": "I am a student."})
     assert status == 200 and all(model["forced"] for model in answer["models"])
 
@@ -160,10 +220,78 @@ def test_server_answers_bad_requests_and_survives(served):
     assert _post(served, {"text": SENTENCE})[0] == 400
     assert _request(served, "POST", "/api/inspect", b"x" * 10, {"Content-Length": str(10 ** 9)})[0] == 413
     assert _request(served, "GET", "/nothing")[0] == 404
+    bad = [  # (raw request, the status it must get), sent among good ones from 12 threads at once
+        (_raw("POST", "/api/nothing", ONE, served) + _raw("GET", "/api/health", port=served), 404),
+        (_raw("POST", "/api/inspect", ONE, served, Content_Length="²"), 411),
+        (_raw("POST", "/api/inspect", ONE, Host="evil.example"), 403),
+        (_raw("POST", "/api/inspect", ONE, served, Origin="http://evil.example"), 403),
+        (_raw("POST", "/api/inspect", b"{", served), 400),
+        (_raw("POST", "/api/inspect", b"x", served, Content_Length=str(10 ** 9)), 413),
+    ]
+
+    def one(number: int) -> int:
+        if number % 2:
+            raw, expected = bad[number // 2 % len(bad)]
+            ((status, _, answer),) = _exchange(served, raw)
+            assert status == expected and answer["error"]
+            return status
+        status, answer = _post(served, {"sentence": "他昨天去了图书馆。", "prefix": "He" if number % 4 else None})
+        assert status in (200, 503), answer
+        return status
+
     with ThreadPoolExecutor(max_workers=12) as pool:
-        statuses = list(pool.map(lambda _: _post(served, {"sentence": "他昨天去了图书馆。"})[0], range(12)))
-    assert set(statuses) <= {200, 503} and 200 in statuses
+        statuses = list(pool.map(one, range(24)))
+    assert 200 in statuses
     assert _post(served, {"sentence": SENTENCE})[0] == 200  # still serving
+
+
+def test_the_live_page_explores_the_search_as_a_teacher_would(browser, served):
+    """Type a sentence, click a next word the model did not choose (what if?), expand a node, type a prefix:
+    what is drawn each time is what the server answers for the same question."""
+    browser.get(f"http://127.0.0.1:{served}/")
+    _wait(browser, 'document.body.dataset.ready === "1"')
+    browser.find_element("id", "sentence").send_keys(SENTENCE)
+    browser.find_element("css selector", "#live button[type=submit]").click()
+    _wait(browser, 'document.body.dataset.pending === "0" && document.querySelectorAll(".panel").length === 3')
+    status, answer = _post(served, {"sentence": SENTENCE})
+    assert status == 200
+    for panel, model in zip(_drawn(browser), answer["models"]):
+        assert panel["translation"] == model["translation"] and panel["prefix"] is None
+        assert [node["piece"] for node in panel["nodes"]] == [node["piece"] for node in model["search"]["nodes"]]
+        assert [node["score"] for node in panel["nodes"]] == [node["score"] for node in model["search"]["nodes"]]
+
+    # What if the Transformer had begun with its second choice?
+    transformer = answer["models"][2]["search"]
+    start = transformer["nodes"][0]
+    chosen = transformer["nodes"][transformer["best_path"][1]]["token"]
+    other = next(word for word in start["next"] if word["token"] != chosen)
+    _click(browser, f'section.panel:nth-child(3) g.word[data-step="0"][data-chosen="0"][data-piece="{other["piece"]}"]')
+    _wait(browser, 'document.body.dataset.pending === "0" && document.getElementById("item").options.length === 2')
+    status, forced = _post(served, {"sentence": SENTENCE, "prefix_ids": [other["token"]], "prefix_model": 2})
+    assert status == 200 and forced["prefix"]
+    drawn = _drawn(browser)
+    for panel, model in zip(drawn, forced["models"]):
+        assert panel["translation"] == model["translation"] and panel["prefix"] == model["prefix"]
+        assert [node["score"] for node in panel["nodes"]] == [node["score"] for node in model["search"]["nodes"]]
+    search = forced["models"][2]["search"]
+    first = search["nodes"][search["best_path"][1]]
+    assert search["prefix_length"] == 1 and first["forced"] and first["token"] == other["token"]
+    assert first["p"] == pytest.approx(other["p"], abs=1e-4)  # the forced word costs what the model said it would
+
+    # Expand the second node of the Transformer's chosen path: its attention, step by step.
+    node = search["nodes"][search["best_path"][2]]
+    _click(browser, f'section.panel:nth-child(3) g.node[data-node="{node["id"]}"]')
+    details = _drawn(browser)[2]["details"]
+    expected = [search["nodes"][i]["attention"] for i in search["best_path"][1:3]]
+    np.testing.assert_allclose(np.array(details), np.array(expected), atol=1e-4)
+
+    # A typed prefix goes to every model.
+    browser.find_element("id", "prefix").send_keys("I am")
+    browser.find_element("css selector", "#live button[type=submit]").click()
+    _wait(browser, 'document.body.dataset.pending === "0" && document.getElementById("item").options.length === 3')
+    drawn = _drawn(browser)
+    assert all(panel["prefix"] == "I am" and panel["translation"].startswith("I am") for panel in drawn)
+    assert browser.find_element("id", "status").text == ""
 
 
 @pytest.fixture(scope="module")
@@ -323,3 +451,20 @@ def test_page_data_cannot_close_its_script_element():
     html = render_page([], {"mode": "mean", "layer": None, "head": None, "units": "words", "describe": ""},
                        "</script><script>alert(1)</script>")
     assert html.count("</script>") == 2 and "<title>&lt;/script&gt;" in html
+
+
+def test_a_diverged_model_is_shown_with_a_note_and_the_others_as_usual(checkpoints):
+    """A checkpoint whose weights are NaN: its search finishes nothing, its panel says why, the page data is
+    strict JSON, and the other model is unaffected."""
+    from seq2seq.analysis import inspection
+    from seq2seq.analysis.page import page_item, strict_json
+
+    models = inspection.load_models([checkpoints["bahdanau"], checkpoints["transformer"]], torch.device("cpu"))
+    with torch.no_grad():
+        for parameter in models[0][1].model.parameters():
+            parameter.fill_(float("nan"))
+    result = inspection.inspect_sentence(models, SENTENCE, None, inspection.View(), 0.1, None, torch.device("cpu"))
+    item = json.loads(strict_json(page_item(result)), parse_constant=_no_nan)
+    diverged, healthy = item["models"]
+    assert diverged["translation"] == "" and "NaN" in diverged["search"]["note"]
+    assert healthy["translation"] and healthy["search"]["note"] is None
