@@ -42,6 +42,7 @@ from seq2seq.analysis.plotting import figure_to_png
 from seq2seq.atomic import atomic_write
 from seq2seq.checkpoint import LoadedModel
 from seq2seq.errors import Seq2SeqError, UsageError
+from seq2seq.inference import search
 from seq2seq.runtime import DEVICES, resolve_device
 
 
@@ -56,8 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="a translation of the sentence to force: attention and loss of this target")
     parser.add_argument("--prefix", metavar="TEXT",
                         help="force the translation to begin with this text, then let the search go on (\"what if\")")
-    parser.add_argument("--top-k", type=int, default=inspection.TOP_K,
-                        help=f"the page: next words shown per search step (default {inspection.TOP_K})")
+    parser.add_argument("--top-k", type=int, default=search.TOP_K,
+                        help=f"the page: next words shown per search step (default {search.TOP_K})")
     parser.add_argument("--pairs", type=Path, metavar="FILE.tsv",
                         help="many sentences with references, a TSV in the checkpoint's corpus layout (data.columns)")
     parser.add_argument("--out", type=Path, help="write the side-by-side figure here (PNG; with --pairs, one "

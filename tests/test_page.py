@@ -398,7 +398,7 @@ def test_requests_for_another_host_or_from_another_origin_are_refused(echo_serve
         headers["Origin"] = origin
     for method, body in (("GET", b""), ("POST", ONE)):
         ((status, _, answer),) = _exchange(port, _raw(method, "/api/inspect" if body else "/", body, **headers))
-        assert status == 403 and "refused" in answer["error"] or "only" in answer["error"]
+        assert status == 403 and ("refused" in answer["error"] or "only" in answer["error"])
     assert echo_server.answered == []
 
 
@@ -468,3 +468,13 @@ def test_a_diverged_model_is_shown_with_a_note_and_the_others_as_usual(checkpoin
     diverged, healthy = item["models"]
     assert diverged["translation"] == "" and "NaN" in diverged["search"]["note"]
     assert healthy["translation"] and healthy["search"]["note"] is None
+
+
+def test_inspect_prefix_forces_the_start_of_every_model_s_translation(checkpoints, tmp_path):
+    from seq2seq.inspect import main
+
+    report = tmp_path / "prefix.json"
+    assert main([*_three(checkpoints), SENTENCE, "--prefix", "I am", "--json", str(report)]) == 0
+    models = json.loads(report.read_text(encoding="utf-8"))["models"]
+    assert len(models) == 3 and all(model["translation"].startswith("I am") for model in models)
+    assert main([*_three(checkpoints), SENTENCE, "--prefix", "I am", "--reference", "I am."]) == 2

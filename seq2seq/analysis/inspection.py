@@ -38,7 +38,6 @@ from seq2seq.models.base import NO_ATTENTION, Seq2SeqModel
 
 NO_ATTENTION_NOTE = "no attention:\n" + textwrap.fill(NO_ATTENTION, 34)  # a figure panel's lines
 MAX_FIGURE_UNITS = 60  # rows and columns drawn per heatmap: beyond this a PNG cell is too small to read
-TOP_K = 5  # next words recorded per search step
 NOT_A_NUMBER = ("the search finished no translation: the model's scores are not numbers (NaN), its weights have "
                 "diverged; load an earlier checkpoint")
 
@@ -138,7 +137,7 @@ def _prefix_ids(model: Seq2SeqModel, tokenizer: Tokenizer, prefix: str | Sequenc
 
 def inspect_model(path: Path, loaded: LoadedModel, sentence: str, beam_size: int | None, device: torch.device,
                   reference: str | None = None, methods: Sequence[str] = (),
-                  prefix: str | Sequence[int] | None = None, top_k: int = TOP_K) -> Inspected:
+                  prefix: str | Sequence[int] | None = None, top_k: int = search.TOP_K) -> Inspected:
     """The model's translation of `sentence` (beam search, its checkpoint's test beam unless `beam_size`, with
     `prefix` forced first: text or target piece ids) or, with `reference`, that reference by forced decoding;
     then every layer's attention behind it and the attributions of each of `methods` (attribution.METHODS)."""
@@ -384,7 +383,7 @@ def inspect_sentence(models: Sequence[tuple[Path, LoadedModel]], sentence: str, 
                      view: View, threshold: float, beam_size: int | None, device: torch.device,
                      methods: Sequence[str] = (), prefix: str | None = None,
                      prefix_ids: Sequence[int] | None = None, prefix_model: int | None = None,
-                     top_k: int = TOP_K) -> Inspection:
+                     top_k: int = search.TOP_K) -> Inspection:
     """`inspect_model` for every model (with the attributions of `methods`), then `diagnose` and `agreements` on
     the selected view. A target prefix is forced on every model: `prefix` text, or `prefix_ids` (pieces of model
     number `prefix_model`, from 0), which the other models get as text."""

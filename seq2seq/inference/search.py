@@ -38,6 +38,8 @@ import torch
 from seq2seq.config import BEAM_SIZE, LENGTH_PENALTY, MAX_LEN_A, MAX_LEN_B  # the schema's decoding defaults
 from seq2seq.models.base import DecoderState, Seq2SeqModel, eval_mode, map_state
 
+TOP_K = 5  # next words `explore` records per step
+
 
 @dataclass
 class Hypothesis:
@@ -286,7 +288,7 @@ def explore(
     max_len_a: float = MAX_LEN_A,
     max_len_b: float = MAX_LEN_B,
     prefix: Sequence[int] = (),
-    top_k: int = 5,
+    top_k: int = TOP_K,
 ) -> SearchTree:
     """Beam search of one sentence (`src` (1, S)) that records its tree; `prefix` (target ids without BOS/EOS)
     is forced first and the search goes on from it. Without a prefix the best hypothesis is `beam_search`'s.
