@@ -552,7 +552,9 @@ PAGE_TEMPLATE = r"""<!DOCTYPE html>
           continue;
         }
         const size = /^h[23]$/i.test(part.tagName) ? 14 : 12;
-        for (const line of wrap(part.textContent.trim(), 80)) {
+        const text = part.classList.contains("next") ? [...part.children].map((b) => b.textContent).join("   ")
+          : part.textContent.trim();
+        for (const line of wrap(text, 80)) {
           root.appendChild(label(x, y + size, line, size, { "font-weight": size === 14 ? "bold" : "normal" }));
           width = Math.max(width, measure(line, size));
           y += size + 6;
