@@ -48,6 +48,7 @@ return [...document.querySelectorAll("#panels .panel")].map((p) => ({
   translation: p.querySelector(".translation").textContent.replace(/^[^:]*: /, ""),
   prefix: p.querySelector(".translation .prefix") ? p.querySelector(".translation .prefix").textContent : null,
   weights: weights(p.querySelector("svg[data-kind=attention]")),
+  attribution: weights(p.querySelector("svg[data-kind=attribution]")),
   words: [...p.querySelectorAll("svg[data-kind=next-words] g.word")].map((g) => ({
     step: Number(g.dataset.step), piece: g.dataset.piece, p: Number(g.dataset.p), chosen: g.dataset.chosen === "1"})),
   nodes: [...p.querySelectorAll("svg[data-kind=beam-tree] g.node")].map((g) => ({
@@ -117,7 +118,8 @@ def _three(checkpoints) -> list[str]:
 def test_page_in_a_headless_browser_draws_the_json_weights_and_translate_s_search(browser, checkpoints, tmp_path):
     page, report = tmp_path / "page.html", tmp_path / "page.json"
     run = subprocess.run([sys.executable, "-m", "seq2seq.inspect", *_three(checkpoints), SENTENCE, "--words",
-                          "--html", str(page), "--json", str(report)], capture_output=True, timeout=300)
+                          "--explain", "attention", "--explain", "saliency", "--html", str(page), "--json",
+                          str(report)], capture_output=True, timeout=300)
     assert run.returncode == 0, run.stderr.decode()
     html = page.read_text(encoding="utf-8")
     assert not re.search(r"""(src|href)=["']?(https?:)?//""", html), "the page must not fetch anything"
@@ -146,6 +148,15 @@ def test_page_in_a_headless_browser_draws_the_json_weights_and_translate_s_searc
         chosen = [word for word in panel["words"] if word["chosen"]]
         assert [word["piece"] for word in chosen] == [node["piece"] for node in best[1:]]
         assert all(0 <= word["p"] <= 1 for word in panel["words"])
+
+    # Gradient attributions are a map of their own beside attention, for every model (the rnn too).
+    from selenium.webdriver.support.select import Select
+
+    Select(browser.find_element("id", "mode")).select_by_value("attribution:saliency")
+    for panel, model in zip(_drawn(browser), models):
+        np.testing.assert_allclose(np.array(panel["attribution"]), np.array(model["attributions"]["saliency"]["weights"]),
+                                   atol=2e-4)
+    Select(browser.find_element("id", "mode")).select_by_value("mean")
 
     # Bahdanau's attention while searching is the attention forced decoding reads: expanding the last node of the
     # chosen path draws the same map as the panel (in pieces).

@@ -38,19 +38,24 @@ def _layers(layers: np.ndarray) -> list:
 
 def page_item(inspection: Inspection) -> dict:
     """The JSON one sentence contributes to the page: every model's maps over pieces and over words (all
-    layers and heads; the page averages them for the mean views) and the inspector's diagnostics."""
+    layers and heads; the page averages them for the mean views), its gradient attributions (one map per
+    method, `inspect --explain`), its recorded search and the inspector's diagnostics."""
     models = []
     for item, report in zip(inspection.inspected, inspection.reports):
         model: dict = {"label": item.label, "family": item.family, "translation": item.translation,
                        "forced": item.forced, "has_attention": item.layers is not None, "report": report,
                        "src_pieces": item.src_pieces, "prefix": item.prefix, "search": item.search}
+        src, tgt = analysis.merge_words(item.src_pieces), analysis.merge_words(item.tgt_pieces)
         if item.layers is None:
             model["note"] = f"no attention: {NO_ATTENTION}"
         else:
-            src, tgt = analysis.merge_words(item.src_pieces), analysis.merge_words(item.tgt_pieces)
             model["pieces"] = {"src": item.src_pieces, "tgt": item.tgt_pieces, "layers": _layers(item.layers)}
             model["words"] = {"src": src.labels, "tgt": tgt.labels,
                               "layers": _layers(analysis.merge_attention(item.layers, src, tgt))}
+        model["attributions"] = {method: {
+            "pieces": {"src": item.src_pieces, "tgt": item.tgt_pieces, "map": _layers(pieces)},
+            "words": {"src": src.labels, "tgt": tgt.labels, "map": _layers(analysis.merge_attention(pieces, src, tgt))},
+        } for method, pieces in item.attributions.items()}
         models.append(model)
     prefix = next((item.prefix for item in inspection.inspected if item.prefix), None)
     return {"sentence": inspection.sentence, "reference": inspection.reference, "prefix": prefix, "models": models,
@@ -448,7 +453,11 @@ PAGE_TEMPLATE = r"""<!DOCTYPE html>
     const section = element("section", { class: "panel", "data-model": model.label });
     section.appendChild(element("h2", {}, model.label));
     section.appendChild(translationLine(model));
-    if (!model.has_attention) {
+    const method = attributionOf();
+    if (method !== null) {
+      const side = model.attributions[method][state.units];
+      section.appendChild(heatmap(side.src, side.tgt, side.map, "attribution"));
+    } else if (!model.has_attention) {
       section.appendChild(element("div", { class: "note" }, model.note));
     } else {
       const side = model[state.units];
@@ -495,6 +504,19 @@ PAGE_TEMPLATE = r"""<!DOCTYPE html>
     }
   }
 
+  // Gradient attributions (inspect --explain) are maps of their own, chosen in the "map" list beside attention.
+  const ATTRIBUTION = "attribution:";
+  const attributionOf = () => state.mode.startsWith(ATTRIBUTION) ? state.mode.slice(ATTRIBUTION.length) : null;
+
+  function fillMaps(item) {
+    const select = $("mode");
+    for (const option of [...select.options]) if (option.value.startsWith(ATTRIBUTION)) option.remove();
+    const methods = [...new Set(item.models.flatMap((model) => Object.keys(model.attributions || {})))];
+    for (const method of methods) select.appendChild(element("option", { value: ATTRIBUTION + method }, method + " (attribution)"));
+    if (attributionOf() !== null && !methods.includes(attributionOf())) state.mode = "mean";
+    select.value = state.mode;
+  }
+
   function draw() {
     const panels = $("panels");
     panels.textContent = "";
@@ -504,7 +526,8 @@ PAGE_TEMPLATE = r"""<!DOCTYPE html>
     const [layers, heads] = depth(item);
     fillSelect($("layer"), layers, state.layer);
     fillSelect($("head"), heads, state.head);
-    $("layer").disabled = state.mode === "mean";
+    fillMaps(item);
+    $("layer").disabled = state.mode === "mean" || attributionOf() !== null;
     $("head").disabled = state.mode !== "head";
     item.models.forEach((model, i) => panels.appendChild(panel(model, i)));
     diagnostics(item);
