@@ -275,7 +275,7 @@ def test_the_live_page_explores_the_search_as_a_teacher_would(browser, served):
     transformer = answer["models"][2]["search"]
     start = transformer["nodes"][0]
     chosen = transformer["nodes"][transformer["best_path"][1]]["token"]
-    other = next(word for word in start["next"] if word["token"] != chosen)
+    other = next(word for word in start["next"] if word["token"] != chosen and word["piece"].strip("▁"))
     _click(browser, f'section.panel:nth-child(3) g.word[data-step="0"][data-chosen="0"][data-piece="{other["piece"]}"]')
     _wait(browser, 'document.body.dataset.pending === "0" && document.getElementById("item").options.length === 2')
     status, forced = _post(served, {"sentence": SENTENCE, "prefix_ids": [other["token"]], "prefix_model": 2})
