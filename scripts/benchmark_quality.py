@@ -42,6 +42,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("overrides", nargs="*", help="Hydra overrides; model=a,b,c trains each model in turn")
     parser.add_argument("--minutes", type=float, default=24.0, help="trainer.time_limit_minutes of every run")
     parser.add_argument("--baseline", metavar="REV", help="also train commit REV's defaults, back to back")
+    parser.add_argument("--baseline-only", action="store_true",
+                        help="train only REV's defaults (the current tree's rows were taken already)")
     parser.add_argument("--max-load", type=float, default=0.5, help="refuse to start above this 1-minute load")
     parser.add_argument("--force", action="store_true", help="start anyway on a busy machine (the row says so)")
     parser.add_argument("--runs", type=Path, default=None, help="run folders go here (default: a temporary folder)")
@@ -159,18 +161,25 @@ def row(results: dict, commit: str, cpu: str, minutes: float, wall: float, watch
 
 
 def append_rows(path: Path, rows: list[list[str]]) -> None:
-    """Add the rows to the benchmark's table in `path`, creating the file, section and header when absent."""
+    """Add the rows to the benchmark's table in `path`, creating the file, section, table and header when absent
+    (the section may open with prose of its own; the table then follows it)."""
     text = path.read_text(encoding="utf-8") if path.is_file() else "# Results\n"
     lines = ["| " + " | ".join(cells) + " |" for cells in rows]
+    header = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     if RESULTS_HEADING not in text:
-        header = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
         text = text.rstrip("\n") + f"\n\n{RESULTS_HEADING}\n\n" + "\n".join(header + lines) + "\n"
     else:
-        head, _, tail = text.partition(RESULTS_HEADING)
-        table_end = tail.find("\n\n", tail.find("|"))
-        table_end = len(tail) if table_end < 0 else table_end
-        tail = tail[:table_end].rstrip("\n") + "\n" + "\n".join(lines) + tail[table_end:]
-        text = head + RESULTS_HEADING + tail
+        head, _, section = text.partition(RESULTS_HEADING)
+        section_end = section.find("\n## ")
+        body, rest = (section, "") if section_end < 0 else (section[:section_end], section[section_end:])
+        table_at = body.find(header[0])
+        if table_at < 0:
+            body = body.rstrip("\n") + "\n\n" + "\n".join(header + lines) + "\n"
+        else:
+            table_end = body.find("\n\n", table_at)
+            table_end = len(body) if table_end < 0 else table_end
+            body = body[:table_end].rstrip("\n") + "\n" + "\n".join(lines) + "\n" + body[table_end:].lstrip("\n")
+        text = head + RESULTS_HEADING + body + rest
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text if text.endswith("\n") else text + "\n", encoding="utf-8")
 
@@ -187,7 +196,9 @@ def main() -> None:
         print(f"WARNING: {message}; --force given, the rows carry the load.", file=sys.stderr)
     cpu = cpu_description()
     runs = args.runs or Path(tempfile.mkdtemp(prefix="benchmark_quality_"))
-    checkouts = [("current", ROOT)]
+    if args.baseline_only and not args.baseline:
+        sys.exit("error: --baseline-only needs --baseline REV (the commit whose defaults to train)")
+    checkouts = [] if args.baseline_only else [("current", ROOT)]
     baseline_dir = None
     if args.baseline:
         baseline_dir = Path(tempfile.mkdtemp(prefix="benchmark_baseline_")) / "checkout"
@@ -195,18 +206,19 @@ def main() -> None:
                        check=True, capture_output=True)
         checkouts.append(("baseline", baseline_dir))
     started = time.perf_counter()
-    rows = []
+    appended = 0
     try:
         for model in models:
             for label, checkout in checkouts:
                 results, wall, watch = train(checkout, model, overrides, args.minutes, runs / label / model)
-                rows.append(row(results, commit_of(checkout), cpu, args.minutes, wall, watch, load_start))
-                print(" | ".join(f"{name}: {value}" for name, value in zip(COLUMNS, rows[-1])), flush=True)
+                cells = row(results, commit_of(checkout), cpu, args.minutes, wall, watch, load_start)
+                append_rows(args.results, [cells])  # at once: a later run that fails or is cut keeps this one
+                appended += 1
+                print(" | ".join(f"{name}: {value}" for name, value in zip(COLUMNS, cells)), flush=True)
     finally:
         if baseline_dir is not None:
             subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(baseline_dir)], check=False)
-    append_rows(args.results, rows)
-    print(f"{len(rows)} row(s) appended to {args.results}; whole command {(time.perf_counter() - started) / 60:.1f} "
+    print(f"{appended} row(s) appended to {args.results}; whole command {(time.perf_counter() - started) / 60:.1f} "
           f"min; run folders in {runs}")
 
 

@@ -33,6 +33,22 @@ def test_rows_go_into_the_benchmark_table_and_leave_other_sections_alone(tmp_pat
     assert text.rstrip().endswith("kept")
 
 
+def test_a_section_that_opens_with_prose_gets_its_table_after_it(tmp_path):
+    """docs/results.md's section explains the columns before any row: the first row brings the header."""
+    results = tmp_path / "results.md"
+    heading = benchmark_quality.RESULTS_HEADING
+    results.write_text(f"# Results\n\n{heading}\n\nHow to read it.\n\n## Next\n\nkept\n")
+    cells = ["c"] * len(benchmark_quality.COLUMNS)
+    benchmark_quality.append_rows(results, [cells])
+    benchmark_quality.append_rows(results, [["d"] * len(cells)])
+    section = results.read_text().split(heading)[1].split("## Next")[0]
+    assert section.strip().splitlines()[0] == "How to read it."
+    table = [line for line in section.splitlines() if line.startswith("|")]
+    assert table[0].startswith("| date | commit |") and table[2:] == [
+        "| " + " | ".join(cells) + " |", "| " + " | ".join("d" * len(cells)) + " |"]
+    assert results.read_text().rstrip().endswith("kept")
+
+
 def test_model_sweep_is_split_from_the_other_overrides():
     assert benchmark_quality.split_models(["model=rnn,transformer", "trainer.max_tokens=900"]) == (
         ["rnn", "transformer"], ["trainer.max_tokens=900"])
