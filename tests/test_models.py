@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.nn.utils.rnn import PackedSequence
 from hydra import compose, initialize_config_dir
 
 from seq2seq.config import check_config, model_config
@@ -253,8 +254,10 @@ def test_fixed_context_rnn_sees_the_source_only_through_the_final_state(key: str
     hook.remove()
 
     def swap(module: torch.nn.Module, args: tuple, out: tuple) -> tuple:
-        packed, _ = out
-        return packed._replace(data=torch.randn_like(packed.data)), captured["final"]
+        outputs, _ = out  # packed when the batch has padding, a plain tensor when it has none
+        if isinstance(outputs, PackedSequence):
+            return outputs._replace(data=torch.randn_like(outputs.data)), captured["final"]
+        return torch.randn_like(outputs), captured["final"]
 
     hook = model.encoder.rnn.register_forward_hook(swap)
     logits_swapped = model(src_b, mask_b, tgt_in).logits

@@ -42,7 +42,8 @@ def recurrent_precision(x: torch.Tensor) -> tuple[contextlib.AbstractContextMana
 
 
 class RNNEncoder(nn.Module):
-    """Embeddings + (bi)directional GRU/LSTM over packed sequences, so padding never reaches any state."""
+    """Embeddings + (bi)directional GRU/LSTM, over packed sequences when the batch has padding, so padding never
+    reaches any state."""
 
     def __init__(
         self,
@@ -81,14 +82,18 @@ class RNNEncoder(nn.Module):
         x = self.dropout(self.embed(src))
         autocast_ctx, dtype = recurrent_precision(x)
         x = x.to(dtype)
-        packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+        unpadded = bool((lengths == src.size(1)).all())  # length-sorted batches mostly are: packing buys nothing
         with autocast_ctx:
-            packed_out, final = self.rnn(packed)
+            if unpadded:
+                outputs, final = self.rnn(x)
+            else:
+                packed_out, final = self.rnn(pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False))
         hidden = final[0] if isinstance(final, tuple) else final  # LSTM: (h, c); the context is built from h
         top = hidden.view(self.num_layers, self.num_directions, src.size(0), -1)[-1]
         top = top.transpose(0, 1).reshape(src.size(0), self.output_size)
-        outputs = None
-        if need_outputs:
+        if not need_outputs:
+            return None, top
+        if not unpadded:
             outputs, _ = pad_packed_sequence(packed_out, batch_first=True, total_length=src.size(1))
         return outputs, top
 
