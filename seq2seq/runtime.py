@@ -31,6 +31,21 @@ class RuntimeSettingError(UsageError, ValueError):
     """A device or precision this machine cannot run; the message names the setting and what to use instead."""
 
 
+def resident_memory() -> tuple[float, float] | None:
+    """This process's resident memory now and its peak so far, in GiB (Linux /proc; None elsewhere): the figure
+    that decides whether a run fits a laptop, logged at every validation and at the end of a run."""
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:
+        return None
+    fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+    try:
+        now, peak = (int(fields[key].split()[0]) * 1024 / 2**30 for key in ("VmRSS", "VmHWM"))
+    except (KeyError, ValueError, IndexError):
+        return None
+    return now, peak
+
+
 def resolve_device(name: str, local_rank: int = 0, setting: str = "trainer.device") -> torch.device:
     """auto = the GPU when one is visible; under torchrun each process takes the GPU of its local rank."""
     name = str(name)

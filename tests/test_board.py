@@ -1,4 +1,4 @@
-"""What TensorBoard opens on, read back from the event files: the comparison layout (valid BLEU, loss and tokens/s
+"""What TensorBoard opens on, read back from the event files: the comparison layout (valid BLEU, loss, tokens/s, memory
 of every run), and the test figures of one point each as a text summary and in the HPARAMS row, not as scalar
 charts."""
 
@@ -12,7 +12,8 @@ from tensorboard.plugins.custom_scalar import layout_pb2, metadata
 
 from seq2seq.training import board
 
-TRAINING_SCALARS = ["train/loss", "train/lr", "train/tokens_per_s", "valid/loss", "valid/bleu", "valid/chrf"]
+TRAINING_SCALARS = ["train/loss", "train/lr", "train/tokens_per_s", "valid/loss", "valid/bleu", "valid/chrf",
+                    "system/resident_gib", "system/peak_resident_gib"]
 
 
 def read_events(run_dir: Path) -> EventAccumulator:
@@ -33,7 +34,7 @@ def chart_tags(layout: layout_pb2.Layout, tags: list[str]) -> dict[str, list[str
             for category in layout.category for chart in category.chart}
 
 
-def test_a_run_opens_on_valid_bleu_loss_and_tokens_per_second(tmp_path):
+def test_a_run_opens_on_valid_bleu_loss_tokens_per_second_and_memory(tmp_path):
     writer = board.open_writer(tmp_path)
     for step in (5, 10):
         for tag in TRAINING_SCALARS:
@@ -45,6 +46,7 @@ def test_a_run_opens_on_valid_bleu_loss_and_tokens_per_second(tmp_path):
         "valid BLEU": ["valid/bleu"],
         "loss (train and valid)": ["train/loss", "valid/loss"],
         "target tokens/s": ["train/tokens_per_s"],
+        "resident memory (GiB)": ["system/resident_gib", "system/peak_resident_gib"],
     }
 
 

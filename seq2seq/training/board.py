@@ -1,5 +1,5 @@
 """What the trainer shows in TensorBoard: its scalar curves, the layout TensorBoard opens on (its CUSTOM SCALARS
-tab: valid BLEU, loss and tokens/s of every run, one chart each), sample translations, attention heatmaps, the test
+tab: valid BLEU, loss, tokens/s and resident memory of every run, one chart each), sample translations, attention heatmaps, the test
 scores as a text summary and the HPARAMS row (figures of one point each, never scalar charts). Figures go through the
 shared PNG renderer (the one `translate --attention-plot` uses), so TensorBoard and the command line show the same
 pictures.
@@ -37,6 +37,7 @@ COMPARISON_LAYOUT: dict[str, dict[str, list]] = {
         "valid BLEU": ["Multiline", [r"^valid/bleu$"]],
         "loss (train and valid)": ["Multiline", [r"^train/loss$", r"^valid/loss$"]],
         "target tokens/s": ["Multiline", [r"^train/tokens_per_s$"]],
+        "resident memory (GiB)": ["Multiline", [r"^system/resident_gib$", r"^system/peak_resident_gib$"]],
     },
 }
 
@@ -174,6 +175,12 @@ def log_training(writer: SummaryWriter, step: int, **scalars: float) -> None:
     """The training curves of one logging interval, under train/ (loss, lr, grad_norm, tokens_per_s, ...)."""
     for name, value in scalars.items():
         writer.add_scalar(f"train/{name}", value, step)
+
+
+def log_memory(writer: SummaryWriter, step: int, resident_gib: float, peak_gib: float) -> None:
+    """Resident memory of the training process now and its peak so far (runtime.resident_memory), under system/."""
+    writer.add_scalar("system/resident_gib", resident_gib, step)
+    writer.add_scalar("system/peak_resident_gib", peak_gib, step)
 
 
 def log_hparams(writer: SummaryWriter, cfg: RunConfig, results: dict[str, Any], step: int) -> None:

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from seq2seq.atomic import atomic_write
 from seq2seq.checkpoint import load_checkpoint, save_checkpoint
+from seq2seq.runtime import resident_memory
 from seq2seq.training import board
 
 if TYPE_CHECKING:
@@ -46,9 +47,15 @@ def average_checkpoints(trainer: Trainer) -> None:
              keeper.last_path)
 
 
+def _peak_memory() -> float | None:
+    memory = resident_memory()
+    return None if memory is None else round(memory[1], 3)
+
+
 def finish_run(trainer: Trainer, reason: str) -> dict[str, Any]:
     """Averaging, the test of best.pt (beam search, BLEU by source length), results.json and the hparams row."""
     cfg, counters, keeper = trainer.cfg, trainer.counters, trainer.keeper
+    peak_in_training = _peak_memory()
     if cfg.trainer.average_last > 0:
         average_checkpoints(trainer)
     best_path = keeper.best_path
@@ -80,11 +87,17 @@ def finish_run(trainer: Trainer, reason: str) -> dict[str, Any]:
         "averaged": counters.best_averaged,
         "nonfinite_steps": counters.nonfinite_steps,
         "out_of_memory_steps": counters.out_of_memory_steps,
+        # this process's peak resident memory (a resumed run's counts from its resume), GiB
+        "peak_rss_gib_training": peak_in_training,
+        "peak_rss_gib": _peak_memory(),
         **{f"valid_{name}": valid.get(name) for name in ("loss", "ppl", "bleu", "chrf", "sentences")},
         **test,
     }
     with atomic_write(trainer.run_dir / "results.json") as handle:
         handle.write((json.dumps(results, indent=2, ensure_ascii=False) + "\n").encode())
     board.log_hparams(keeper.writer, cfg, results, counters.step)
+    if peak_in_training is not None:
+        log.info("peak resident memory of this process: %.2f GiB while training, %.2f GiB with the end of the run",
+                 results["peak_rss_gib_training"], results["peak_rss_gib"])
     log.info("results written to %s", trainer.run_dir / "results.json")
     return results

@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from seq2seq.checkpoint import save_checkpoint
+from seq2seq.runtime import resident_memory
+from seq2seq.training import board
 from seq2seq.training.limits import StoppingRules
 from seq2seq.training.state import AveragingHistory, CheckpointParts, Counters
 from seq2seq.training.validation import Evaluator
@@ -60,10 +62,14 @@ class CheckpointKeeper:
             self.record_best(counters, metrics, averaged=False)
         else:
             counters.validations_since_best += 1
+        memory = resident_memory()
+        if memory is not None:
+            board.log_memory(self.writer, counters.step, *memory)
         log.info(
-            "step %d | valid loss %.3f | ppl %.2f | BLEU %.2f | chrF %.2f | best BLEU %.2f (step %d%s)",
+            "step %d | valid loss %.3f | ppl %.2f | BLEU %.2f | chrF %.2f | best BLEU %.2f (step %d%s)%s",
             counters.step, metrics["loss"], metrics["ppl"], metrics["bleu"], metrics["chrf"],
             counters.best_bleu, counters.best_step, ", averaged" if counters.best_averaged else "",
+            "" if memory is None else " | RSS %.2f GiB (peak %.2f)" % memory,
         )
         counters.validation_seconds += time.perf_counter() - started
         counters.elapsed_seconds = self.rules.elapsed()
