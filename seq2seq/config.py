@@ -215,7 +215,9 @@ class OptimConfig:
     betas: list[float] = setting([0.9, 0.98], "AdamW betas: two numbers in [0, 1)")
     eps: float = setting(1.0e-9, "AdamW epsilon", above=0)
     weight_decay: float = setting(1.0e-4, "AdamW weight decay (weight matrices only)", at_least=0)
-    schedule: str = setting("inverse_sqrt", "learning-rate schedule after the warmup", choices=SCHEDULES)
+    schedule: str = setting("inverse_sqrt", "learning-rate schedule after the warmup (cosine: down to min_lr_ratio "
+                            "at the run's end, the step budget or, sooner, where the time limit stops it)",
+                            choices=SCHEDULES)
     warmup_steps: int = setting(400, "linear warmup updates", at_least=0)
     min_lr_ratio: float = setting(0.05, "cosine floor as a fraction of lr", at_least=0, at_most=1)
 
@@ -302,8 +304,6 @@ class RunConfig:
     attention_examples: list[str] = setting([], "source sentences whose attention is drawn at every validation")
 
     def rules(self) -> Iterator[str]:
-        if self.optim.schedule == "cosine" and not (self.trainer.max_steps or self.trainer.max_epochs):
-            yield "optim.schedule=cosine needs trainer.max_steps or trainer.max_epochs (it decays to the last step)"
         if getattr(self.model, "share_embeddings", False) and not self.tokenizer.joint:
             yield "model.share_embeddings=true needs tokenizer.joint=true (one vocabulary for both sides)"
 

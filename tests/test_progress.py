@@ -55,3 +55,16 @@ def test_completed_by_names_the_limit_a_resumed_run_has_reached():
     assert rules(50, 24, elapsed=0.0).completed_by(Counters(step=50)) == "max_steps"
     assert rules(50, 24, elapsed=24 * 60.0).completed_by(Counters(step=10)) == "time_limit_minutes"
     assert rules(50, 24, elapsed=0.0).completed_by(Counters(step=10)) is None
+
+
+def test_the_session_pace_counts_from_the_step_it_started_at(monkeypatch):
+    """A resumed session's pace is its own: seconds since it started over the updates it made, validations included."""
+    clock = [100.0]
+    monkeypatch.setattr("seq2seq.training.limits.time.perf_counter", lambda: clock[0])
+    limits = rules(None, 24, elapsed=600.0)
+    limits.start_session(600.0, step=1_000)
+    assert limits.session_pace(1_000) is None
+    clock[0] += 50.0
+    assert limits.session_pace(1_100) == pytest.approx(0.5)
+    # 24 min - (600 + 50) s left at 0.5 s a step: the cosine schedule would end near step 1,100 + 1,580
+    assert limits.last_step(1_100, limits.session_pace(1_100)) == 2_680

@@ -127,6 +127,11 @@ def test_run_logs_curves_metrics_and_attention(sweep, family):
     assert results["test_sentences"] == 40 and results["test_bleu_by_length"]
     assert results["target_tokens_per_s"] > 0 and results["valid_bleu"] is not None
     assert results["test_bleu"] == pytest.approx(scalars(acc, "hparam/test_bleu")[-1][1], abs=1e-4)
+    # resident memory: at each validation on TensorBoard, the peaks in results.json (the end's at least training's)
+    peaks = [value for _, value in scalars(acc, "system/peak_resident_gib")]
+    assert len(peaks) == 2 and peaks == sorted(peaks) and 0.05 < peaks[0] < 8
+    assert all(0.05 < value <= peak + 1e-6 for (_, value), peak in zip(scalars(acc, "system/resident_gib"), peaks))
+    assert peaks[-1] <= results["peak_rss_gib_training"] + 1e-3 <= results["peak_rss_gib"] + 2e-3
 
 
 @pytest.mark.slow
@@ -347,6 +352,25 @@ def test_time_limit_stops_training_but_still_validates_and_tests(ws):
     results = json.loads((run / "results.json").read_text())
     assert results["stopped_by"] == "time_limit_minutes" and results["steps"] < 1000
     assert results["test_sentences"] == 40 and (run / "checkpoints" / "best.pt").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.corpus
+def test_a_cosine_bounded_by_time_alone_reaches_its_floor_as_time_runs_out(ws):
+    """No step budget, a 15-second limit: the schedule's end is re-estimated from the pace every log interval, so
+    the last update runs near min_lr_ratio, not at the peak a step-less cosine would keep."""
+    run = ws.root / "cosine_in_time"
+    result = ws.train(
+        "model=tiny_transformer", "trainer.max_steps=null", "trainer.time_limit_minutes=0.25", "trainer.log_every=5",
+        "trainer.eval_every=100000", "optim.schedule=cosine", "optim.warmup_steps=4", "optim.min_lr_ratio=0.05",
+        "trainer.num_attention_samples=0", "attention_examples=[]", "trainer.test_beam_size=1", f"hydra.run.dir={run}",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    payload = load_checkpoint(run / "checkpoints" / "last.pt")
+    steps, planned = payload["step"], payload["train_state"]["planned_steps"]
+    assert steps > 40 and planned is not None and abs(planned - steps) <= 0.15 * steps
+    peak = payload["config"]["optim"]["lr"]
+    assert payload["optimizer"]["param_groups"][0]["lr"] < 0.2 * peak
 
 
 # ----------------------------------------------------------------------------- optimizer pieces

@@ -1,7 +1,7 @@
 """When training stops and how far it has to go: the stopping rules and the progress bar, each an object of its own.
 
 `StoppingRules` owns the budget (trainer.max_steps, max_epochs, time_limit_minutes as wall clock summed over resumed
-sessions, patience) and the save_every_minutes clock; `ProgressBar` shows rank 0's loss, learning rate, tokens/s and
+sessions, patience), the step the run will stop at (the cosine schedule's end) and the save_every_minutes clock; `ProgressBar` shows rank 0's loss, learning rate, tokens/s and
 time left, with a total that follows the step the run will really stop at. The trainer asks them; it never reads
 these keys itself.
 """
@@ -29,11 +29,18 @@ class StoppingRules:
         self.total_steps = total_steps
         self.start_session(0.0)
 
-    def start_session(self, elapsed_before: float) -> None:
-        """Start this session's clock; `elapsed_before` is what earlier sessions of the run trained."""
+    def start_session(self, elapsed_before: float, step: int = 0) -> None:
+        """Start this session's clock at update `step`; `elapsed_before` is what earlier sessions trained."""
         self._elapsed_before = elapsed_before
+        self._session_first_step = step
         self._session_start = time.perf_counter()
         self._saved_at = self._session_start
+
+    def session_pace(self, step: int) -> float | None:
+        """Seconds per update in this session so far, validations and checkpoints included (None before the
+        first): the pace at which the rest of the time limit will be spent."""
+        done = step - self._session_first_step
+        return (time.perf_counter() - self._session_start) / done if done > 0 else None
 
     def elapsed(self) -> float:
         """Wall-clock seconds of training, validations included, summed over resumed sessions."""

@@ -61,7 +61,9 @@ def lr_multiplier(
     """The factor applied to the peak learning rate after `step` optimizer updates (step 0 = the first update).
 
     inverse_sqrt: linear warmup, then decay with 1/sqrt(step) (Vaswani et al. 2017), equal to 1 at the end of warmup.
-    cosine: linear warmup, then half a cosine down to `min_lr_ratio` at `total_steps`. With `anchor` = (update,
+    cosine: linear warmup, then half a cosine down to `min_lr_ratio` at `total_steps` (the trainer re-fits it to the
+    step a time limit ends the run at; with no length yet, a run bounded by time alone before its pace is known, it
+    stays at the peak). With `anchor` = (update,
     factor), set when a resume changed `total_steps`: from that update on, half a cosine from that factor down to
     `min_lr_ratio` at the new `total_steps`, so the rate goes on from where it was instead of jumping.
     constant: linear warmup, then flat.
@@ -70,8 +72,6 @@ def lr_multiplier(
         raise ValueError(f"unknown learning-rate schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}.")
     if warmup_steps < 0:
         raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}.")
-    if schedule == "cosine" and not total_steps:
-        raise ValueError("the cosine schedule needs the total number of steps (trainer.max_steps or max_epochs).")
     warmup = max(warmup_steps, 0)
 
     def factor(step: int) -> float:
@@ -82,6 +82,8 @@ def lr_multiplier(
             return 1.0
         if schedule == "inverse_sqrt":
             return math.sqrt(max(warmup, 1) / update)
+        if not total_steps:
+            return 1.0
         start, peak = (warmup, 1.0) if anchor is None or update < anchor[0] else anchor
         progress = min((update - start) / max(total_steps - start, 1), 1.0)
         return min_lr_ratio + (peak - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))

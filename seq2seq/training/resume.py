@@ -149,7 +149,7 @@ def restore(path: Path, payload: dict[str, Any], parts: CheckpointParts, loader_
         parts.scaler.load_state_dict(payload["scaler"])
     counters = Counters(**payload["train_state"])
     if "schedule" in resets:
-        counters.schedule_anchor = None
+        counters.schedule_anchor = counters.planned_steps = None
     _restore_random_state(path, payload["rng"], counters, loader_generator, parts, rank)
     for part in sorted(resets - {"sampler"}):
         log.warning("trainer.resume_reset: the %s starts afresh", part)
@@ -190,15 +190,22 @@ def _refit_schedule(saved: dict[str, Any], parts: CheckpointParts, counters: Cou
     for group in optimizer.param_groups:
         group["betas"], group["eps"] = tuple(optim.betas), optim.eps
     optimizer.param_groups[0]["weight_decay"] = optim.weight_decay  # the decayed group (optim.py)
-    old_total = total_steps(saved_config(saved).trainer, steps_per_epoch)
+    old_trainer = saved_config(saved).trainer
+    old_total = total_steps(old_trainer, steps_per_epoch)
     new_total = total_steps(cfg.trainer, steps_per_epoch)
-    if optim.schedule == "cosine" and "schedule" not in cfg.trainer.resets and old_total != new_total:
+    moved = old_total != new_total or old_trainer.time_limit_minutes != cfg.trainer.time_limit_minutes
+    if optim.schedule == "cosine" and "schedule" not in cfg.trainer.resets and moved:
         if scheduler.last_epoch >= optim.warmup_steps:
-            before = schedule_of(optim, old_total, counters.schedule_anchor)(scheduler.last_epoch)
+            old_length = counters.planned_steps or old_total
+            before = schedule_of(optim, old_length, counters.schedule_anchor)(scheduler.last_epoch)
             counters.schedule_anchor = (scheduler.last_epoch + 1, before)
-            log.info("cosine schedule: %s -> %s steps; it decays from %.3g x lr at update %d to its floor at "
-                     "the new end, without a jump", old_total, new_total, before, scheduler.last_epoch + 1)
-    refit_scheduler(scheduler, optimizer, optim.lr, schedule_of(optim, new_total, counters.schedule_anchor))
+            counters.planned_steps = None  # the new time limit's end is estimated afresh
+            log.info("cosine schedule: %s -> %s steps%s; it decays from %.3g x lr at update %d to its floor at "
+                     "the new end, without a jump", old_length, new_total,
+                     " or where the new time limit stops the run" if cfg.trainer.time_limit_minutes else "",
+                     before, scheduler.last_epoch + 1)
+    length = counters.planned_steps or new_total  # a time limit's estimate holds until the next log interval
+    refit_scheduler(scheduler, optimizer, optim.lr, schedule_of(optim, length, counters.schedule_anchor))
     if "optim.lr" in changed:
         log.info("optim.lr %s -> %s: the schedule goes on at step %d with the new peak (lr now %.3g)",
                  *changed["optim.lr"], counters.step, optimizer.param_groups[0]["lr"])

@@ -40,6 +40,10 @@ class Counters:
     # (update, factor): a cosine schedule re-fitted at a resume that changed its length decays from this factor
     # at this update to its floor at the new end (optim.lr_multiplier), so the rate never jumps.
     schedule_anchor: tuple[int, float] | None = None
+    # The cosine schedule's last update when the time limit ends the run before the step budget: re-estimated
+    # from the run's pace every log interval (Trainer._follow_time_limit), so the rate reaches its floor as time
+    # runs out. None: the step budget (total_steps) is the end.
+    planned_steps: int | None = None
 
 
 @dataclass
@@ -84,7 +88,8 @@ class CheckpointParts:
 
 
 def total_steps(trainer_cfg: TrainerConfig, steps_per_epoch: int) -> int | None:
-    """Updates a run makes when it is bounded by steps or epochs (for the cosine schedule and the ETA)."""
+    """Updates a run makes when it is bounded by steps or epochs (for the cosine schedule and the ETA); a time
+    limit may end it sooner (Counters.planned_steps)."""
     bounds = [bound for bound in (trainer_cfg.max_steps,
                                   trainer_cfg.max_epochs and trainer_cfg.max_epochs * steps_per_epoch) if bound]
     return min(bounds) if bounds else None

@@ -32,6 +32,7 @@ from seq2seq.training import board, distributed
 from seq2seq.training.finish import finish_run
 from seq2seq.training.keeper import CheckpointKeeper
 from seq2seq.training.limits import ProgressBar, StoppingRules
+from seq2seq.training.optim import refit_scheduler, schedule_of
 from seq2seq.training.lifecycle import StopSignals, TrainingInterrupted
 from seq2seq.training.state import Counters
 from seq2seq.training.update import IntervalStats, UpdateResult, Update, describe
@@ -64,7 +65,7 @@ class Trainer:
         killed during the final test) only does the end.
         """
         self._stops, counters = stops, self.counters
-        self.rules.start_session(counters.elapsed_seconds)
+        self.rules.start_session(counters.elapsed_seconds, counters.step)
         completed, has_results = distributed.broadcast_object(
             (self.rules.completed_by(counters), (self.run_dir / "results.json").is_file()),
             "rank 0's check whether the run is complete",
@@ -121,6 +122,7 @@ class Trainer:
                     boundary = step % tcfg.log_every == 0 or step % tcfg.eval_every == 0
                     if boundary:
                         self._log_interval(progress)
+                        self._follow_time_limit()
                     stop = self._decide(boundary, stops)
                     if step % tcfg.eval_every == 0:
                         stop = self._validate() or stop
@@ -230,6 +232,23 @@ class Trainer:
                 "raise optim.warmup_steps, keep trainer.grad_clip on or use trainer.precision=fp32, then resume "
                 "from checkpoints/last.pt or start again."
             )
+
+    def _follow_time_limit(self) -> None:
+        """A cosine schedule ends where the run will: when the time limit stops it before the step budget, at the
+        step this session's pace (validations included) reaches by then, re-estimated every log interval and kept
+        in the counters (a resume goes on with it). Rank 0's estimate holds on every rank."""
+        if self.cfg.optim.schedule != "cosine" or self.rules.time_limit is None:
+            return
+        step = self.counters.step
+        pace = self.rules.session_pace(step)
+        planned = self.rules.last_step(step, pace) if pace else self.counters.planned_steps
+        if self.dist.enabled:
+            planned = distributed.broadcast_object(planned, f"rank 0's schedule length at step {step}")
+        if planned is None or planned == (self.counters.planned_steps or self.rules.total_steps):
+            return
+        self.counters.planned_steps = planned
+        refit_scheduler(self.update.scheduler, self.update.optimizer, self.cfg.optim.lr,
+                        schedule_of(self.cfg.optim, planned, self.counters.schedule_anchor))
 
     def _rng_states(self) -> list[dict[str, Any]]:
         """Every rank's RNG states (global ones and its DataLoader's), in rank order."""
