@@ -10,8 +10,11 @@ model and back to back, from a `git worktree` of REV, so a change is judged agai
 on one day. For every run it prints and appends to docs/results.md one dated row: the CPU (model, family, the flags
 that decide the precision), precision, steps, real target tokens per step, target tokens/s, validation and test
 BLEU / chrF, whether the averaged checkpoint won, the wall time of the whole command (data preparation and the
-final test included), the peak resident memory of its whole process tree (sampled every 0.2 s) and the highest
-load average seen while it ran. Figures only; no test times anything.
+final test included), the peak resident memory of its whole process tree (sampled every 0.2 s), the highest
+load average seen while it ran, and the machine's float32 matrix-multiply speed just before and just after the run.
+The last one is there because a virtual machine's CPU can slow down with no load of its own to show (a busy host):
+when the two figures differ, or differ from another row's, the rows are not comparable. Figures only; no test times
+anything.
 """
 
 from __future__ import annotations
@@ -33,7 +36,19 @@ RESULTS_HEADING = "## Quality per half hour (scripts/benchmark_quality.py)"
 COLUMNS = (
     "date", "commit", "CPU", "precision", "model", "limit min", "steps", "tgt tok/step", "tgt tok/s", "valid BLEU",
     "valid chrF", "test BLEU", "test chrF", "best.pt", "wall min", "peak RSS GiB", "load start/max",
+    "fp32 matmul TFLOP/s before/after",
 )
+# The median time of a 1024 x 1024 float32 product on all of torch's threads, in a fresh process (~1 s).
+MATMUL_PROBE = """
+import statistics, time, torch
+a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+for _ in range(5):
+    a @ b
+times = []
+for _ in range(60):
+    start = time.perf_counter(); a @ b; times.append(time.perf_counter() - start)
+print(2 * 1024**3 / statistics.median(times) / 1e12)
+"""
 DECIDING_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
 
 
@@ -145,7 +160,14 @@ def train(checkout: Path, model: str, overrides: list[str], minutes: float, run_
     return json.loads((run_dir / "results.json").read_text()), wall, watch
 
 
-def row(results: dict, commit: str, cpu: str, minutes: float, wall: float, watch: Watch, load_start: float) -> list[str]:
+def matmul_speed() -> float:
+    """The machine's float32 matrix-multiply speed now, TFLOP/s (MATMUL_PROBE): how fast this CPU runs at the moment."""
+    result = subprocess.run([sys.executable, "-c", MATMUL_PROBE], capture_output=True, text=True, check=True)
+    return float(result.stdout.strip())
+
+
+def row(results: dict, commit: str, cpu: str, minutes: float, wall: float, watch: Watch, load_start: float,
+        speeds: tuple[float, float]) -> list[str]:
     def score(key: str) -> str:
         value = results.get(key)
         return "-" if value is None else f"{value:.2f}"
@@ -157,6 +179,7 @@ def row(results: dict, commit: str, cpu: str, minutes: float, wall: float, watch
         score("valid_bleu"), score("valid_chrf"), score("test_bleu"), score("test_chrf"),
         f"averaged (step {results['best_step']})" if results.get("averaged") else f"step {results['best_step']}",
         f"{wall / 60:.1f}", f"{watch.peak_rss / 2**30:.2f}", f"{load_start:.2f}/{watch.max_load:.2f}",
+        f"{speeds[0]:.3f}/{speeds[1]:.3f}",
     ]
 
 
@@ -210,8 +233,10 @@ def main() -> None:
     try:
         for model in models:
             for label, checkout in checkouts:
+                before = matmul_speed()
                 results, wall, watch = train(checkout, model, overrides, args.minutes, runs / label / model)
-                cells = row(results, commit_of(checkout), cpu, args.minutes, wall, watch, load_start)
+                speeds = (before, matmul_speed())
+                cells = row(results, commit_of(checkout), cpu, args.minutes, wall, watch, load_start, speeds)
                 append_rows(args.results, [cells])  # at once: a later run that fails or is cut keeps this one
                 appended += 1
                 print(" | ".join(f"{name}: {value}" for name, value in zip(COLUMNS, cells)), flush=True)
