@@ -2,12 +2,8 @@
 
 glibc's malloc keeps freed blocks of every tensor size it has seen in its heap, and training on CPUs allocates
 activations of a new size at nearly every batch, so the heap grows far beyond what is live. jemalloc's size classes
-return that memory. Its decay, which hands freed pages back to the kernel over ~10 s, is turned off
-(JEMALLOC_CONF): a training step frees and reallocates hundreds of MB of activations, and handing a share of them
-back each time cost a 2-core Xeon 9 million page faults (13 % of the CPU time) in 200 Transformer steps; without the
-decay the pages are reused, the faults drop 30-fold and training runs 17 % faster for 11 % more peak memory
-(docs/results.md). A MALLOC_CONF the user sets wins. An allocator cannot be swapped in a running process, so
-`use_jemalloc` re-executes the command once with jemalloc preloaded (the same process id, so torchrun and job schedulers see no difference);
+and decay return that memory. An allocator cannot be swapped in a running process, so `use_jemalloc` re-executes
+the command once with jemalloc preloaded (the same process id, so torchrun and job schedulers see no difference);
 SEQ2SEQ_ALLOCATOR=system keeps glibc, and an allocator the user preloads (LD_PRELOAD naming tcmalloc, mimalloc, ...)
 is left in charge. Standard library only: it runs before torch is loaded.
 """
@@ -21,7 +17,6 @@ from pathlib import Path
 
 ENV_CHOICE = "SEQ2SEQ_ALLOCATOR"  # jemalloc (default: when installed) | system
 ALLOCATORS = ("jemalloc", "tcmalloc", "mimalloc", "snmalloc", "tbbmalloc", "hoard")  # malloc replacements, by name
-JEMALLOC_CONF = "dirty_decay_ms:-1,muzzy_decay_ms:-1"  # keep freed pages for the next step (see above)
 _LIBRARY_DIRS = ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib", "/usr/local/lib")
 
 
@@ -63,5 +58,4 @@ def use_jemalloc() -> None:
         return
     preload = " ".join(filter(None, (library, os.environ.get("LD_PRELOAD"))))
     os.environ["LD_PRELOAD"] = preload
-    os.environ.setdefault("MALLOC_CONF", JEMALLOC_CONF)
     os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from seq2seq.allocator import ENV_CHOICE, JEMALLOC_CONF, find_jemalloc
+from seq2seq.allocator import ENV_CHOICE, find_jemalloc
 
 PROBE = (
     "import os, sys; from seq2seq.allocator import use_jemalloc, active_allocator; "
@@ -16,35 +16,13 @@ PROBE = (
 )
 
 
-def _probe(choice: str | None, preload: str | None = None, probe: str = PROBE,
-           malloc_conf: str | None = None) -> subprocess.CompletedProcess:
-    env = {key: value for key, value in os.environ.items() if key not in (ENV_CHOICE, "LD_PRELOAD", "MALLOC_CONF")}
-    if malloc_conf is not None:
-        env["MALLOC_CONF"] = malloc_conf
+def _probe(choice: str | None, preload: str | None = None) -> subprocess.CompletedProcess:
+    env = {key: value for key, value in os.environ.items() if key not in (ENV_CHOICE, "LD_PRELOAD")}
     if choice is not None:
         env[ENV_CHOICE] = choice
     if preload is not None:
         env["LD_PRELOAD"] = preload
-    return subprocess.run([sys.executable, "-c", probe, "a", "b=c"], env=env, capture_output=True, text=True, timeout=60)
-
-
-# jemalloc's own reading of its options, through its mallctl (global once jemalloc is preloaded)
-DECAY_PROBE = (
-    "import ctypes, os; from seq2seq.allocator import use_jemalloc; use_jemalloc(); "
-    "value = ctypes.c_ssize_t(); size = ctypes.c_size_t(ctypes.sizeof(value)); "
-    "status = ctypes.CDLL(None).mallctl(b'opt.dirty_decay_ms', ctypes.byref(value), ctypes.byref(size), None, 0); "
-    "print(status, value.value, os.environ.get('MALLOC_CONF'))"
-)
-
-
-@pytest.mark.skipif(find_jemalloc() is None, reason="libjemalloc2 is not installed (apt-get install libjemalloc2)")
-def test_jemalloc_keeps_freed_pages_unless_the_user_configures_it():
-    """The re-exec turns jemalloc's decay off (no page handed back and faulted in again at every step); a
-    MALLOC_CONF the user sets is left as it is, and jemalloc reads it."""
-    status, decay, conf = _probe(None, probe=DECAY_PROBE).stdout.split()
-    assert (status, decay, conf) == ("0", "-1", JEMALLOC_CONF)
-    status, decay, conf = _probe(None, probe=DECAY_PROBE, malloc_conf="dirty_decay_ms:5000").stdout.split()
-    assert (status, decay, conf) == ("0", "5000", "dirty_decay_ms:5000")
+    return subprocess.run([sys.executable, "-c", PROBE, "a", "b=c"], env=env, capture_output=True, text=True, timeout=60)
 
 
 @pytest.mark.skipif(find_jemalloc() is None, reason="libjemalloc2 is not installed (apt-get install libjemalloc2)")
