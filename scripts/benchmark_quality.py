@@ -11,9 +11,11 @@ on one day. For every run it prints and appends to docs/results.md one dated row
 that decide the precision), precision, steps, real target tokens per step, target tokens/s, validation and test
 BLEU / chrF, whether the averaged checkpoint won, the wall time of the whole command (data preparation and the
 final test included), the peak resident memory of its whole process tree (sampled every 0.2 s), the highest
-load average seen while it ran, and the machine's float32 matrix-multiply speed just before and just after the run.
-The last one is there because a virtual machine's CPU can slow down with no load of its own to show (a busy host):
-when the two figures differ, or differ from another row's, the rows are not comparable. Figures only; no test times
+load average seen while it ran, and the machine's matrix-multiply speed just before and just after the run, in the
+dtype `precision=auto` trains in on this CPU (bf16 where it has AMX / AVX512-BF16, else fp32). The last one is
+there because a virtual machine's CPU can slow down with no load of its own to show (a busy host; on one Xeon VM
+its bf16 speed fell by 40 % within an hour while fp32 held): when the two figures differ, or differ from another
+row's, the rows are not comparable. Figures only; no test times
 anything.
 """
 
@@ -36,18 +38,21 @@ RESULTS_HEADING = "## Quality per half hour (scripts/benchmark_quality.py)"
 COLUMNS = (
     "date", "commit", "CPU", "precision", "model", "limit min", "steps", "tgt tok/step", "tgt tok/s", "valid BLEU",
     "valid chrF", "test BLEU", "test chrF", "best.pt", "wall min", "peak RSS GiB", "load start/max",
-    "fp32 matmul TFLOP/s before/after",
+    "matmul TFLOP/s before/after",
 )
-# The median time of a 1024 x 1024 float32 product on all of torch's threads, in a fresh process (~1 s).
+# The median time of a 1024 x 1024 product on all of torch's threads, in the training dtype on this CPU, in a fresh
+# process (~1 s); prints the speed and the dtype.
 MATMUL_PROBE = """
 import statistics, time, torch
-a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+from seq2seq.runtime import cpu_has_native_bf16
+dtype = torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+a, b = torch.randn(1024, 1024, dtype=dtype), torch.randn(1024, 1024, dtype=dtype)
 for _ in range(5):
     a @ b
 times = []
 for _ in range(60):
     start = time.perf_counter(); a @ b; times.append(time.perf_counter() - start)
-print(2 * 1024**3 / statistics.median(times) / 1e12)
+print(2 * 1024**3 / statistics.median(times) / 1e12, "bf16" if dtype == torch.bfloat16 else "fp32")
 """
 DECIDING_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
 
@@ -160,14 +165,17 @@ def train(checkout: Path, model: str, overrides: list[str], minutes: float, run_
     return json.loads((run_dir / "results.json").read_text()), wall, watch
 
 
-def matmul_speed() -> float:
-    """The machine's float32 matrix-multiply speed now, TFLOP/s (MATMUL_PROBE): how fast this CPU runs at the moment."""
-    result = subprocess.run([sys.executable, "-c", MATMUL_PROBE], capture_output=True, text=True, check=True)
-    return float(result.stdout.strip())
+def matmul_speed() -> tuple[float, str]:
+    """The machine's matrix-multiply speed now, TFLOP/s, and its dtype (MATMUL_PROBE): how fast this CPU runs at
+    the moment."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    result = subprocess.run([sys.executable, "-c", MATMUL_PROBE], capture_output=True, text=True, check=True, env=env)
+    speed, dtype = result.stdout.split()
+    return float(speed), dtype
 
 
 def row(results: dict, commit: str, cpu: str, minutes: float, wall: float, watch: Watch, load_start: float,
-        speeds: tuple[float, float]) -> list[str]:
+        speeds: tuple[tuple[float, str], tuple[float, str]]) -> list[str]:
     def score(key: str) -> str:
         value = results.get(key)
         return "-" if value is None else f"{value:.2f}"
@@ -179,7 +187,7 @@ def row(results: dict, commit: str, cpu: str, minutes: float, wall: float, watch
         score("valid_bleu"), score("valid_chrf"), score("test_bleu"), score("test_chrf"),
         f"averaged (step {results['best_step']})" if results.get("averaged") else f"step {results['best_step']}",
         f"{wall / 60:.1f}", f"{watch.peak_rss / 2**30:.2f}", f"{load_start:.2f}/{watch.max_load:.2f}",
-        f"{speeds[0]:.3f}/{speeds[1]:.3f}",
+        f"{speeds[0][0]:.3f}/{speeds[1][0]:.3f} {speeds[0][1]}",
     ]
 
 

@@ -97,5 +97,6 @@ def test_current_and_baseline_runs_each_record_a_row(ws, tmp_path):
         record = dict(zip(benchmark_quality.COLUMNS, cells))
         assert record["model"] == "rnn" and int(record["steps"]) > 0 and float(record["peak RSS GiB"]) > 0.1
         assert record["precision"] in ("fp32", "bf16") and "cores" in record["CPU"]
-        assert all(float(speed) > 0.001 for speed in record["fp32 matmul TFLOP/s before/after"].split("/"))
+        speeds, dtype = record["matmul TFLOP/s before/after"].split()
+        assert all(float(speed) > 0.001 for speed in speeds.split("/")) and dtype in ("fp32", "bf16")
         assert (tmp_path / "runs" / label / "tiny_rnn" / "results.json").is_file()
