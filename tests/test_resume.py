@@ -53,7 +53,7 @@ def saved(tmp_path_factory):
         ("data.clean.max_chars=200", "sampler", "data.clean.max_chars differs (checkpoint: 300, this run: 200)"),
         ("data.path=/elsewhere/corpus.tsv", "sampler", "data source differs"),
         ("optim.warmup_steps=100", "schedule", "optim.warmup_steps differs (checkpoint: 400, this run: 100)"),
-        ("optim.schedule=cosine", "schedule", "optim.schedule differs"),
+        ("optim.schedule=inverse_sqrt", "schedule", "optim.schedule differs (checkpoint: cosine"),
     ],
 )
 def test_inexact_changes_are_refused_unless_reset(saved, override, reset, message):
