@@ -236,6 +236,9 @@ def main() -> None:
         subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(baseline_dir), args.baseline],
                        check=True, capture_output=True)
         checkouts.append(("baseline", baseline_dir))
+    # Each commit is read before the first run: the rows this command appends to docs/results.md would make the
+    # current tree look changed.
+    commits = {label: commit_of(checkout) for label, checkout in checkouts}
     started = time.perf_counter()
     appended = 0
     try:
@@ -244,7 +247,7 @@ def main() -> None:
                 before = matmul_speed()
                 results, wall, watch = train(checkout, model, overrides, args.minutes, runs / label / model)
                 speeds = (before, matmul_speed())
-                cells = row(results, commit_of(checkout), cpu, args.minutes, wall, watch, load_start, speeds)
+                cells = row(results, commits[label], cpu, args.minutes, wall, watch, load_start, speeds)
                 append_rows(args.results, [cells])  # at once: a later run that fails or is cut keeps this one
                 appended += 1
                 print(" | ".join(f"{name}: {value}" for name, value in zip(COLUMNS, cells)), flush=True)

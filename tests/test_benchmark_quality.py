@@ -92,6 +92,9 @@ def test_current_and_baseline_runs_each_record_a_row(ws, tmp_path):
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     rows = [line for line in results.read_text().splitlines() if line.startswith("| 20")]
     assert len(rows) == 2
+    head = subprocess.run(["git", "-C", str(SCRIPT.parent), "rev-parse", "--short", "HEAD"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    assert [line.split("|")[2].strip() for line in rows][1] == head  # the baseline worktree of HEAD, unchanged
     for line, label in zip(rows, ("current", "baseline")):
         cells = [cell.strip() for cell in line.strip("|").split("|")]
         record = dict(zip(benchmark_quality.COLUMNS, cells))
