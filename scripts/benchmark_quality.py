@@ -207,9 +207,13 @@ def append_rows(path: Path, rows: list[list[str]]) -> None:
         if table_at < 0:
             body = body.rstrip("\n") + "\n\n" + "\n".join(header + lines) + "\n"
         else:
-            table_end = body.find("\n\n", table_at)
-            table_end = len(body) if table_end < 0 else table_end
-            body = body[:table_end].rstrip("\n") + "\n" + "\n".join(lines) + "\n" + body[table_end:].lstrip("\n")
+            # The table ends at its first line that is not a row, whatever follows it (prose, a heading).
+            table_end = table_at
+            while table_end < len(body) and body.startswith("|", table_end):
+                next_line = body.find("\n", table_end)
+                table_end = len(body) if next_line < 0 else next_line + 1
+            after = body[table_end:]
+            body = body[:table_end].rstrip("\n") + "\n" + "\n".join(lines) + "\n" + ("\n" + after.lstrip("\n") if after.strip() else "")
         text = head + RESULTS_HEADING + body + rest
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text if text.endswith("\n") else text + "\n", encoding="utf-8")

@@ -49,6 +49,22 @@ def test_a_section_that_opens_with_prose_gets_its_table_after_it(tmp_path):
     assert results.read_text().rstrip().endswith("kept")
 
 
+def test_text_written_right_under_the_table_stays_below_the_new_rows(tmp_path):
+    """A sub-heading or a note typed on the line after the last row (no blank line) is not part of the table: rows
+    land above it, never inside the prose."""
+    results = tmp_path / "results.md"
+    heading = benchmark_quality.RESULTS_HEADING
+    cells = ["c"] * len(benchmark_quality.COLUMNS)
+    benchmark_quality.append_rows(results, [cells])
+    results.write_text(results.read_text().rstrip("\n") + "\n### A later note\nIt reads the rows above.\n- a point\n")
+    benchmark_quality.append_rows(results, [["d"] * len(cells)])
+    lines = results.read_text().split(heading)[1].strip().splitlines()
+    rows = [number for number, line in enumerate(lines) if line.startswith("|")]
+    assert rows == list(range(rows[0], rows[0] + 4)), "the table's rows are no longer contiguous"
+    assert lines[rows[-1]] == "| " + " | ".join("d" * len(cells)) + " |"
+    assert lines[rows[-1] + 1:] == ["", "### A later note", "It reads the rows above.", "- a point"]
+
+
 def test_model_sweep_is_split_from_the_other_overrides():
     assert benchmark_quality.split_models(["model=rnn,transformer", "trainer.max_tokens=900"]) == (
         ["rnn", "transformer"], ["trainer.max_tokens=900"])
