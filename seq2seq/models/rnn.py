@@ -9,8 +9,9 @@ layer, and an LSTM's cell, its own start) and, as in Cho et al., it is concatena
 output layer at every step. There is no attention and no per-position memory, which is exactly what makes long
 sentences hard for this model.
 
-Recurrent layers run in float32 on CPU even under autocast: there the bf16 GRU/LSTM kernels are several times
-slower than fp32 ones (measured with torch 2.13), while the Linear layers around them still use bf16.
+Recurrent layers run in float32 on CPU even under autocast: bf16 GRU/LSTM kernels are slower than fp32 on some
+CPUs and buy these loop-bound models little where they are faster (docs/results.md), while the Linear layers
+around them still use bf16.
 """
 
 from __future__ import annotations
