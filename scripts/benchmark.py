@@ -44,6 +44,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from torch.utils.flop_counter import FlopCounterMode
 
+from seq2seq.allocator import prepare_memory
 from seq2seq.checkpoint import load_model
 from seq2seq.config import check_config
 from seq2seq.data.batching import Batch, collate, padded_length
@@ -349,4 +350,5 @@ def training_rows(report: dict) -> list[tuple[str, str]]:
 
 
 if __name__ == "__main__":
+    prepare_memory()  # the trainer's allocator and oneDNN cache, before the first tensor
     main()

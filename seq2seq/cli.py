@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from seq2seq.allocator import bound_onednn_cache
 from seq2seq.checkpoint import LoadedModel, load_model
 from seq2seq.errors import Seq2SeqError, UsageError
 from seq2seq.inference.ctranslate2_engine import COMPUTE_TYPES, CTranslate2Decoder
@@ -154,6 +155,7 @@ def run_command(parser: argparse.ArgumentParser, run: Callable[[argparse.Namespa
     is one line and its exit status (2 for a problem the user can fix), Ctrl-C exit 130, and a reader that went away
     (`| head`) a quiet stop."""
     args = parser.parse_args(argv)
+    bound_onednn_cache()  # before the first primitive: decoding's shrinking batches build many
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s: %(message)s",
                         stream=sys.stderr)
     try:

@@ -11,10 +11,10 @@ Configuration mistakes are reported before any data is read, as one readable mes
 
 from __future__ import annotations
 
-from seq2seq.allocator import use_jemalloc
+from seq2seq.allocator import prepare_memory
 
 if __name__ == "__main__":
-    use_jemalloc()  # `python -m seq2seq.train`: re-execute before torch and Hydra are imported (the imports below)
+    prepare_memory()  # `python -m seq2seq.train`: re-execute before torch and Hydra are imported (the imports below)
 
 import logging
 import os
@@ -152,13 +152,14 @@ def _run(cfg: DictConfig) -> None:
         _fail("interrupted before the current step finished; nothing was saved since the last checkpoint", 130,
               trainer)
     trainer.close()
+    del trainer  # its DDP model holds the process group: free it now, not at interpreter exit
     distributed.cleanup()
 
 
 def main() -> None:
     """Console entry: an explicit hydra.run.dir / hydra.sweep.dir that cannot be created, a misspelt key or a value
     of the wrong type is one line and exit status 2, not the report Hydra would print."""
-    use_jemalloc()  # the seq2seq-train console script comes here first; a no-op once jemalloc is loaded
+    prepare_memory()  # the seq2seq-train console script comes here first; a no-op once jemalloc is loaded
     created: list[Path] = []
     for argument in sys.argv[1:]:
         setting, _, value = argument.partition("=")

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from seq2seq.allocator import ENV_CHOICE, find_jemalloc
+from seq2seq.allocator import ENV_CHOICE, ONEDNN_CACHE_CAPACITY, ONEDNN_CACHE_ENV, find_jemalloc
 
 PROBE = (
     "import os, sys; from seq2seq.allocator import use_jemalloc, active_allocator; "
@@ -58,3 +58,18 @@ def test_an_allocator_the_user_preloads_is_not_overridden(tmp_path):
     shown = subprocess.run([sys.executable, "-c", env_probe], env={**env, "LD_PRELOAD": user_choice},
                            capture_output=True, text=True, timeout=60)
     assert shown.stdout.strip() == user_choice
+
+
+@pytest.mark.parametrize("user_value", [None, "1024"])
+def test_the_onednn_primitive_cache_is_capped_across_the_reexec_unless_the_user_set_it(user_value):
+    """An uncapped cache holds a primitive for each of the many shapes validation decoding builds (docs/results.md)."""
+    probe = ("import os; from seq2seq.allocator import prepare_memory, active_allocator; prepare_memory(); "
+             f"print(active_allocator(), os.environ['{ONEDNN_CACHE_ENV}'])")
+    env = {key: value for key, value in os.environ.items() if key not in (ENV_CHOICE, "LD_PRELOAD", ONEDNN_CACHE_ENV)}
+    if user_value is not None:
+        env[ONEDNN_CACHE_ENV] = user_value
+    result = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    allocator, capacity = result.stdout.split()
+    assert capacity == (user_value or str(ONEDNN_CACHE_CAPACITY))
+    assert allocator == ("jemalloc" if find_jemalloc() else "glibc")

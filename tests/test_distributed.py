@@ -343,6 +343,7 @@ batch = collate([{"src_ids": [5 + info.rank, 6, 7], "tgt_ids": [8, 9]}])
 skipped = [step([batch, batch]).out_of_memory for _ in range(5)]
 digests = distributed.all_gather_object(distributed.weights_digest(step.model), "the weight digests")
 print(f"rank {info.rank} skipped {skipped} digests equal {len(set(digests)) == 1}", flush=True)
+del step  # as seq2seq.train drops its trainer: the DDP model must not outlive the group into interpreter exit
 distributed.cleanup()
 '''
 

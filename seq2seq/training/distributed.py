@@ -13,6 +13,7 @@ join it.
 from __future__ import annotations
 
 import contextlib
+import gc
 import hashlib
 import logging
 import os
@@ -92,6 +93,10 @@ def init_distributed(device_type: str, timeout: timedelta = DEFAULT_TIMEOUT) -> 
 
 
 def cleanup() -> None:
+    """Tear the process group down while the interpreter is whole. A DDP model that is garbage but not yet
+    collected keeps the group alive, and a Gloo group freed during interpreter shutdown aborts the process
+    ("terminate called without an active exception"): collect first, and drop such models before calling this."""
+    gc.collect()
     if dist.is_initialized():
         dist.destroy_process_group()
     _session.host_group = None
