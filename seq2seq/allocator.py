@@ -9,9 +9,9 @@ is left in charge.
 
 oneDNN, which runs the CPU's matrix products and recurrent layers, keeps every primitive it builds in a cache of 1,024
 by default, and each new shape builds new ones: validation decoding, whose batches shrink as sentences finish,
-fills it within a few validations, and the cache then holds hundreds of MiB. `bound_onednn_cache` caps it at 256,
-which keeps the shapes a training step reuses (docs/results.md); ONEDNN_PRIMITIVE_CACHE_CAPACITY set by the user
-wins. Standard library only: it runs before torch is loaded.
+fills it within a few validations, and the cache then holds hundreds of MiB. `bound_onednn_cache` caps it at 256:
+that memory back, for the time to rebuild what decoding evicts (docs/results.md); ONEDNN_PRIMITIVE_CACHE_CAPACITY
+set by the user wins. Standard library only: it runs before torch is loaded.
 """
 
 from __future__ import annotations
