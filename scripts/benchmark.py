@@ -29,6 +29,11 @@ What is measured, on the trainer's own batches of the training split (or synthet
 
 from __future__ import annotations
 
+from seq2seq.allocator import prepare_memory
+
+if __name__ == "__main__":
+    prepare_memory()  # the trainer's allocator and oneDNN cache: re-execute before torch is imported (below)
+
 import argparse
 import contextlib
 import dataclasses
@@ -44,7 +49,6 @@ import torch
 from hydra import compose, initialize_config_dir
 from torch.utils.flop_counter import FlopCounterMode
 
-from seq2seq.allocator import prepare_memory
 from seq2seq.checkpoint import load_model
 from seq2seq.config import check_config
 from seq2seq.data.batching import Batch, collate, padded_length
@@ -350,5 +354,4 @@ def training_rows(report: dict) -> list[tuple[str, str]]:
 
 
 if __name__ == "__main__":
-    prepare_memory()  # the trainer's allocator and oneDNN cache, before the first tensor
     main()

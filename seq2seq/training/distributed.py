@@ -96,8 +96,8 @@ def cleanup() -> None:
     """Tear the process group down while the interpreter is whole. A DDP model that is garbage but not yet
     collected keeps the group alive, and a Gloo group freed during interpreter shutdown aborts the process
     ("terminate called without an active exception"): collect first, and drop such models before calling this."""
-    gc.collect()
     if dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()
     _session.host_group = None
 
